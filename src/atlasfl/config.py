@@ -1,0 +1,302 @@
+"""Experiment configuration: frozen dataclasses mirrored by YAML, with dotted overrides.
+
+Every field is validated where it is read (``validate``); unknown keys are errors that list close
+matches. The resolved config is written into the run folder, so a run can be reproduced from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from atlasfl.errors import AtlasError
+
+
+@dataclass(frozen=True)
+class CustomTaskConfig:
+    """A user-defined task read from local files (TSV, CSV or JSONL)."""
+
+    name: str
+    train: str
+    test: str
+    format: str = "tsv"  # tsv | csv | jsonl
+    text_fields: tuple[str, ...] = ("sentence",)
+    label_field: str = "label"
+    num_labels: int = 2  # 1 = regression
+    label_names: tuple[str, ...] = ()  # raw label values in class order; default "0".."n-1"
+    metric: str = "accuracy"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which tasks, where their files are and how they are split over clients."""
+
+    tasks: tuple[str, ...] = ("sst2", "mrpc", "cola", "qnli")
+    data_dir: str | None = None
+    clients_per_task: int = 3
+    samples: int = 200  # training examples per client, before the validation carve-out
+    eval_samples: int = 500  # test examples per task (GLUE dev split); 0 = all
+    val_fraction: float = 0.1  # of each client's examples, held out for validation
+    partition: str = "iid"  # iid | dirichlet
+    alpha: float = 0.5  # Dirichlet concentration (partition: dirichlet)
+    max_length: int = 128
+    custom_tasks: tuple[CustomTaskConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter settings (applied through peft)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()  # empty: the architecture family's default
+    rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone, pooling and adapter."""
+
+    name: str = "minilm"
+    pooling: str = "auto"  # auto | mean | cls | last
+    head_dropout: float = 0.1
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client."""
+
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0: this many optimizer steps per round instead of epochs
+    batch_size: int = 16
+    lr: float = 5e-4  # adapter learning rate
+    head_lr: float | None = None  # classification head learning rate; None: same as lr
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    eval_batch_size: int = 64
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The round loop."""
+
+    rounds: int = 5
+    fraction: float = 1.0  # share of clients sampled to train each round
+    eval_every: int = 1  # evaluate every N rounds (and always after the last)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines one run."""
+
+    method: str = "fedavg-task"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: str = "runs"
+    run_name: str | None = None
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def replace(self, **dotted: Any) -> ExperimentConfig:
+        """Return a copy with dotted keys replaced, e.g. ``replace(**{"data.samples": 10})``."""
+        raw = self.to_dict()
+        for key, value in dotted.items():
+            _set_dotted(raw, key, value)
+        return from_dict(raw)
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _all_dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_dotted_keys(hints[f.name], key + "."))
+    return keys
+
+
+def _unknown_key(path: str) -> AtlasError:
+    close = difflib.get_close_matches(path, _all_dotted_keys(ExperimentConfig), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return AtlasError(f"unknown config key {path!r}{hint}")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise AtlasError(f"config key {path!r} must be a mapping, got {value!r}")
+        return _build(tp, value, path + ".")
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise AtlasError(f"config key {path!r} must be a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise AtlasError(f"config key {path!r} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise AtlasError(f"config key {path!r} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AtlasError(f"config key {path!r} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise AtlasError(f"config key {path!r} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} at {path}")  # internal: a field type we forgot
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    names = _field_names(cls)
+    for key in raw:
+        if key not in names:
+            raise _unknown_key(prefix + str(key))
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], prefix + f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise AtlasError(f"config key {prefix + f.name!r} is required")
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any] | None) -> ExperimentConfig:
+    """Build and validate a config from a nested dict; unknown keys are errors."""
+    cfg = _build(ExperimentConfig, raw or {})
+    validate(cfg)
+    return cfg
+
+
+def from_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a nested dict (validated later by ``from_dict``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AtlasError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise AtlasError(f"config file {path} is not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise AtlasError(f"config file {path} must hold a mapping at the top level")
+    return raw
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _unknown_key(key)
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise AtlasError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in _all_dotted_keys(ExperimentConfig):
+            raise _unknown_key(key)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(raw, key, value)
+    return raw
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise AtlasError(f"config key {key!r} = {value!r} is invalid; allowed: {allowed}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Check ranges and choices; names (tasks, model, method) are checked by their registries."""
+    d, t, f, m = cfg.data, cfg.train, cfg.federation, cfg.model
+    _check(len(d.tasks) >= 1, "data.tasks", list(d.tasks), "at least one task")
+    _check(len(set(d.tasks)) == len(d.tasks), "data.tasks", list(d.tasks), "no duplicates")
+    _check(d.clients_per_task >= 1, "data.clients_per_task", d.clients_per_task, "an integer >= 1")
+    _check(d.samples >= 1, "data.samples", d.samples, "an integer >= 1")
+    _check(d.eval_samples >= 0, "data.eval_samples", d.eval_samples, "0 (all) or more")
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 <= x < 1")
+    _check(d.partition in ("iid", "dirichlet"), "data.partition", d.partition, "iid, dirichlet")
+    _check(d.alpha > 0, "data.alpha", d.alpha, "a number > 0")
+    _check(d.max_length >= 8, "data.max_length", d.max_length, "an integer >= 8")
+    for i, ct in enumerate(d.custom_tasks):
+        key = f"data.custom_tasks[{i}]"
+        _check(ct.format in ("tsv", "csv", "jsonl"), key + ".format", ct.format, "tsv, csv, jsonl")
+        _check(ct.num_labels >= 1, key + ".num_labels", ct.num_labels, "1 (regression) or more")
+        _check(len(ct.text_fields) in (1, 2), key + ".text_fields", ct.text_fields, "1 or 2 names")
+    _check(m.pooling in ("auto", "mean", "cls", "last"), "model.pooling", m.pooling,
+           "auto, mean, cls, last")
+    _check(0.0 <= m.head_dropout < 1.0, "model.head_dropout", m.head_dropout, "0 <= x < 1")
+    _check(m.lora.r >= 1, "model.lora.r", m.lora.r, "an integer >= 1")
+    _check(m.lora.alpha > 0, "model.lora.alpha", m.lora.alpha, "a number > 0")
+    _check(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", m.lora.dropout, "0 <= x < 1")
+    _check(t.local_epochs >= 1, "train.local_epochs", t.local_epochs, "an integer >= 1")
+    _check(t.local_steps >= 0, "train.local_steps", t.local_steps, "0 (use epochs) or more")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _check(t.head_lr is None or t.head_lr > 0, "train.head_lr", t.head_lr, "null or a number > 0")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
+    _check(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "0 (off) or more")
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "an integer >= 1")
+    _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision,
+           "auto, fp32, bf16")
+    _check(f.rounds >= 1, "federation.rounds", f.rounds, "an integer >= 1")
+    _check(0.0 < f.fraction <= 1.0, "federation.fraction", f.fraction, "0 < x <= 1")
+    _check(f.eval_every >= 1, "federation.eval_every", f.eval_every, "an integer >= 1")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+           "device", cfg.device, "auto, cpu, cuda, cuda:N")

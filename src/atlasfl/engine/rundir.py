@@ -1,0 +1,63 @@
+"""The run folder: resolved config, per-round JSONL, summary JSON. All run I/O lives here."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from atlasfl.config import ExperimentConfig
+from atlasfl.errors import AtlasError
+
+CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE = "config.yaml", "rounds.jsonl", "summary.json"
+
+
+class RunDir:
+    """A run's output folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def create(cls, cfg: ExperimentConfig) -> RunDir:
+        """Create a new folder for ``cfg``; refuse to write into an existing non-empty one."""
+        name = cfg.run_name or (f"{cfg.method}-{cfg.model.name.replace('/', '_')}-seed{cfg.seed}-"
+                                f"{time.strftime('%Y%m%d-%H%M%S')}")
+        path = Path(cfg.out) / name
+        if path.exists() and any(path.iterdir()):
+            if cfg.run_name:
+                raise AtlasError(f"run folder {path} already exists and is not empty; choose "
+                                 f"another run_name or out")
+            suffix = 2
+            while (Path(cfg.out) / f"{name}-{suffix}").exists():
+                suffix += 1
+            path = Path(cfg.out) / f"{name}-{suffix}"
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        (path / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return run
+
+    def append_rounds(self, rows: list[dict[str, Any]]) -> None:
+        """Append one JSON line per client of a round."""
+        with (self.path / ROUNDS_FILE).open("a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write the run's summary (atomically: a reader never sees half a file)."""
+        tmp = self.path / (SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(self.path / SUMMARY_FILE)
+
+
+def read_run(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """Read (config, round rows, summary) of a finished run folder."""
+    path = Path(path)
+    if not (path / SUMMARY_FILE).is_file():
+        raise AtlasError(f"{path} is not a finished run folder (no {SUMMARY_FILE})")
+    config = yaml.safe_load((path / CONFIG_FILE).read_text())
+    rows = [json.loads(line) for line in (path / ROUNDS_FILE).read_text().splitlines() if line]
+    return config, rows, json.loads((path / SUMMARY_FILE).read_text())

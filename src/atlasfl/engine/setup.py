@@ -1,0 +1,119 @@
+"""Build an experiment from a config: data, partitions, shared model, clients.
+
+Everything that can fail on bad input (names, files, labels) fails here, before a run folder
+is created.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from atlasfl.client import ClientState, make_client
+from atlasfl.config import ExperimentConfig
+from atlasfl.data.batching import TokenizedSet, tokenize
+from atlasfl.data.glue import load_task, resolve_data_root
+from atlasfl.data.metrics import majority_baseline
+from atlasfl.data.partition import ClientSplit, drop_test_overlap, partition
+from atlasfl.data.tasks import TaskSpec, resolve_tasks
+from atlasfl.errors import AtlasError
+from atlasfl.models.head import init_head
+from atlasfl.models.lora import AdapterBinder, inject_lora
+from atlasfl.models.registry import Backbone, load_backbone
+from atlasfl.strategies.base import ClientInfo, Strategy, get_strategy
+
+
+@dataclass
+class Experiment:
+    """A ready-to-run experiment: one shared model, the clients, their test sets."""
+
+    cfg: ExperimentConfig
+    device: torch.device
+    backbone: Backbone
+    model: nn.Module  # the backbone with LoRA layers injected (shared by all clients)
+    binder: AdapterBinder
+    strategy: Strategy
+    clients: dict[int, ClientState]
+    test_sets: dict[str, TokenizedSet]
+    majority: dict[str, dict[str, float]]  # per task: metrics of predicting the majority class
+    data_notes: dict[str, dict[str, int]]  # per task: rows read, dropped, used
+
+
+def _stable(*parts: object) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AtlasError(f"device = {name!r} but CUDA is not available; use auto or cpu")
+    return torch.device(name)
+
+
+def _pool(splits: list[ClientSplit]) -> list[ClientSplit]:
+    return [ClientSplit(np.sort(np.concatenate([s.train_idx for s in splits])),
+                        np.sort(np.concatenate([s.val_idx for s in splits])))]
+
+
+def build_experiment(cfg: ExperimentConfig) -> Experiment:
+    """Load data and model and create every client from the shared seeded initialisation."""
+    strategy_cls = get_strategy(cfg.method)
+    specs: list[TaskSpec] = resolve_tasks(cfg.data.tasks, cfg.data.custom_tasks)
+    device = resolve_device(cfg.device)
+    root = resolve_data_root(cfg.data.data_dir)
+    loaded = {spec.name: load_task(spec, root) for spec in specs}  # all file errors up front
+    backbone = load_backbone(cfg.model.name)
+    pooling = cfg.model.pooling
+    if pooling == "auto":
+        pooling = "last" if backbone.is_decoder else "mean"
+    model = inject_lora(backbone, cfg.model.lora, seed=cfg.seed).to(device)
+    binder = AdapterBinder(model, cfg.model.lora)
+    adapter_init = binder.initial_state()
+    use_types = backbone.family == "bert"
+
+    def tok(examples) -> TokenizedSet:
+        return tokenize(examples, backbone.tokenizer, max_length=cfg.data.max_length,
+                        use_token_types=use_types)
+
+    clients: dict[int, ClientState] = {}
+    infos: list[ClientInfo] = []
+    test_sets, majority, notes = {}, {}, {}
+    for spec in specs:
+        train, test = loaded[spec.name]
+        train, dropped = drop_test_overlap(train, test)
+        splits = partition(train.labels, cfg.data.clients_per_task, cfg.data.samples,
+                           scheme=cfg.data.partition, alpha=cfg.data.alpha,
+                           val_fraction=cfg.data.val_fraction, seed=[cfg.seed, _stable(spec.name)])
+        if strategy_cls.pools_data:
+            splits = _pool(splits)
+        if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
+            # the same test rows for every seed and method: comparisons are paired
+            rng = np.random.default_rng(_stable("test", spec.name))
+            test = test.subset(np.sort(rng.choice(len(test), cfg.data.eval_samples, replace=False)))
+        test_sets[spec.name] = tok(test)
+        used = np.concatenate([s.train_idx for s in splits])
+        majority[spec.name] = majority_baseline(spec, train.labels[used], test.labels)
+        notes[spec.name] = {"train_rows": len(train) + dropped, "dropped_in_test": dropped,
+                            "used_rows": int(sum(len(s.train_idx) + len(s.val_idx)
+                                                 for s in splits)),
+                            "test_rows": len(test)}
+        num_out = spec.num_labels
+        head_seed = _stable(cfg.seed, "head", num_out)
+        for split in splits:
+            cid = len(clients)
+            head = init_head(backbone.hidden_size, num_out, pooling=pooling,
+                             dropout=cfg.model.head_dropout, seed=head_seed)
+            clients[cid] = make_client(cid, spec, adapter_init, head,
+                                       tok(train.subset(split.train_idx)),
+                                       tok(train.subset(split.val_idx)), cfg.train, device)
+            infos.append(ClientInfo(cid, spec.name, len(split.train_idx),
+                                    tuple(head.out.weight.shape)))
+    strategy = strategy_cls(infos)
+    return Experiment(cfg, device, backbone, model, binder, strategy, clients, test_sets,
+                      majority, notes)

@@ -1,0 +1,1 @@
+"""Algorithm steps as pure functions: one module, one public verb, one result."""
