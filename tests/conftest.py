@@ -1,0 +1,42 @@
+"""Shared fixtures: the real GLUE folder beside the checkout and tiny-model configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Tests never reach the Hugging Face hub: a failed lookup must fail fast, not wait on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from atlasfl.config import from_dict
+from atlasfl.data.glue import default_data_root
+
+GLUE = default_data_root()
+
+
+@pytest.fixture(scope="session")
+def glue_root() -> Path:
+    if GLUE is None:
+        pytest.fail("the shared GLUE folder ../shared/data/glue is missing beside the checkout")
+    return GLUE
+
+
+def tiny_config(**dotted):
+    """A fast experiment: tiny-bert, two small tasks, two clients each."""
+    raw = {
+        "method": "fedavg", "seed": 0, "progress": False,
+        "model": {"name": "tiny-bert", "pooling": "mean"},
+        "data": {"tasks": ["cola", "mrpc"], "clients_per_task": 2, "samples": 24,
+                 "eval_samples": 32, "val_fraction": 0.25, "max_length": 32},
+        "train": {"batch_size": 8, "lr": 0.01},
+        "federation": {"rounds": 1},
+    }
+    return from_dict(raw).replace(**dotted)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_config

@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from atlasfl.cli import main
+
+TINY = ["run", "--model", "tiny-bert", "--tasks", "cola", "mrpc", "--clients-per-task", "2",
+        "--samples", "16", "--eval-samples", "16", "--max-length", "32", "--rounds", "2",
+        "--no-progress"]
+
+
+def test_end_to_end_run_writes_config_rounds_and_summary(tmp_path, capsys):
+    assert main([*TINY, "--method", "fedavg-task", "--out", str(tmp_path), "--run-name", "e2e"]) == 0
+    out = capsys.readouterr().out
+    assert "average" in out and f"run folder: {tmp_path / 'e2e'}" in out
+    run = tmp_path / "e2e"
+    rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4  # rounds x clients
+    for key in ("train_loss", "eval_loss", "metric", "accuracy", "bytes_up", "bytes_down", "seconds"):
+        assert all(key in r for r in rows), key
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["tasks"]) == {"cola", "mrpc"}
+    assert summary["tasks"]["cola"]["metric_name"] == "mcc"
+    assert "federation:\n  rounds: 2" in (run / "config.yaml").read_text()
+
+
+def test_console_script_lists_tasks_and_models():
+    out = subprocess.run([sys.executable, "-m", "atlasfl.cli", "models"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "minilm" in out and "offline" in out
+    out = subprocess.run([sys.executable, "-m", "atlasfl.cli", "tasks"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "sst2" in out and "mnli" in out
+
+
+def _bad_data(tmp_path):
+    train = tmp_path / "bad_train.tsv"
+    train.write_text("sentence\tlabel\nfine\t0\nno tab here\n")
+    return ["--set", f"data.custom_tasks=[{{name: mine, train: {train}, test: {train}}}]",
+            "--tasks", "mine"]
+
+
+def _bad_label(tmp_path):
+    train = tmp_path / "label_train.tsv"
+    train.write_text("sentence\tlabel\nfine\t0\nodd\tmaybe\n")
+    return ["--set", f"data.custom_tasks=[{{name: mine, train: {train}, test: {train}}}]",
+            "--tasks", "mine"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (lambda p: ["--tasks", "sst3"], "unknown task 'sst3'; did you mean sst2"),
+    (lambda p: ["--model", "no-such-model-xyz"], "unknown model 'no-such-model-xyz'"),
+    (lambda p: ["--method", "fedavgg"], "unknown method 'fedavgg'; did you mean fedavg"),
+    (lambda p: ["--set", "data.sampels=3"], "unknown config key 'data.sampels'; did you mean data.samples"),
+    (lambda p: ["--clients-per-task", "0"], "data.clients_per_task' = 0 is invalid"),
+    (lambda p: ["--samples", "0"], "data.samples' = 0 is invalid"),
+    (_bad_data, "bad_train.tsv line 3: expected 2 tab-separated fields"),
+    (_bad_label, "label_train.tsv line 3: label 'maybe' is not in the label set"),
+    (lambda p: ["--config", str(p / "missing.yaml")], "config file not found"),
+])
+def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(tmp_path, capsys, extra, message):
+    out_dir = tmp_path / "runs"
+    code = main([*TINY, "--out", str(out_dir), *extra(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and err.count("atlasfl: error:") == 1
+    assert not out_dir.exists()
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "taken"
+    run.mkdir()
+    (run / "summary.json").write_text("precious")
+    code = main([*TINY, "--out", str(tmp_path), "--run-name", "taken"])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert (run / "summary.json").read_text() == "precious"
+    assert sorted(p.name for p in run.iterdir()) == ["summary.json"]

@@ -1,0 +1,34 @@
+import pytest
+
+from atlasfl.config import apply_overrides, from_dict
+from atlasfl.errors import AtlasError
+
+
+def test_defaults_validate_and_round_trip():
+    cfg = from_dict({})
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_key_names_it_and_close_matches():
+    with pytest.raises(AtlasError, match=r"unknown config key 'data.sampels'; did you mean data.samples"):
+        from_dict({"data": {"sampels": 3}})
+    with pytest.raises(AtlasError, match=r"unknown config key 'trian.lr'; did you mean train.lr"):
+        apply_overrides({}, ["trian.lr=0.1"])
+
+
+def test_overrides_parse_yaml_values():
+    raw = apply_overrides({}, ["train.lr=0.01", "data.tasks=[sst2, rte]", "train.head_lr=null"])
+    cfg = from_dict(raw)
+    assert cfg.train.lr == 0.01 and cfg.data.tasks == ("sst2", "rte") and cfg.train.head_lr is None
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"data": {"clients_per_task": 0}}, "data.clients_per_task' = 0 is invalid; allowed: an integer >= 1"),
+    ({"data": {"samples": 0}}, "data.samples' = 0 is invalid"),
+    ({"data": {"partition": "pathological"}}, "allowed: iid, dirichlet"),
+    ({"train": {"lr": "fast"}}, "train.lr' must be a number"),
+    ({"federation": {"fraction": 0}}, "federation.fraction"),
+])
+def test_bad_values_name_field_value_and_allowed(raw, message):
+    with pytest.raises(AtlasError, match=message):
+        from_dict(raw)
