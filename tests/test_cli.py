@@ -12,13 +12,15 @@ TINY = ["run", "--model", "tiny-bert", "--tasks", "cola", "mrpc", "--clients-per
 
 
 def test_end_to_end_run_writes_config_rounds_and_summary(tmp_path, capsys):
-    assert main([*TINY, "--method", "fedavg-task", "--out", str(tmp_path), "--run-name", "e2e"]) == 0
+    args = [*TINY, "--method", "fedavg-task", "--out", str(tmp_path), "--run-name", "e2e"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "average" in out and f"run folder: {tmp_path / 'e2e'}" in out
     run = tmp_path / "e2e"
     rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 4  # rounds x clients
-    for key in ("train_loss", "eval_loss", "metric", "accuracy", "bytes_up", "bytes_down", "seconds"):
+    keys = ("train_loss", "eval_loss", "metric", "accuracy", "bytes_up", "bytes_down", "seconds")
+    for key in keys:
         assert all(key in r for r in rows), key
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["tasks"]) == {"cola", "mrpc"}
@@ -53,7 +55,8 @@ def _bad_label(tmp_path):
     (lambda p: ["--tasks", "sst3"], "unknown task 'sst3'; did you mean sst2"),
     (lambda p: ["--model", "no-such-model-xyz"], "unknown model 'no-such-model-xyz'"),
     (lambda p: ["--method", "fedavgg"], "unknown method 'fedavgg'; did you mean fedavg"),
-    (lambda p: ["--set", "data.sampels=3"], "unknown config key 'data.sampels'; did you mean data.samples"),
+    (lambda p: ["--set", "data.sampels=3"],
+     "unknown config key 'data.sampels'; did you mean data.samples"),
     (lambda p: ["--clients-per-task", "0"], "data.clients_per_task' = 0 is invalid"),
     (lambda p: ["--samples", "0"], "data.samples' = 0 is invalid"),
     (_bad_data, "bad_train.tsv line 3: expected 2 tab-separated fields"),

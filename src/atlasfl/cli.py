@@ -78,7 +78,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = run_experiment(experiment, run_dir)
     print(format_table(summary))
     print(f"\n{summary['num_clients']} clients, {summary['wall_seconds']:.1f} s wall "
-          f"(cpu/wall {summary['cpu_utilisation']:.2f}), peak RSS {summary['peak_rss_mb']:.0f} MiB, "
+          f"(cpu/wall {summary['cpu_utilisation']:.2f}), "
+          f"peak RSS {summary['peak_rss_mb']:.0f} MiB, "
           f"{summary['bytes_up'] / 2**20:.2f} MiB up, {summary['bytes_down'] / 2**20:.2f} MiB down")
     print(f"run folder: {run_dir.path}")
     return 0

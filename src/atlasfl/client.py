@@ -1,5 +1,6 @@
-"""One client: its own adapter, head and optimizer over the shared backbone; local training and
-evaluation.
+"""One client: its own adapter, head and optimizer over the shared backbone.
+
+Local training and evaluation of one client, plain (the whole model on the client).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ def test_reader_parses_every_shared_file_with_its_row_count(glue_root, task):
     assert (len(train), len(test)) == ROWS[task]
     assert all(len(row) == len(spec.text_fields) for row in train.texts)
     if spec.is_regression:
-        assert train.labels.dtype == np.float32 and 0 <= train.labels.min() <= train.labels.max() <= 5
+        assert train.labels.dtype == np.float32
+        assert 0 <= train.labels.min() <= train.labels.max() <= 5
     else:
         assert set(np.unique(train.labels)) == set(range(spec.num_labels))
 
@@ -29,7 +30,8 @@ def test_quirks_bom_headerless_and_literal_quotes(glue_root):
     assert mrpc.texts[0][0].startswith("Amrozi accused his brother")
     assert '"the witness"' in mrpc.texts[0][0]  # quotes kept literally
     cola, _ = load_task(GLUE_TASKS["cola"], glue_root)  # no header: first row is data
-    assert cola.texts[0] == ("Our friends won't buy this analysis, let alone the next one we propose.",)
+    first = "Our friends won't buy this analysis, let alone the next one we propose."
+    assert cola.texts[0] == (first,)
     assert cola.labels[0] == 1
 
 
@@ -80,7 +82,9 @@ def test_unknown_task_lists_close_matches():
 
 
 def test_registry_covers_all_glue_tasks():
-    assert set(GLUE_TASKS) == {"sst2", "cola", "mrpc", "qnli", "rte", "stsb", "mnli", "qqp", "wnli"}
+    assert set(GLUE_TASKS) == {"sst2", "cola", "mrpc", "qnli", "rte", "stsb", "mnli", "qqp",
+                               "wnli"}
     assert GLUE_TASKS["cola"].primary_metric == "mcc"
     assert GLUE_TASKS["mrpc"].metrics == ("f1", "accuracy")
-    assert GLUE_TASKS["stsb"].is_regression and GLUE_TASKS["stsb"].metrics == ("pearson", "spearman")
+    assert GLUE_TASKS["stsb"].is_regression
+    assert GLUE_TASKS["stsb"].metrics == ("pearson", "spearman")

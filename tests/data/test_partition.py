@@ -42,8 +42,8 @@ def test_same_seed_same_partition_other_seed_other():
     a = partition(labels, 3, 50, scheme="dirichlet", alpha=0.5, seed=1)
     b = partition(labels, 3, 50, scheme="dirichlet", alpha=0.5, seed=1)
     c = partition(labels, 3, 50, scheme="dirichlet", alpha=0.5, seed=2)
-    assert all(np.array_equal(x.train_idx, y.train_idx) for x, y in zip(a, b))
-    assert not all(np.array_equal(x.train_idx, y.train_idx) for x, y in zip(a, c))
+    assert all(np.array_equal(x.train_idx, y.train_idx) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x.train_idx, y.train_idx) for x, y in zip(a, c, strict=True))
 
 
 def test_dirichlet_small_alpha_skews_labels():

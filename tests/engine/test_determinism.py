@@ -40,3 +40,10 @@ def test_partial_participation_still_broadcasts_to_everyone(tiny_cfg):
     for key in states[0]:
         if not key.startswith("head."):
             assert all(torch.equal(states[0][key], s[key]) for s in states)
+
+
+def test_no_validation_split_runs(tiny_cfg):
+    exp = build_experiment(tiny_cfg(**{"data.val_fraction": 0.0}))
+    assert all(len(c.val_set) == 0 for c in exp.clients.values())
+    summary = run_experiment(exp)
+    assert all("val_loss" not in c for c in summary["clients"])

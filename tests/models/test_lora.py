@@ -68,4 +68,5 @@ def test_last_token_pooling_reads_the_last_real_token():
 def test_heads_from_the_same_seed_are_identical():
     h1 = init_head(16, 3, pooling="mean", dropout=0.1, seed=7)
     h2 = init_head(16, 3, pooling="mean", dropout=0.1, seed=7)
-    assert all(torch.equal(a, b) for a, b in zip(h1.state_dict().values(), h2.state_dict().values()))
+    pairs = zip(h1.state_dict().values(), h2.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)

@@ -60,7 +60,10 @@ class TokenizedSet:
 def tokenize(examples: Examples, tokenizer, *, max_length: int, use_token_types: bool
              ) -> TokenizedSet:
     """Tokenize single sentences or sentence pairs, truncating to ``max_length``."""
-    columns = list(zip(*examples.texts, strict=True)) if len(examples) else [[]]
+    if len(examples) == 0:  # e.g. a client's validation split when val_fraction is 0
+        return TokenizedSet([], [] if use_token_types else None, examples.labels,
+                            int(tokenizer.pad_token_id))
+    columns = list(zip(*examples.texts, strict=True))
     if len(columns) == 1:
         enc = tokenizer(list(columns[0]), truncation=True, max_length=max_length)
     else:

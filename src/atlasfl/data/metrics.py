@@ -15,7 +15,8 @@ def _safe_corr(fn, a: np.ndarray, b: np.ndarray) -> float:
     return float(fn(a, b)[0])
 
 
-def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray
+                    ) -> dict[str, float]:
     """Every metric of ``spec`` plus ``metric`` (the primary one) for predictions vs labels.
 
     Classification: ``predictions`` are class ids. Regression: predicted scores.

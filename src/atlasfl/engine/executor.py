@@ -34,7 +34,8 @@ def _digest(state: AdapterState) -> str:
 class InProcessExecutor:
     """All clients in this process, sharing one frozen backbone."""
 
-    def __init__(self, model: nn.Module, binder: AdapterBinder, clients: dict[ClientId, ClientState],
+    def __init__(self, model: nn.Module, binder: AdapterBinder,
+                 clients: dict[ClientId, ClientState],
                  test_sets: dict[str, TokenizedSet], cfg: TrainConfig, *, seed: int,
                  device: torch.device, channel: InProcessChannel, upload: bool):
         self.model, self.binder, self.clients = model, binder, clients
@@ -42,7 +43,8 @@ class InProcessExecutor:
         self.channel, self.upload = channel, upload
         self._test_cache: dict[tuple[str, str], dict[str, float]] = {}
 
-    def train(self, round_idx: int, plan: TrainPlan) -> tuple[ClientUpdate | None, dict[str, float]]:
+    def train(self, round_idx: int, plan: TrainPlan
+              ) -> tuple[ClientUpdate | None, dict[str, float]]:
         """Deliver the plan's download, train one round, upload the new state."""
         client = self.clients[plan.client_id]
         if plan.download is not None:

