@@ -79,7 +79,7 @@ def plain_batches(cfg) -> list[dict[str, torch.Tensor]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
@@ -91,9 +91,14 @@ def main() -> None:
     ratios = []
     print(f"{len(batches)} optimizer steps per measurement, torch threads "
           f"{torch.get_num_threads()}")
+    time_plain(cfg, batches[:4], 2)  # warm-up: allocator, thread pool, first-call costs
     for rep in range(args.repeats):
-        runner_wall, runner_cpu, steps = time_runner(cfg)
-        plain_wall, plain_cpu = time_plain(cfg, batches, 2)
+        if rep % 2 == 0:  # alternate which goes first, so drift in machine load cancels
+            runner_wall, runner_cpu, steps = time_runner(cfg)
+            plain_wall, plain_cpu = time_plain(cfg, batches, 2)
+        else:
+            plain_wall, plain_cpu = time_plain(cfg, batches, 2)
+            runner_wall, runner_cpu, steps = time_runner(cfg)
         assert steps == len(batches), (steps, len(batches))
         ratio = plain_wall / runner_wall  # runner throughput / plain throughput
         ratios.append(ratio)

@@ -40,7 +40,7 @@ def main() -> None:
         cfg = base.replace(**{**fixed, **overrides, "method": method, "progress": False})
         wall, cpu = time.perf_counter(), time.process_time()
         try:
-            summary = run_experiment(build_experiment(cfg))
+            summary = run_experiment(build_experiment(cfg)).summary
         except Exception:  # one broken setting must not lose the rest of the sweep
             traceback.print_exc()
             continue

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +20,17 @@ FLAG_KEYS = {
     "rounds": "federation.rounds", "local_epochs": "train.local_epochs",
     "batch_size": "train.batch_size", "lr": "train.lr", "seed": "seed", "device": "device",
     "data_dir": "data.data_dir", "out": "out", "run_name": "run_name",
+    "max_rounds": "session.max_rounds", "save_every": "session.save_every",
+    "keep_checkpoints": "session.keep_checkpoints",
 }
+
+
+def _session_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-rounds", type=int,
+                        help="stop cleanly after this many rounds in this session")
+    parser.add_argument("--save-every", type=int, help="checkpoint every N rounds (default 1)")
+    parser.add_argument("--keep-checkpoints", type=int, help="checkpoints to keep (default 2)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,44 +57,108 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="GLUE folder (default: $ATLASFL_DATA, ../shared/data/glue)")
     run.add_argument("--out", help="folder for run folders (default runs)")
     run.add_argument("--run-name", help="name of this run's folder")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--resume", metavar="PATH",
+                     help="continue a run from its folder or one checkpoint folder")
+    _session_flags(run)
+    resume = sub.add_parser("resume", help="continue a run from its latest checkpoint")
+    resume.add_argument("run_dir", help="the run folder (or one of its checkpoint folders)")
+    _session_flags(resume)
     sub.add_parser("tasks", help="list tasks and whether their data is available offline")
     sub.add_parser("models", help="list models and whether they load offline")
     return parser
 
 
-def _resolve_config(args: argparse.Namespace):
+def _resolve_config(args: argparse.Namespace, raw: dict | None = None):
     from atlasfl.config import _set_dotted, apply_overrides, from_dict, from_yaml
 
-    raw = from_yaml(args.config) if args.config else {}
+    if raw is None:
+        raw = from_yaml(args.config) if args.config else {}
     for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None:
             _set_dotted(raw, key, value)
     if args.no_progress:
         raw["progress"] = False
-    apply_overrides(raw, args.set)
+    apply_overrides(raw, getattr(args, "set", []))
     return from_dict(raw)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = _resolve_config(args)
-    from atlasfl.engine import RunDir, build_experiment, run_experiment
-    from atlasfl.report import format_table
+def _install_stop_handlers():
+    """First SIGINT/SIGTERM: stop at the next client boundary; a second one: stop now."""
+    from atlasfl.engine import StopFlag
 
+    stop = StopFlag()
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        print(f"\natlasfl: {signal.Signals(signum).name} received: stopping after the current "
+              f"client and keeping the last complete checkpoint (again to stop at once)",
+              file=sys.stderr)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from atlasfl.config import experiment_diff
+    from atlasfl.engine import RunDir, build_experiment, load_checkpoint, run_experiment
+
+    resume_from = args.resume if args.command == "run" else args.run_dir
+    snapshot = load_checkpoint(resume_from) if resume_from else None
+    if snapshot is not None and not getattr(args, "config", None):
+        cfg = _resolve_config(args, raw=copy.deepcopy(snapshot.config))
+    else:
+        cfg = _resolve_config(args)
+    if snapshot is not None:
+        diff = experiment_diff(snapshot.config, cfg.to_dict())
+        if diff:
+            lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in diff)
+            raise AtlasError(f"the config differs from the checkpoint's in keys that change the "
+                             f"experiment: {lines}")
     print(f"atlasfl: {cfg.method} on {cfg.model.name}, tasks {' '.join(cfg.data.tasks)}, "
-          f"{cfg.data.clients_per_task} clients per task, {cfg.federation.rounds} rounds",
+          f"{cfg.data.clients_per_task} clients per task, {cfg.federation.rounds} rounds"
+          + (f", resuming after round {snapshot.round_idx}" if snapshot else ""),
           file=sys.stderr)
     experiment = build_experiment(cfg)  # every input error surfaces before a folder is made
-    run_dir = RunDir.create(cfg)
-    summary = run_experiment(experiment, run_dir)
+    if snapshot is not None:
+        run_dir = RunDir(_run_folder(resume_from))
+    else:
+        run_dir = RunDir.create(cfg)
+    stop = _install_stop_handlers()
+    outcome = run_experiment(experiment, run_dir, resume=snapshot, stop=stop)
+    if outcome.summary is None:
+        if outcome.checkpoint is None and snapshot is None:
+            print("atlasfl: stopped before the first round was saved; nothing to resume")
+        else:
+            print(f"atlasfl: stopped after round {outcome.completed_rounds} of "
+                  f"{cfg.federation.rounds}; last checkpoint "
+                  f"{outcome.checkpoint or resume_from}\ncontinue with: atlasfl resume "
+                  f"{run_dir.path}")
+        return 130 if stop.requested else 0
+    _print_summary(outcome.summary, run_dir.path)
+    return 0
+
+
+def _run_folder(path: str) -> Path:
+    from atlasfl.engine.checkpoint import CHECKPOINTS, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(path)
+    assert checkpoint.parent.name == CHECKPOINTS
+    return checkpoint.parent.parent
+
+
+def _print_summary(summary: dict, run_path: Path) -> None:
+    from atlasfl.report import format_table
+
     print(format_table(summary))
     print(f"\n{summary['num_clients']} clients, {summary['wall_seconds']:.1f} s wall "
           f"(cpu/wall {summary['cpu_utilisation']:.2f}), "
           f"peak RSS {summary['peak_rss_mb']:.0f} MiB, "
           f"{summary['bytes_up'] / 2**20:.2f} MiB up, {summary['bytes_down'] / 2**20:.2f} MiB down")
-    print(f"run folder: {run_dir.path}")
-    return 0
+    print(f"run folder: {run_path}")
 
 
 def _cmd_tasks() -> int:
@@ -118,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        if args.command == "run":
+        if args.command in ("run", "resume"):
             return _cmd_run(args)
         if args.command == "tasks":
             return _cmd_tasks()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,35 @@ class ClientState:
                     raise AtlasError(f"client {self.client_id}: received tensor {key!r} of shape "
                                      f"{tuple(value.shape)} that does not fit its model")
                 target.copy_(value)
+
+
+    def checkpoint(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Everything this client carries across rounds: adapter, head and optimizer state."""
+        tensors = {f"adapter/{k}": p.detach() for k, p in self.adapter.items()}
+        tensors.update({f"head/{k}": v.detach() for k, v in self.head.state_dict().items()})
+        opt = self.optimizer.state_dict()
+        state_meta: dict[str, dict[str, Any]] = {}
+        for pid, entry in opt["state"].items():
+            state_meta[str(pid)] = {}
+            for name, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"opt/{pid}/{name}"] = value
+                    state_meta[str(pid)][name] = None  # None: the value is in the tensors
+                else:
+                    state_meta[str(pid)][name] = value
+        return tensors, {"param_groups": opt["param_groups"], "state": state_meta}
+
+    def restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Inverse of ``checkpoint``: the client continues exactly where it was saved."""
+        with torch.no_grad():
+            for key, param in self.adapter.items():
+                param.copy_(tensors[f"adapter/{key}"])
+        self.head.load_state_dict({k[len("head/"):]: v for k, v in tensors.items()
+                                   if k.startswith("head/")})
+        state = {int(pid): {name: tensors[f"opt/{pid}/{name}"] if value is None else value
+                            for name, value in entry.items()}
+                 for pid, entry in meta["state"].items()}
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def make_client(client_id: int, task: TaskSpec, adapter_init: dict[str, Tensor],

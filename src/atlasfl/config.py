@@ -96,6 +96,15 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class SessionConfig:
+    """How this session runs and saves; may change between sessions of one run."""
+
+    max_rounds: int = 0  # stop after this many rounds in this session (0: run to the end)
+    save_every: int = 1  # checkpoint every N rounds (0: only when stopping or finishing)
+    keep_checkpoints: int = 2  # how many of the latest checkpoints to keep
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """Everything that defines one run."""
 
@@ -109,6 +118,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
@@ -120,6 +130,27 @@ class ExperimentConfig:
         for key, value in dotted.items():
             _set_dotted(raw, key, value)
         return from_dict(raw)
+
+
+# Keys that may differ between the sessions of one run: where output goes, how it is shown, and
+# how the session runs. Everything else changes the experiment and is refused on resume.
+RESUMABLE_KEYS = ("out", "run_name", "progress", "session.")
+
+
+def experiment_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Keys (dotted) whose values differ between two config dicts, ignoring resumable keys."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        elif a != b and not any(path == k or (k.endswith(".") and path.startswith(k))
+                                for k in RESUMABLE_KEYS):
+            out.append((path, a, b))
+
+    walk(saved, new, "")
+    return out
 
 
 def _to_plain(obj: Any) -> Any:
@@ -298,5 +329,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(f.rounds >= 1, "federation.rounds", f.rounds, "an integer >= 1")
     _check(0.0 < f.fraction <= 1.0, "federation.fraction", f.fraction, "0 < x <= 1")
     _check(f.eval_every >= 1, "federation.eval_every", f.eval_every, "an integer >= 1")
+    _check(cfg.session.max_rounds >= 0, "session.max_rounds", cfg.session.max_rounds,
+           "0 (no cap) or more")
+    _check(cfg.session.save_every >= 0, "session.save_every", cfg.session.save_every,
+           "0 (only at the end of a session) or more")
+    _check(cfg.session.keep_checkpoints >= 1, "session.keep_checkpoints",
+           cfg.session.keep_checkpoints, "an integer >= 1")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
            "device", cfg.device, "auto, cpu, cuda, cuda:N")

@@ -12,7 +12,7 @@ def test_fedavg_round_trains_and_evaluates_on_each_family(tiny_cfg, model, pooli
     exp = build_experiment(tiny_cfg(**{"model.name": model, "model.pooling": "auto"}))
     assert next(iter(exp.clients.values())).head.pooling == pooling
     init = exp.binder.initial_state()
-    summary = run_experiment(exp)
+    summary = run_experiment(exp).summary
     assert set(summary["tasks"]) == {"cola", "mrpc"}
     state = exp.clients[0].state()
     assert any(not torch.equal(state[k], init[k]) for k in init)  # adapters were trained

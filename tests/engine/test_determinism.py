@@ -5,7 +5,7 @@ from atlasfl.engine import build_experiment, run_experiment, sample_clients
 
 def _run(cfg):
     exp = build_experiment(cfg)
-    summary = run_experiment(exp)
+    summary = run_experiment(exp).summary
     return summary, {cid: c.state() for cid, c in exp.clients.items()}
 
 
@@ -32,7 +32,7 @@ def test_client_sampling_is_seeded_per_round():
 
 def test_partial_participation_still_broadcasts_to_everyone(tiny_cfg):
     exp = build_experiment(tiny_cfg(method="fedavg", **{"federation.fraction": 0.5}))
-    summary = run_experiment(exp)
+    summary = run_experiment(exp).summary
     trained = [c for c in summary["clients"] if c.get("bytes_up")]
     assert len(trained) == 2
     assert all(c["bytes_down"] > 0 for c in summary["clients"])
@@ -45,5 +45,5 @@ def test_partial_participation_still_broadcasts_to_everyone(tiny_cfg):
 def test_no_validation_split_runs(tiny_cfg):
     exp = build_experiment(tiny_cfg(**{"data.val_fraction": 0.0}))
     assert all(len(c.val_set) == 0 for c in exp.clients.values())
-    summary = run_experiment(exp)
+    summary = run_experiment(exp).summary
     assert all("val_loss" not in c for c in summary["clients"])

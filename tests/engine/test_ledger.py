@@ -18,7 +18,7 @@ def test_ledger_counts_exactly_the_tensors_sent(tiny_cfg, tmp_path, method):
     cfg = tiny_cfg(method=method, out=str(tmp_path), run_name="r", **{"federation.rounds": 2})
     exp = build_experiment(cfg)
     run_dir = RunDir.create(cfg)
-    summary = run_experiment(exp, run_dir)
+    summary = run_experiment(exp, run_dir).summary
     rows = [json.loads(line) for line in (run_dir.path / "rounds.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * len(exp.clients)
     for row in rows:

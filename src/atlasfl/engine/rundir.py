@@ -46,6 +46,15 @@ class RunDir:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
 
+    def rewrite_rounds(self, history: list[list[dict[str, Any]]]) -> None:
+        """Replace the round rows with ``history`` (on resume: rounds after the checkpoint go)."""
+        tmp = self.path / (ROUNDS_FILE + ".tmp")
+        with tmp.open("w") as fh:
+            for round_rows in history:
+                for row in round_rows:
+                    fh.write(json.dumps(row) + "\n")
+        tmp.replace(self.path / ROUNDS_FILE)
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write the run's summary (atomically: a reader never sees half a file)."""
         tmp = self.path / (SUMMARY_FILE + ".tmp")
