@@ -112,13 +112,13 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _forward(model: nn.Module, head: ClassificationHead, batch: dict[str, Tensor]) -> Tensor:
+def forward_logits(model: nn.Module, head: ClassificationHead, batch: dict[str, Tensor]) -> Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = model(**inputs).last_hidden_state  # (B, T, H)
     return head(hidden, batch["attention_mask"]).float()  # (B, num_labels)
 
 
-def _loss(logits: Tensor, labels: Tensor, regression: bool) -> Tensor:
+def task_loss(logits: Tensor, labels: Tensor, regression: bool) -> Tensor:
     if regression:
         return F.mse_loss(logits.squeeze(-1), labels.float())
     return F.cross_entropy(logits, labels)
@@ -138,8 +138,8 @@ def train_client(model: nn.Module, binder: AdapterBinder, client: ClientState, c
         for batch in client.train_set.batches(cfg.batch_size, generator=generator):
             batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(device, cfg.precision):
-                logits = _forward(model, client.head, batch)
-            loss = _loss(logits, batch["labels"], client.task.is_regression)
+                logits = forward_logits(model, client.head, batch)
+            loss = task_loss(logits, batch["labels"], client.task.is_regression)
             client.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm > 0:
@@ -171,8 +171,8 @@ def evaluate(model: nn.Module, binder: AdapterBinder, adapter: dict[str, nn.Para
     for batch in data.batches(cfg.eval_batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
         with _autocast(device, cfg.precision):
-            logits = _forward(model, head, batch)
-        total += float(_loss(logits, batch["labels"], task.is_regression)) * len(logits)
+            logits = forward_logits(model, head, batch)
+        total += float(task_loss(logits, batch["labels"], task.is_regression)) * len(logits)
         preds.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
     # batches were length-sorted: put predictions back in row order before scoring
     order = data.length_order()

@@ -96,6 +96,25 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class ClusteringConfig:
+    """Phase 1: gradient fingerprints and task clustering (``fedavg-cluster``, ``atlas``)."""
+
+    samples: int = 64  # examples per client in its fingerprint
+    batch_size: int = 16
+    layers: int = 2  # the last L transformer blocks
+    params: str = "lora"  # lora (B factors) | weights (frozen target weights)
+    dim: int = 256  # projected dimension (the upload is dim x 4 bytes)
+    method: str = "kmeans"  # kmeans | spectral
+    k: int = 0  # 0: choose k; > 0: fixed
+    k_min: int = 2
+    k_max: int = 10
+    recluster_every: int = 0  # re-cluster from fresh fingerprints every R rounds (0: never)
+    epsilon: float = 0.0  # example-level DP budget of each fingerprint; 0: no noise
+    delta: float = 1e-5
+    clip: float = 1.0  # per-example norm bound (with epsilon)
+
+
+@dataclass(frozen=True)
 class SessionConfig:
     """How this session runs and saves; may change between sessions of one run."""
 
@@ -118,6 +137,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -329,6 +349,22 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(f.rounds >= 1, "federation.rounds", f.rounds, "an integer >= 1")
     _check(0.0 < f.fraction <= 1.0, "federation.fraction", f.fraction, "0 < x <= 1")
     _check(f.eval_every >= 1, "federation.eval_every", f.eval_every, "an integer >= 1")
+    c = cfg.clustering
+    _check(c.samples >= 1, "clustering.samples", c.samples, "an integer >= 1")
+    _check(c.batch_size >= 1, "clustering.batch_size", c.batch_size, "an integer >= 1")
+    _check(c.layers >= 1, "clustering.layers", c.layers, "an integer >= 1")
+    _check(c.params in ("lora", "weights"), "clustering.params", c.params, "lora, weights")
+    _check(c.dim >= 2, "clustering.dim", c.dim, "an integer >= 2")
+    _check(c.method in ("kmeans", "spectral"), "clustering.method", c.method,
+           "kmeans, spectral")
+    _check(c.k >= 0, "clustering.k", c.k, "0 (choose) or more")
+    _check(2 <= c.k_min <= c.k_max, "clustering.k_min", (c.k_min, c.k_max),
+           "2 <= k_min <= k_max")
+    _check(c.recluster_every >= 0, "clustering.recluster_every", c.recluster_every,
+           "0 (never) or more")
+    _check(c.epsilon >= 0, "clustering.epsilon", c.epsilon, "0 (no noise) or > 0")
+    _check(0 < c.delta < 1, "clustering.delta", c.delta, "0 < delta < 1")
+    _check(c.clip > 0, "clustering.clip", c.clip, "a number > 0")
     _check(cfg.session.max_rounds >= 0, "session.max_rounds", cfg.session.max_rounds,
            "0 (no cap) or more")
     _check(cfg.session.save_every >= 0, "session.save_every", cfg.session.save_every,

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import time
 import zlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from atlasfl.client import ClientState, evaluate, train_client
-from atlasfl.config import TrainConfig
+from atlasfl.client import ClientState, evaluate, forward_logits, task_loss, train_client
+from atlasfl.config import ClusteringConfig, TrainConfig
 from atlasfl.data.batching import TokenizedSet
 from atlasfl.engine.channel import InProcessChannel
+from atlasfl.engine.ledger import CommLedger
+from atlasfl.engine.setup import Experiment
 from atlasfl.models.lora import AdapterBinder
+from atlasfl.phases.fingerprint import (
+    compute_fingerprint,
+    fingerprint_parameters,
+    select_blocks,
+)
 from atlasfl.strategies.base import ClientUpdate, TrainPlan
 from atlasfl.types import AdapterState, ClientId
 
@@ -59,6 +69,48 @@ class InProcessExecutor:
         state = self.channel.upload(round_idx, plan.client_id, client.state())
         return ClientUpdate(plan.client_id, state, client.num_examples), metrics
 
+    def fingerprint(self, round_idx: int, client_id: ClientId, settings: ClusteringConfig,
+                    exp: Experiment) -> tuple[np.ndarray, dict[str, float]]:
+        """Phase 1 on one client: its fingerprint from the common initial adapter and head.
+
+        Returns the vector the server received and the client-side diagnostics.
+        """
+        start = time.perf_counter()
+        client = self.clients[client_id]
+        initial = {k: nn.Parameter(v.detach().clone()) for k, v in exp.initial_adapter.items()}
+        head = copy.deepcopy(exp.initial_heads[client.task.num_labels]).eval()
+        self.binder.bind(initial)
+        self.model.eval()
+        num_layers = exp.backbone.num_layers
+        blocks = select_blocks(num_layers, settings.layers)
+        params = fingerprint_parameters(self.model, num_layers, blocks, params=settings.params)
+        frozen = [p for p in params.values() if not p.requires_grad]
+        for p in frozen:  # frozen base weights: differentiate them for this pass only
+            p.requires_grad_(True)
+        seed = client_seed(self.seed, round_idx, client_id)
+        gen = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(len(client.train_set), generator=gen)[: settings.samples].numpy()
+        batches = [{k: v.to(self.device) for k, v in
+                    client.train_set.collate(rows[i : i + settings.batch_size]).items()}
+                   for i in range(0, len(rows), settings.batch_size)]
+
+        def loss_fn(batch):
+            logits = forward_logits(self.model, head, batch)
+            return task_loss(logits, batch["labels"], client.task.is_regression)
+
+        try:
+            fp = compute_fingerprint(loss_fn, batches, params, dim=settings.dim, seed=self.seed,
+                                     blocks=blocks, epsilon=settings.epsilon or None,
+                                     delta=settings.delta, clip=settings.clip, generator=gen)
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+        received = self.channel.upload(round_idx, client_id,
+                                       {"fingerprint": torch.from_numpy(fp.vector)})
+        return received["fingerprint"].numpy(), {
+            "fingerprint_seconds": time.perf_counter() - start,
+            "fingerprint_noise_std": fp.noise_std}
+
     def write(self, round_idx: int, writes: dict[ClientId, AdapterState]) -> None:
         """Send server tensors down and write them into the clients' models."""
         for client_id, state in writes.items():
@@ -86,3 +138,10 @@ class InProcessExecutor:
         for plan in plans:
             update, metrics = self.train(round_idx, plan)
             yield plan, update, metrics
+
+
+def make_executor(exp: Experiment, ledger: CommLedger) -> InProcessExecutor:
+    """The in-process executor of an experiment, counting transfers in ``ledger``."""
+    return InProcessExecutor(exp.model, exp.binder, exp.clients, exp.test_sets, exp.cfg.train,
+                             seed=exp.cfg.seed, device=exp.device,
+                             channel=InProcessChannel(ledger), upload=exp.strategy.uploads)

@@ -21,7 +21,7 @@ from atlasfl.data.metrics import majority_baseline
 from atlasfl.data.partition import ClientSplit, drop_test_overlap, partition
 from atlasfl.data.tasks import TaskSpec, resolve_tasks
 from atlasfl.errors import AtlasError
-from atlasfl.models.head import init_head
+from atlasfl.models.head import ClassificationHead, init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
 from atlasfl.models.registry import Backbone, load_backbone
 from atlasfl.strategies.base import ClientInfo, Strategy, get_strategy
@@ -41,6 +41,8 @@ class Experiment:
     test_sets: dict[str, TokenizedSet]
     majority: dict[str, dict[str, float]]  # per task: metrics of predicting the majority class
     data_notes: dict[str, dict[str, int]]  # per task: rows read, dropped, used
+    initial_adapter: dict[str, torch.Tensor]  # the seeded adapter every client starts from
+    initial_heads: dict[int, ClassificationHead]  # the seeded head per number of outputs
 
 
 def _stable(*parts: object) -> int:
@@ -83,6 +85,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
 
     clients: dict[int, ClientState] = {}
     infos: list[ClientInfo] = []
+    initial_heads: dict[int, ClassificationHead] = {}
     test_sets, majority, notes = {}, {}, {}
     for spec in specs:
         train, test = loaded[spec.name]
@@ -105,6 +108,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                             "test_rows": len(test)}
         num_out = spec.num_labels
         head_seed = _stable(cfg.seed, "head", num_out)
+        initial_heads[num_out] = init_head(backbone.hidden_size, num_out, pooling=pooling,
+                                           dropout=cfg.model.head_dropout, seed=head_seed
+                                           ).to(device)
         for split in splits:
             cid = len(clients)
             head = init_head(backbone.hidden_size, num_out, pooling=pooling,
@@ -114,6 +120,6 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                                        tok(train.subset(split.val_idx)), cfg.train, device)
             infos.append(ClientInfo(cid, spec.name, len(split.train_idx),
                                     tuple(head.out.weight.shape)))
-    strategy = strategy_cls(infos)
+    strategy = strategy_cls(infos, cfg)
     return Experiment(cfg, device, backbone, model, binder, strategy, clients, test_sets,
-                      majority, notes)
+                      majority, notes, adapter_init, initial_heads)

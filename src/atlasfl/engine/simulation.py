@@ -20,14 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from atlasfl.engine.channel import InProcessChannel
 from atlasfl.engine.checkpoint import (
     Snapshot,
     flatten_state,
     save_checkpoint,
     unflatten_state,
 )
-from atlasfl.engine.executor import InProcessExecutor
+from atlasfl.engine.executor import make_executor
 from atlasfl.engine.ledger import CommLedger
 from atlasfl.engine.rundir import RunDir
 from atlasfl.engine.setup import Experiment
@@ -131,6 +130,25 @@ def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict
     return summary
 
 
+def run_fingerprint_phase(exp: Experiment, executor, strategy, state: Any, round_idx: int,
+                          rows: dict[ClientId, dict[str, Any]] | None = None
+                          ) -> tuple[Any, dict[str, float]]:
+    """Phase 1: every client uploads a fingerprint; the strategy clusters them."""
+    start = time.perf_counter()
+    fingerprints = {}
+    for cid in sorted(exp.clients):
+        fingerprints[cid], diag = executor.fingerprint(round_idx, cid, exp.cfg.clustering, exp)
+        if rows is not None:
+            rows[cid].update(diag)
+            rows[cid]["seconds"] += diag["fingerprint_seconds"]
+    server_start = time.perf_counter()
+    state, metrics = strategy.observe_fingerprints(state, round_idx, fingerprints)
+    now = time.perf_counter()
+    metrics = {**metrics, "clustering_seconds": now - server_start,
+               "fingerprint_phase_seconds": now - start}
+    return state, metrics
+
+
 def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
                    resume: Snapshot | None = None, stop: StopFlag | None = None) -> RunOutcome:
     """Run this session's rounds of ``exp`` (all of them unless capped or stopped)."""
@@ -139,9 +157,7 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
     ids = sorted(exp.clients)
     rounds = cfg.federation.rounds
     ledger = CommLedger()
-    executor = InProcessExecutor(exp.model, exp.binder, exp.clients, exp.test_sets, cfg.train,
-                                 seed=cfg.seed, device=exp.device,
-                                 channel=InProcessChannel(ledger), upload=strategy.uploads)
+    executor = make_executor(exp, ledger)
     if resume is not None:
         state, history, elapsed = restore(exp, resume)
         if run_dir is not None:
@@ -170,13 +186,18 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
             cid: {"round": round_idx, "client": cid, "task": exp.clients[cid].task.name,
                   "trained": False, "seconds": 0.0} for cid in ids}
         updates = []
+        server_metrics: dict[str, float] = {}
+        if strategy.fingerprint_round(round_idx):
+            state, server_metrics = run_fingerprint_phase(exp, executor, strategy, state,
+                                                          round_idx, rows)
         plans = strategy.configure_round(state, round_idx, schedule[round_idx])
         for plan, update, metrics in executor.run(round_idx, plans):
             if may_abandon():
                 break
             rows[plan.client_id].update(trained=True, train_loss=metrics["train_loss"],
                                         steps=metrics["steps"],
-                                        seconds=metrics["train_seconds"])
+                                        seconds=rows[plan.client_id]["seconds"]
+                                        + metrics["train_seconds"])
             if update is not None:
                 updates.append(update)
             bar.set_postfix_str(f"round {round_idx}/{rounds} trained client {plan.client_id}")
@@ -196,7 +217,8 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
         for cid in ids:
             rows[cid]["bytes_up"] = ledger.get(round_idx, cid, "up")
             rows[cid]["bytes_down"] = ledger.get(round_idx, cid, "down")
-            rows[cid].update({f"server_{k}": v for k, v in outcome.metrics.items()})
+            rows[cid].update({f"server_{k}": v
+                              for k, v in {**server_metrics, **outcome.metrics}.items()})
         history.append([rows[cid] for cid in ids])
         if run_dir is not None:
             run_dir.append_rounds(history[-1])

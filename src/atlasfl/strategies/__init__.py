@@ -1,6 +1,12 @@
 """Methods as strategies, looked up by name."""
 
-from atlasfl.strategies import centralized, fedavg, fedavg_task, local  # noqa: F401 (register)
+from atlasfl.strategies import (  # noqa: F401 (registers each method)
+    centralized,
+    fedavg,
+    fedavg_cluster,
+    fedavg_task,
+    local,
+)
 from atlasfl.strategies.base import (
     STRATEGIES,
     ClientInfo,

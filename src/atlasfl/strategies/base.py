@@ -62,9 +62,18 @@ class Strategy:
     uploads: ClassVar[bool] = True  # trained clients send their adapter+head to the server
     pools_data: ClassVar[bool] = False  # one client per task holding all its data (centralized)
 
-    def __init__(self, clients: Sequence[ClientInfo], **options: Any):
+    def __init__(self, clients: Sequence[ClientInfo], cfg: Any):
         self.clients = {c.client_id: c for c in clients}
-        self.options = options
+        self.cfg = cfg  # the ExperimentConfig: a strategy reads its own section
+
+    def fingerprint_round(self, round_idx: int) -> bool:
+        """Whether clients upload task fingerprints before this round (Phase 1)."""
+        return False
+
+    def observe_fingerprints(self, state: Any, round_idx: int,
+                             fingerprints: dict[ClientId, Any]) -> tuple[Any, dict[str, float]]:
+        """Turn uploaded fingerprints into new server state (and metrics)."""
+        return state, {}
 
     def init(self) -> Any:
         """Initial server state."""

@@ -9,10 +9,9 @@ every client of the group, sampled or not (each write counted as a download).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-from torch import Tensor
+from typing import Any
 
 from atlasfl.client import HEAD_PREFIX
 from atlasfl.phases.aggregation import weighted_average
@@ -38,6 +37,36 @@ def _shape_key(group: str, shape: tuple[int, ...]) -> str:
     return f"{group}/head{'x'.join(map(str, shape))}"
 
 
+def aggregate_groups(models: GroupModels, clients: dict[ClientId, ClientInfo],
+                     updates: Sequence[ClientUpdate], group_of: Callable[[ClientInfo], str]
+                     ) -> tuple[GroupModels, dict[ClientId, AdapterState]]:
+    """FedAvg within groups: adapters per group, heads per (group, head shape).
+
+    Returns the new models and, for every client of a group that trained this round, the
+    tensors to write back into its model.
+    """
+    by_group: dict[str, list[ClientUpdate]] = defaultdict(list)
+    for update in updates:
+        by_group[group_of(clients[update.client_id])].append(update)
+    adapters, heads = dict(models.adapters), dict(models.heads)
+    for group, members in by_group.items():
+        parts = [_split(u.state) for u in members]
+        adapters[group] = weighted_average([a for a, _ in parts], [u.num_examples for u in members])
+        by_shape: dict[str, list[tuple[AdapterState, int]]] = defaultdict(list)
+        for u, (_, head) in zip(members, parts, strict=True):
+            by_shape[_shape_key(group, clients[u.client_id].head_shape)].append(
+                (head, u.num_examples))
+        for key, items in by_shape.items():
+            heads[key] = weighted_average([h for h, _ in items], [n for _, n in items])
+    writes: dict[ClientId, AdapterState] = {}
+    for cid, info in clients.items():
+        group = group_of(info)
+        if group not in by_group:
+            continue  # nobody of this group trained this round: nothing new to send
+        writes[cid] = {**adapters[group], **heads.get(_shape_key(group, info.head_shape), {})}
+    return GroupModels(adapters, heads), writes
+
+
 @register
 class FedAvg(Strategy):
     """Example-weighted averaging within groups; here a single group of all clients."""
@@ -51,30 +80,9 @@ class FedAvg(Strategy):
     def init(self) -> GroupModels:  # noqa: D102
         return GroupModels()
 
-    def aggregate_round(self, state: GroupModels, round_idx: int,
-                        updates: Sequence[ClientUpdate]) -> RoundOutcome:
-        """Average adapters per group and heads per (group, head shape); write back to all."""
-        by_group: dict[str, list[ClientUpdate]] = defaultdict(list)
-        for update in updates:
-            by_group[self.group_of(self.clients[update.client_id])].append(update)
-        adapters, heads = dict(state.adapters), dict(state.heads)
-        for group, members in by_group.items():
-            parts = [_split(u.state) for u in members]
-            adapters[group] = weighted_average([a for a, _ in parts],
-                                               [u.num_examples for u in members])
-            by_shape: dict[str, list[tuple[AdapterState, int]]] = defaultdict(list)
-            for u, (_, head) in zip(members, parts, strict=True):
-                shape = self.clients[u.client_id].head_shape
-                by_shape[_shape_key(group, shape)].append((head, u.num_examples))
-            for key, items in by_shape.items():
-                heads[key] = weighted_average([h for h, _ in items], [n for _, n in items])
-        writes: dict[ClientId, dict[str, Tensor]] = {}
-        for cid, info in self.clients.items():
-            group = self.group_of(info)
-            if group not in by_group:
-                continue  # nobody of this group trained this round: nothing new to send
-            write = dict(adapters[group])
-            write.update(heads.get(_shape_key(group, info.head_shape), {}))
-            writes[cid] = write
-        metrics = {"groups": float(len(by_group))}
-        return RoundOutcome(GroupModels(adapters, heads), writes, metrics)
+    def aggregate_round(self, state: Any, round_idx: int, updates: Sequence[ClientUpdate]
+                        ) -> RoundOutcome:
+        """Average adapters per group and heads per (group, head shape); write back."""
+        models, writes = aggregate_groups(state, self.clients, updates, self.group_of)
+        groups = {self.group_of(self.clients[u.client_id]) for u in updates}
+        return RoundOutcome(models, writes, {"groups": float(len(groups))})

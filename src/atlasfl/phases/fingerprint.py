@@ -1,0 +1,165 @@
+"""Phase 1, client side: a gradient fingerprint of the client's task.
+
+After MIRA (Elbakary et al., "MIRA: A Method of Federated MultI-Task Learning for LaRge
+LAnguage Models", arXiv:2410.15524) and the gradient-based task similarity of clustered FL
+(Sattler et al., "Clustered Federated Learning", arXiv:1910.01991): from the common seeded
+initial adapter and head, in eval mode, each client computes the gradient of its loss over a
+few examples for parameters of the last L transformer blocks, normalises each tensor, and
+uploads only a seeded Johnson-Lindenstrauss projection to ``dim`` dimensions (the same random
+matrix on every client, generated from the shared seed, never sent).
+
+Parameters (``params``):
+- ``lora``: the LoRA B factors of the target modules. With B initialised to zero the gradient of
+  A is zero, but grad B = G A^T where G is the gradient of the frozen weight: a random sketch of
+  G through the shared seeded A, computed by the backward pass LoRA training runs anyway.
+- ``weights``: the frozen base weights of the target modules in those blocks (G itself).
+
+Optional privacy: with ``epsilon`` set, every example's projected gradient is clipped to norm
+``clip``, the clipped vectors are averaged, and Gaussian noise is added with the standard
+Gaussian mechanism (Dwork & Roth 2014, Thm A.1): sigma = Delta * sqrt(2 ln(1.25/delta)) / epsilon
+with replace-one sensitivity Delta = 2 * clip / n, i.e. (epsilon, delta) example-level
+differential privacy of the released fingerprint.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from atlasfl.errors import AtlasError
+
+PARAM_SETS = ("lora", "weights")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a client uploads (``vector``) and what it knows about it."""
+
+    vector: np.ndarray  # (dim,) float32
+    num_samples: int
+    blocks: tuple[int, ...]
+    num_params: int  # gradient coordinates before projection
+    noise_std: float  # 0.0 without privacy
+    epsilon: float | None
+    delta: float | None
+
+
+def transformer_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The module list holding the model's transformer blocks, found by its length.
+
+    Works for every architecture without naming it: BERT ``encoder.layer``, DistilBERT
+    ``transformer.layer``, GPT-2 ``h``, Llama/Qwen ``layers``.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise AtlasError(f"no list of {num_layers} transformer blocks found in the model")
+
+
+def select_blocks(num_layers: int, last: int) -> tuple[int, ...]:
+    """Indices of the last ``last`` blocks (all of them when ``last`` >= num_layers)."""
+    if last < 1:
+        raise AtlasError(f"clustering.layers = {last} is invalid; allowed: an integer >= 1")
+    return tuple(range(max(0, num_layers - last), num_layers))
+
+
+def fingerprint_parameters(model: nn.Module, num_layers: int, blocks: Iterable[int], *,
+                           params: str) -> dict[str, nn.Parameter]:
+    """The parameters whose gradient forms the fingerprint, by name, in a fixed order."""
+    if params not in PARAM_SETS:
+        raise AtlasError(f"clustering.params = {params!r} is invalid; allowed: "
+                         f"{', '.join(PARAM_SETS)}")
+    module_list = transformer_blocks(model, num_layers)
+    out: dict[str, nn.Parameter] = {}
+    for i in blocks:
+        for name, module in module_list[i].named_modules():
+            if not hasattr(module, "lora_B") or "default" not in module.lora_B:
+                continue
+            if params == "lora":
+                out[f"{i}.{name}.lora_B"] = module.lora_B["default"].weight
+            else:
+                out[f"{i}.{name}.weight"] = module.base_layer.weight
+    if not out:
+        raise AtlasError(f"no {params} parameters in blocks {list(blocks)}: is LoRA injected?")
+    return out
+
+
+def _projection_block(seed: int, name: str, dim: int, numel: int) -> Tensor:
+    """Columns of the shared JL matrix for one tensor: N(0, 1/dim), seeded by (seed, name)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+    return torch.randn(dim, numel, generator=gen) / math.sqrt(dim)  # (dim, numel)
+
+
+def project(grads: dict[str, Tensor], *, dim: int, seed: int) -> Tensor:
+    """Normalise each tensor to unit norm, concatenate, and project to ``dim`` (JL)."""
+    out = torch.zeros(dim, dtype=torch.float64)
+    for name, grad in grads.items():
+        flat = grad.detach().reshape(-1).double().cpu()
+        norm = flat.norm()
+        if norm > 0:
+            flat = flat / norm
+        out += _projection_block(seed, name, dim, flat.numel()).double() @ flat
+    return out
+
+
+def gaussian_sigma(*, epsilon: float, delta: float, clip: float, num_samples: int) -> float:
+    """Noise std of the Gaussian mechanism for a mean of ``num_samples`` clipped vectors."""
+    if epsilon <= 0 or not 0 < delta < 1 or clip <= 0 or num_samples < 1:
+        raise AtlasError(f"privacy settings invalid: epsilon={epsilon} (> 0), delta={delta} "
+                         f"(0 < delta < 1), clip={clip} (> 0)")
+    sensitivity = 2.0 * clip / num_samples
+    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
+
+
+def compute_fingerprint(loss_fn, batches: list, params: dict[str, nn.Parameter], *, dim: int,
+                        seed: int, blocks: tuple[int, ...], epsilon: float | None = None,
+                        delta: float = 1e-5, clip: float = 1.0,
+                        generator: torch.Generator | None = None) -> Fingerprint:
+    """Fingerprint of one client.
+
+    Args:
+        loss_fn: ``batch -> mean loss`` of the client's model in eval mode (no dropout).
+        batches: the client's fingerprint examples, batched.
+        params: tensors to differentiate (``fingerprint_parameters``); they must require grad.
+        dim: projected dimension.
+        seed: the shared projection seed (identical on every client).
+        blocks: which blocks the parameters belong to (for the record).
+        epsilon: privacy budget; None for no noise.
+        delta: privacy delta.
+        clip: per-example norm bound of the projected gradient (privacy only).
+        generator: randomness of the privacy noise.
+    """
+    names, tensors = list(params), list(params.values())
+    num = sum(len(b["labels"]) for b in batches)
+    if num == 0:
+        raise AtlasError("a client needs at least one example to compute a fingerprint")
+    if epsilon is None:
+        total = [torch.zeros_like(t) for t in tensors]
+        for batch in batches:
+            grads = torch.autograd.grad(loss_fn(batch), tensors)
+            for acc, g in zip(total, grads, strict=True):
+                acc += g * (len(batch["labels"]) / num)
+        vector = project(dict(zip(names, total, strict=True)), dim=dim, seed=seed)
+        vector = vector / vector.norm().clamp_min(1e-12)
+        sigma = 0.0
+    else:
+        # example-level privacy: each example's projected gradient is clipped on its own
+        vector = torch.zeros(dim, dtype=torch.float64)
+        for batch in batches:
+            for i in range(len(batch["labels"])):
+                one = {k: v[i : i + 1] for k, v in batch.items()}
+                grads = torch.autograd.grad(loss_fn(one), tensors)
+                y = project(dict(zip(names, grads, strict=True)), dim=dim, seed=seed)
+                y = y / y.norm().clamp_min(1e-12)  # unit norm, so clip >= 1 keeps it whole
+                vector += y * min(1.0, clip / float(y.norm())) / num
+        sigma = gaussian_sigma(epsilon=epsilon, delta=delta, clip=clip, num_samples=num)
+        noise = torch.randn(dim, generator=generator, dtype=torch.float64)
+        vector = vector + sigma * noise
+    return Fingerprint(vector.float().numpy(), num, blocks, sum(t.numel() for t in tensors),
+                       sigma, epsilon, delta if epsilon is not None else None)

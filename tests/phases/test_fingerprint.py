@@ -1,0 +1,70 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from atlasfl.engine import CommLedger, build_experiment
+from atlasfl.engine.executor import make_executor
+from atlasfl.phases.fingerprint import (
+    _projection_block,
+    compute_fingerprint,
+    fingerprint_parameters,
+    gaussian_sigma,
+    select_blocks,
+    transformer_blocks,
+)
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("params", ["lora", "weights"])
+def test_layers_chosen_by_index_and_gradients_collected(tiny_cfg, model, params):
+    cfg = tiny_cfg(method="fedavg-cluster", **{"model.name": model, "clustering.params": params,
+                                               "clustering.layers": 1, "clustering.dim": 32,
+                                               "clustering.samples": 8})
+    exp = build_experiment(cfg)
+    num_layers = exp.backbone.num_layers
+    assert len(transformer_blocks(exp.model, num_layers)) == num_layers
+    blocks = select_blocks(num_layers, 1)
+    assert blocks == (num_layers - 1,)
+    names = fingerprint_parameters(exp.model, num_layers, blocks, params=params)
+    assert names and all(n.startswith(f"{num_layers - 1}.") for n in names)
+    ledger = CommLedger()
+    executor = make_executor(exp, ledger)
+    vectors = [executor.fingerprint(1, cid, cfg.clustering, exp)[0] for cid in exp.clients]
+    for v in vectors:
+        assert v.shape == (32,) and np.isfinite(v).all()
+        assert np.linalg.norm(v) == pytest.approx(1.0, rel=1e-4)  # a gradient was collected
+    assert not np.allclose(vectors[0], vectors[-1])  # different tasks, different fingerprints
+    assert ledger.get(1, 0, "up") == 32 * 4  # only the projected vector is uploaded
+    assert all(not p.requires_grad for n, p in exp.model.named_parameters() if "lora_" not in n)
+
+
+def test_projection_is_identical_across_clients_with_the_same_seed():
+    a = _projection_block(7, "0.attention.query.lora_B", 16, 100)
+    b = _projection_block(7, "0.attention.query.lora_B", 16, 100)
+    c = _projection_block(8, "0.attention.query.lora_B", 16, 100)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.std().item() == pytest.approx(1 / math.sqrt(16), rel=0.1)
+
+
+def test_dp_noise_scale_matches_the_gaussian_mechanism():
+    sigma = gaussian_sigma(epsilon=8.0, delta=1e-5, clip=1.0, num_samples=64)
+    assert sigma == pytest.approx((2 * 1.0 / 64) * math.sqrt(2 * math.log(1.25 / 1e-5)) / 8.0)
+    # a toy client whose per-example gradients are its inputs: d loss / d w = x_i
+    w = torch.nn.Parameter(torch.zeros(5))
+    batch = {"x": torch.randn(4, 5, generator=torch.Generator().manual_seed(0)),
+             "labels": torch.zeros(4)}
+
+    def loss_fn(b):
+        return (b["x"] * w).sum()
+
+    draws = np.stack([
+        compute_fingerprint(loss_fn, [batch], {"w": w}, dim=64, seed=1, blocks=(0,),
+                            epsilon=2.0, delta=1e-5, clip=0.5,
+                            generator=torch.Generator().manual_seed(i)).vector
+        for i in range(300)])
+    expected = gaussian_sigma(epsilon=2.0, delta=1e-5, clip=0.5, num_samples=4)
+    assert draws.std(axis=0).mean() == pytest.approx(expected, rel=0.05)
+    signal = draws.mean(axis=0)  # mean of the 4 clipped unit vectors: norm <= clip
+    assert np.linalg.norm(signal) <= 0.5 + 4 * expected / np.sqrt(300) * 8
