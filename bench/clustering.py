@@ -32,9 +32,9 @@ SETTINGS = {
     "4 tasks, DP eps 8": {"data.tasks": FOUR, "clustering.epsilon": 8.0},
 }
 ABLATION = {
-    f"params {p}, last {n} block(s)": {"data.tasks": FOUR, "clustering.params": p,
-                                       "clustering.layers": n}
-    for p in ("lora", "weights") for n in (1, 2, 6)
+    f"{s} {p}, last {n}": {"data.tasks": FOUR, "clustering.params": p,
+                           "clustering.layers": n, "clustering.statistic": s}
+    for s in ("fisher", "gradient") for p in ("lora", "weights") for n in (1, 2, 6)
 }
 
 

@@ -103,6 +103,7 @@ class ClusteringConfig:
     batch_size: int = 16
     layers: int = 2  # the last L transformer blocks
     params: str = "lora"  # lora (B factors) | weights (frozen target weights)
+    statistic: str = "fisher"  # fisher (squared per-example gradients) | gradient (mean)
     dim: int = 256  # projected dimension (the upload is dim x 4 bytes)
     method: str = "kmeans"  # kmeans | spectral
     k: int = 0  # 0: choose k; > 0: fixed
@@ -354,6 +355,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(c.batch_size >= 1, "clustering.batch_size", c.batch_size, "an integer >= 1")
     _check(c.layers >= 1, "clustering.layers", c.layers, "an integer >= 1")
     _check(c.params in ("lora", "weights"), "clustering.params", c.params, "lora, weights")
+    _check(c.statistic in ("fisher", "gradient"), "clustering.statistic", c.statistic,
+           "fisher, gradient")
     _check(c.dim >= 2, "clustering.dim", c.dim, "an integer >= 2")
     _check(c.method in ("kmeans", "spectral"), "clustering.method", c.method,
            "kmeans, spectral")

@@ -41,7 +41,8 @@ def _assert_same_tensors(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("method", ["local", "fedavg", "fedavg-task", "centralized"])
+@pytest.mark.parametrize("method", ["local", "fedavg", "fedavg-task", "fedavg-cluster",
+                                    "centralized"])
 def test_six_rounds_equal_three_plus_resumed_three(tiny_cfg, tmp_path, method):
     cfg = tiny_cfg(method=method, out=str(tmp_path), **{"federation.rounds": 6,
                                                       "federation.fraction": 0.75,

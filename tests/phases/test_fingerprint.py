@@ -9,7 +9,8 @@ from atlasfl.engine.executor import make_executor
 from atlasfl.phases.fingerprint import (
     _projection_block,
     compute_fingerprint,
-    fingerprint_parameters,
+    fingerprint_modules,
+    per_example_grads,
     gaussian_sigma,
     select_blocks,
     transformer_blocks,
@@ -27,7 +28,7 @@ def test_layers_chosen_by_index_and_gradients_collected(tiny_cfg, model, params)
     assert len(transformer_blocks(exp.model, num_layers)) == num_layers
     blocks = select_blocks(num_layers, 1)
     assert blocks == (num_layers - 1,)
-    names = fingerprint_parameters(exp.model, num_layers, blocks, params=params)
+    names = fingerprint_modules(exp.model, num_layers, blocks, params=params)
     assert names and all(n.startswith(f"{num_layers - 1}.") for n in names)
     ledger = CommLedger()
     executor = make_executor(exp, ledger)
@@ -51,20 +52,54 @@ def test_projection_is_identical_across_clients_with_the_same_seed():
 def test_dp_noise_scale_matches_the_gaussian_mechanism():
     sigma = gaussian_sigma(epsilon=8.0, delta=1e-5, clip=1.0, num_samples=64)
     assert sigma == pytest.approx((2 * 1.0 / 64) * math.sqrt(2 * math.log(1.25 / 1e-5)) / 8.0)
-    # a toy client whose per-example gradients are its inputs: d loss / d w = x_i
-    w = torch.nn.Parameter(torch.zeros(5))
+    # a toy client: one linear layer, loss = mean of its outputs
+    layer = torch.nn.Linear(5, 1, bias=False)
     batch = {"x": torch.randn(4, 5, generator=torch.Generator().manual_seed(0)),
              "labels": torch.zeros(4)}
 
     def loss_fn(b):
-        return (b["x"] * w).sum()
+        return layer(b["x"]).mean()
 
     draws = np.stack([
-        compute_fingerprint(loss_fn, [batch], {"w": w}, dim=64, seed=1, blocks=(0,),
+        compute_fingerprint(loss_fn, [batch], {"w": layer}, dim=64, seed=1, blocks=(0,),
                             epsilon=2.0, delta=1e-5, clip=0.5,
                             generator=torch.Generator().manual_seed(i)).vector
         for i in range(300)])
     expected = gaussian_sigma(epsilon=2.0, delta=1e-5, clip=0.5, num_samples=4)
     assert draws.std(axis=0).mean() == pytest.approx(expected, rel=0.05)
     signal = draws.mean(axis=0)  # mean of the 4 clipped unit vectors: norm <= clip
-    assert np.linalg.norm(signal) <= 0.5 + 4 * expected / np.sqrt(300) * 8
+    assert np.linalg.norm(signal) <= 0.5 + 8 * expected / np.sqrt(300) * 8
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2"])
+@pytest.mark.parametrize("params", ["lora", "weights"])
+def test_batched_per_example_grads_equal_one_by_one(tiny_cfg, model, params):
+    from atlasfl.client import forward_logits, task_loss
+
+    exp = build_experiment(tiny_cfg(**{"model.name": model}))
+    client = exp.clients[0]
+    exp.binder.bind(client.adapter)
+    exp.model.eval()
+    client.head.eval()
+    with torch.no_grad():  # make B non-zero so LoRA A matters too
+        for p in client.adapter.values():
+            p.add_(0.1 * torch.randn_like(p))
+    modules = fingerprint_modules(exp.model, exp.backbone.num_layers, (1,), params=params)
+    for m in modules.values():
+        m.weight.requires_grad_(True)
+    batch = client.train_set.collate(list(range(5)))
+
+    def loss_fn(b):
+        return task_loss(forward_logits(exp.model, client.head, b), b["labels"], False)
+
+    batched = per_example_grads(loss_fn, batch, modules)
+    for i in range(5):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        one = {k: v[:, : int(one["attention_mask"].sum())] if v.dim() == 2 and k != "labels"
+               else v for k, v in one.items()}  # unpadded: padding must not change anything
+        grads = torch.autograd.grad(loss_fn(one), [m.weight for m in modules.values()])
+        for name, g in zip(modules, grads, strict=True):
+            torch.testing.assert_close(batched[name][i], g, rtol=1e-4, atol=1e-6)
+    for m in modules.values():
+        if params == "weights":
+            m.weight.requires_grad_(False)

@@ -79,3 +79,27 @@ def test_centralized_pools_each_task_into_one_trainer(tiny_cfg):
         parts = [c for c in fed.clients.values() if c.task.name == task]
         assert len(pooled) == 1
         assert pooled[0].num_examples == sum(c.num_examples for c in parts)
+
+
+def test_fedavg_cluster_averages_within_found_clusters_only(tiny_cfg):
+    cfg = tiny_cfg(method="fedavg-cluster", **{"clustering.k": 2, "clustering.samples": 8,
+                                               "clustering.dim": 32})
+    exp = build_experiment(cfg)
+    seen = _recording(exp)
+    summary = run_experiment(exp).summary
+    rows = summary["clients"]
+    assert all(r["server_k"] == 2.0 for r in rows)
+    assert all(r["bytes_up"] >= 32 * 4 for r in rows)  # fingerprint counted in the upload
+    (updates,) = seen
+    # recover the assignment the strategy used from its write-backs: same adapter = same cluster
+    states = {cid: c.state() for cid, c in exp.clients.items()}
+    key = next(k for k in states[0] if "lora_B" in k)
+    groups: dict = {}
+    for cid, st in states.items():
+        groups.setdefault(tuple(st[key].flatten()[:4].tolist()), []).append(cid)
+    assert len(groups) == 2
+    for members in groups.values():
+        expected = _mean([u for u in updates if u[0] in members])
+        for cid in members:
+            torch.testing.assert_close(states[cid][key].double(), expected[key], rtol=1e-5,
+                                       atol=1e-6)

@@ -21,7 +21,7 @@ from atlasfl.engine.setup import Experiment
 from atlasfl.models.lora import AdapterBinder
 from atlasfl.phases.fingerprint import (
     compute_fingerprint,
-    fingerprint_parameters,
+    fingerprint_modules,
     select_blocks,
 )
 from atlasfl.strategies.base import ClientUpdate, TrainPlan
@@ -83,8 +83,8 @@ class InProcessExecutor:
         self.model.eval()
         num_layers = exp.backbone.num_layers
         blocks = select_blocks(num_layers, settings.layers)
-        params = fingerprint_parameters(self.model, num_layers, blocks, params=settings.params)
-        frozen = [p for p in params.values() if not p.requires_grad]
+        modules = fingerprint_modules(self.model, num_layers, blocks, params=settings.params)
+        frozen = [m.weight for m in modules.values() if not m.weight.requires_grad]
         for p in frozen:  # frozen base weights: differentiate them for this pass only
             p.requires_grad_(True)
         seed = client_seed(self.seed, round_idx, client_id)
@@ -99,8 +99,9 @@ class InProcessExecutor:
             return task_loss(logits, batch["labels"], client.task.is_regression)
 
         try:
-            fp = compute_fingerprint(loss_fn, batches, params, dim=settings.dim, seed=self.seed,
-                                     blocks=blocks, epsilon=settings.epsilon or None,
+            fp = compute_fingerprint(loss_fn, batches, modules, dim=settings.dim, seed=self.seed,
+                                     blocks=blocks, statistic=settings.statistic,
+                                     epsilon=settings.epsilon or None,
                                      delta=settings.delta, clip=settings.clip, generator=gen)
         finally:
             for p in frozen:

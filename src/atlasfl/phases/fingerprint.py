@@ -14,6 +14,11 @@ Parameters (``params``):
   G through the shared seeded A, computed by the backward pass LoRA training runs anyway.
 - ``weights``: the frozen base weights of the target modules in those blocks (G itself).
 
+Statistic (``statistic``): ``fisher`` averages the squared per-example gradients — the diagonal
+empirical Fisher information, as Task2Vec embeds tasks (Achille et al., arXiv:1902.03545); it is
+sign-free, so it reflects which weights the task's inputs drive. ``gradient`` is the mean gradient,
+whose sign follows the labels through the shared random head.
+
 Optional privacy: with ``epsilon`` set, every example's projected gradient is clipped to norm
 ``clip``, the clipped vectors are averaged, and Gaussian noise is added with the standard
 Gaussian mechanism (Dwork & Roth 2014, Thm A.1): sigma = Delta * sqrt(2 ln(1.25/delta)) / epsilon
@@ -23,6 +28,7 @@ differential privacy of the released fingerprint.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Iterable
@@ -35,6 +41,7 @@ from torch import Tensor, nn
 from atlasfl.errors import AtlasError
 
 PARAM_SETS = ("lora", "weights")
+STATISTICS = ("fisher", "gradient")
 
 
 @dataclass(frozen=True)
@@ -69,27 +76,67 @@ def select_blocks(num_layers: int, last: int) -> tuple[int, ...]:
     return tuple(range(max(0, num_layers - last), num_layers))
 
 
-def fingerprint_parameters(model: nn.Module, num_layers: int, blocks: Iterable[int], *,
-                           params: str) -> dict[str, nn.Parameter]:
-    """The parameters whose gradient forms the fingerprint, by name, in a fixed order."""
+def fingerprint_modules(model: nn.Module, num_layers: int, blocks: Iterable[int], *,
+                        params: str) -> dict[str, nn.Module]:
+    """The layers whose weight gradient forms the fingerprint, by name, in a fixed order."""
     if params not in PARAM_SETS:
         raise AtlasError(f"clustering.params = {params!r} is invalid; allowed: "
                          f"{', '.join(PARAM_SETS)}")
     module_list = transformer_blocks(model, num_layers)
-    out: dict[str, nn.Parameter] = {}
+    out: dict[str, nn.Module] = {}
     for i in blocks:
         for name, module in module_list[i].named_modules():
             if not hasattr(module, "lora_B") or "default" not in module.lora_B:
                 continue
             if params == "lora":
-                out[f"{i}.{name}.lora_B"] = module.lora_B["default"].weight
+                out[f"{i}.{name}.lora_B"] = module.lora_B["default"]
             else:
-                out[f"{i}.{name}.weight"] = module.base_layer.weight
+                out[f"{i}.{name}.weight"] = module.base_layer
     if not out:
         raise AtlasError(f"no {params} parameters in blocks {list(blocks)}: is LoRA injected?")
     return out
 
 
+def per_example_grads(loss_fn, batch: dict[str, Tensor], modules: dict[str, nn.Module]
+                      ) -> dict[str, Tensor]:
+    """Weight gradient of every example of a batch, for linear layers, in one backward pass.
+
+    A linear layer's weight gradient is a sum over examples and tokens of (output grad) x
+    (input); hooks keep both per example (the trick of Goodfellow, arXiv:1510.01799, used by
+    Opacus), so no example-by-example loop is needed. Padded positions get zero output grads.
+    Shapes: (batch, *weight.shape).
+    """
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+    handles = []
+
+    def hook(name):
+        def forward_hook(module, args, output):
+            inputs[name] = args[0].detach()
+            output.register_hook(lambda grad: outputs.__setitem__(name, grad.detach()))
+        return forward_hook
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_hook(hook(name)))
+    try:
+        loss = loss_fn(batch) * len(batch["labels"])  # a sum over examples, not a mean
+        torch.autograd.grad(loss, [m.weight for m in modules.values()])
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for name, module in modules.items():
+        x, g = inputs[name].float(), outputs[name].float()  # (B, T, in), (B, T, out)
+        if x.dim() == 2:  # pooled inputs: one position per example
+            x, g = x[:, None], g[:, None]
+        if not isinstance(module, nn.Linear):  # GPT-2's Conv1D stores its weight as (in, out)
+            out[name] = torch.einsum("bti,bto->bio", x, g)
+        else:  # nn.Linear: (out, in)
+            out[name] = torch.einsum("bto,bti->boi", g, x)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
 def _projection_block(seed: int, name: str, dim: int, numel: int) -> Tensor:
     """Columns of the shared JL matrix for one tensor: N(0, 1/dim), seeded by (seed, name)."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
@@ -117,49 +164,57 @@ def gaussian_sigma(*, epsilon: float, delta: float, clip: float, num_samples: in
     return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
 
 
-def compute_fingerprint(loss_fn, batches: list, params: dict[str, nn.Parameter], *, dim: int,
-                        seed: int, blocks: tuple[int, ...], epsilon: float | None = None,
-                        delta: float = 1e-5, clip: float = 1.0,
+def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *, dim: int,
+                        seed: int, blocks: tuple[int, ...], statistic: str = "fisher",
+                        epsilon: float | None = None, delta: float = 1e-5, clip: float = 1.0,
                         generator: torch.Generator | None = None) -> Fingerprint:
     """Fingerprint of one client.
 
     Args:
         loss_fn: ``batch -> mean loss`` of the client's model in eval mode (no dropout).
         batches: the client's fingerprint examples, batched.
-        params: tensors to differentiate (``fingerprint_parameters``); they must require grad.
+        modules: linear layers whose weight gradient is used (``fingerprint_modules``); their
+            weights must require grad.
         dim: projected dimension.
         seed: the shared projection seed (identical on every client).
-        blocks: which blocks the parameters belong to (for the record).
+        blocks: which blocks the layers belong to (for the record).
+        statistic: "fisher" (mean of squared per-example gradients) or "gradient" (mean
+            gradient).
         epsilon: privacy budget; None for no noise.
         delta: privacy delta.
-        clip: per-example norm bound of the projected gradient (privacy only).
+        clip: per-example norm bound of the projected statistic (privacy only).
         generator: randomness of the privacy noise.
     """
-    names, tensors = list(params), list(params.values())
+    if statistic not in STATISTICS:
+        raise AtlasError(f"clustering.statistic = {statistic!r} is invalid; allowed: "
+                         f"{', '.join(STATISTICS)}")
     num = sum(len(b["labels"]) for b in batches)
     if num == 0:
         raise AtlasError("a client needs at least one example to compute a fingerprint")
+    names = list(modules)
+    total = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in modules.items()}
+    private = torch.zeros(dim, dtype=torch.float64)
+    for batch in batches:
+        grads = per_example_grads(loss_fn, batch, modules)  # name -> (B, *shape)
+        if statistic == "fisher":
+            grads = {k: g * g for k, g in grads.items()}
+        if epsilon is None:
+            for name in names:
+                total[name] += grads[name].sum(0) / num
+            continue
+        # example-level privacy: each example's projected statistic is clipped on its own
+        for i in range(len(batch["labels"])):
+            y = project({name: grads[name][i] for name in names}, dim=dim, seed=seed)
+            y = y / y.norm().clamp_min(1e-12)  # unit norm, so clip >= 1 keeps it whole
+            private += y * min(1.0, clip / float(y.norm())) / num
     if epsilon is None:
-        total = [torch.zeros_like(t) for t in tensors]
-        for batch in batches:
-            grads = torch.autograd.grad(loss_fn(batch), tensors)
-            for acc, g in zip(total, grads, strict=True):
-                acc += g * (len(batch["labels"]) / num)
-        vector = project(dict(zip(names, total, strict=True)), dim=dim, seed=seed)
-        vector = vector / vector.norm().clamp_min(1e-12)
         sigma = 0.0
+        vector = project(total, dim=dim, seed=seed)
+        vector = vector / vector.norm().clamp_min(1e-12)
     else:
-        # example-level privacy: each example's projected gradient is clipped on its own
-        vector = torch.zeros(dim, dtype=torch.float64)
-        for batch in batches:
-            for i in range(len(batch["labels"])):
-                one = {k: v[i : i + 1] for k, v in batch.items()}
-                grads = torch.autograd.grad(loss_fn(one), tensors)
-                y = project(dict(zip(names, grads, strict=True)), dim=dim, seed=seed)
-                y = y / y.norm().clamp_min(1e-12)  # unit norm, so clip >= 1 keeps it whole
-                vector += y * min(1.0, clip / float(y.norm())) / num
         sigma = gaussian_sigma(epsilon=epsilon, delta=delta, clip=clip, num_samples=num)
         noise = torch.randn(dim, generator=generator, dtype=torch.float64)
-        vector = vector + sigma * noise
-    return Fingerprint(vector.float().numpy(), num, blocks, sum(t.numel() for t in tensors),
-                       sigma, epsilon, delta if epsilon is not None else None)
+        vector = private + sigma * noise
+    return Fingerprint(vector.float().numpy(), num, blocks,
+                       sum(m.weight.numel() for m in modules.values()), sigma, epsilon,
+                       delta if epsilon is not None else None)
