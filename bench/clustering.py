@@ -1,7 +1,7 @@
 """Phase 1 on real data: how well do gradient fingerprints recover the clients' tasks?
 
 For each setting and seed: all-MiniLM-L6-v2, 3 clients per task with 200 examples each,
-fingerprints from the common initial adapter (64 examples, the last L blocks, projected to 256),
+fingerprints from the common initial adapter (128 examples, the last 3 blocks, projected to 256),
 clustered with k chosen automatically. Prints ARI / NMI / purity against the true tasks, the
 chosen k, the upload per client and the phase wall time (clients + server, one process), with
 process_time / wall so a loaded machine shows.
@@ -57,19 +57,23 @@ def run_one(overrides: dict, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", choices=["settings", "ablation", "all"], default="settings")
+    parser.add_argument("--only", choices=["settings", "ablation", "all", "four"],
+                        default="settings")
     parser.add_argument("--out", help="append JSON lines here")
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=JSON value")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    table = {"settings": SETTINGS, "ablation": ABLATION, "all": {**SETTINGS, **ABLATION}}
+    table = {"settings": SETTINGS, "ablation": ABLATION, "all": {**SETTINGS, **ABLATION},
+             "four": {"4 tasks, iid": SETTINGS["4 tasks, iid"]}}
     print(f"{'setting':<30}{'seed':>5}{'k':>4}{'ARI':>7}{'NMI':>7}{'purity':>8}{'bytes':>7}"
           f"{'phase s':>9}{'cpu/wall':>9}")
+    extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     for name, overrides in table[args.only].items():
         rows = []
         for seed in args.seeds:
-            row = run_one(overrides, seed)
+            row = run_one({**overrides, **extra}, seed)
             rows.append(row)
             print(f"{name:<30}{seed:>5}{row['k']:>4}{row['ari']:>7.3f}{row['nmi']:>7.3f}"
                   f"{row['purity']:>8.3f}{row['upload_bytes_per_client']:>7}"

@@ -113,12 +113,14 @@ def _autocast(device: torch.device, precision: str):
 
 
 def forward_logits(model: nn.Module, head: ClassificationHead, batch: dict[str, Tensor]) -> Tensor:
+    """Logits of a batch through the shared backbone (as currently bound) and a head."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = model(**inputs).last_hidden_state  # (B, T, H)
     return head(hidden, batch["attention_mask"]).float()  # (B, num_labels)
 
 
 def task_loss(logits: Tensor, labels: Tensor, regression: bool) -> Tensor:
+    """Cross-entropy for classification, mean squared error for regression."""
     if regression:
         return F.mse_loss(logits.squeeze(-1), labels.float())
     return F.cross_entropy(logits, labels)

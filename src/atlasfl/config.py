@@ -99,9 +99,9 @@ class FederationConfig:
 class ClusteringConfig:
     """Phase 1: gradient fingerprints and task clustering (``fedavg-cluster``, ``atlas``)."""
 
-    samples: int = 64  # examples per client in its fingerprint
+    samples: int = 128  # examples per client in its fingerprint
     batch_size: int = 16
-    layers: int = 2  # the last L transformer blocks
+    layers: int = 3  # the last L transformer blocks
     params: str = "lora"  # lora (B factors) | weights (frozen target weights)
     statistic: str = "fisher"  # fisher (squared per-example gradients) | gradient (mean)
     dim: int = 256  # projected dimension (the upload is dim x 4 bytes)
