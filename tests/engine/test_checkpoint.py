@@ -18,13 +18,12 @@ from atlasfl.engine import (
     run_experiment,
 )
 from atlasfl.engine import checkpoint as ckpt
-from atlasfl.engine.simulation import TIMING_KEYS
+from atlasfl.engine.simulation import without_timings
 from atlasfl.errors import AtlasError
 
 
 def _strip_timing(history):
-    return [[{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rnd]
-            for rnd in history]
+    return [[without_timings(row) for row in rnd] for rnd in history]
 
 
 def _client_tensors(exp):

@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from atlasfl.engine import latest_checkpoint, load_checkpoint
+from atlasfl.engine.simulation import without_timings
 
 ARGS = ["run", "--model", "tiny-bert", "--tasks", "cola", "mrpc", "--clients-per-task", "2",
         "--samples", "160", "--eval-samples", "64", "--max-length", "48", "--rounds", "8",
@@ -49,7 +50,9 @@ def reference(tmp_path_factory) -> Path:
 def _same_end(run: Path, reference: Path) -> None:
     a, b = _final_clients(run), _final_clients(reference)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    strip = lambda h: [[{k: v for k, v in r.items() if k != "seconds"} for r in x] for x in h]  # noqa: E731
+    def strip(history):
+        return [[without_timings(row) for row in rnd] for rnd in history]
+
     assert strip(load_checkpoint(run).meta["history"]) == strip(
         load_checkpoint(reference).meta["history"])
 

@@ -34,7 +34,10 @@ from atlasfl.errors import AtlasError
 from atlasfl.report.summary import summarize
 from atlasfl.types import ClientId
 
-TIMING_KEYS = ("seconds",)  # row fields that measure this machine, not the experiment
+def without_timings(row: dict[str, Any]) -> dict[str, Any]:
+    """A history row without the fields that measure this machine (``*seconds``)."""
+    return {k: v for k, v in row.items() if not k.endswith("seconds")}
+
 
 
 @dataclass
