@@ -136,11 +136,22 @@ def per_example_grads(loss_fn, batch: dict[str, Tensor], modules: dict[str, nn.M
     return out
 
 
-@functools.lru_cache(maxsize=64)
+_CACHE_LIMIT = 1 << 22  # floats (16 MiB) per cached block; larger blocks are regenerated
+
+
 def _projection_block(seed: int, name: str, dim: int, numel: int) -> Tensor:
     """Columns of the shared JL matrix for one tensor: N(0, 1/dim), seeded by (seed, name)."""
+    if dim * numel <= _CACHE_LIMIT:  # every client of a simulation reuses the same blocks
+        return _cached_block(seed, name, dim, numel)
+    return _generate_block(seed, name, dim, numel)
+
+
+def _generate_block(seed: int, name: str, dim: int, numel: int) -> Tensor:
     gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
     return torch.randn(dim, numel, generator=gen) / math.sqrt(dim)  # (dim, numel)
+
+
+_cached_block = functools.lru_cache(maxsize=256)(_generate_block)
 
 
 def project(grads: dict[str, Tensor], *, dim: int, seed: int) -> Tensor:
