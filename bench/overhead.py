@@ -20,6 +20,7 @@ from peft import get_peft_model
 
 from atlasfl.config import from_dict
 from atlasfl.engine import build_experiment, run_experiment
+from atlasfl.engine.executor import client_seed
 from atlasfl.models.head import init_head
 from atlasfl.models.lora import lora_config
 from atlasfl.models.registry import load_backbone
@@ -67,12 +68,12 @@ def time_plain(cfg, batches: list[dict[str, torch.Tensor]], num_labels: int) -> 
 
 
 def plain_batches(cfg) -> list[dict[str, torch.Tensor]]:
-    """Every client's rows, batched as the runner batches them, round after round."""
+    """Exactly the runner's batches (same rows, order and padding), round after round."""
     exp = build_experiment(cfg)
     out = []
-    for round_idx in range(cfg.federation.rounds):
+    for round_idx in range(1, cfg.federation.rounds + 1):
         for client in exp.clients.values():
-            gen = torch.Generator().manual_seed(round_idx * 1000 + client.client_id)
+            gen = torch.Generator().manual_seed(client_seed(cfg.seed, round_idx, client.client_id))
             out.extend(client.train_set.batches(cfg.train.batch_size, generator=gen))
     return out
 
