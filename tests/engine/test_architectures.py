@@ -11,7 +11,7 @@ from atlasfl.engine import build_experiment, run_experiment
 def test_fedavg_round_trains_and_evaluates_on_each_family(tiny_cfg, model, pooling):
     exp = build_experiment(tiny_cfg(**{"model.name": model, "model.pooling": "auto"}))
     assert next(iter(exp.clients.values())).head.pooling == pooling
-    init = exp.binder.initial_state()
+    init = exp.initial_adapter
     summary = run_experiment(exp).summary
     assert set(summary["tasks"]) == {"cola", "mrpc"}
     state = exp.clients[0].state()

@@ -186,6 +186,7 @@ def test_no_code_executing_loader_in_the_package():
     for path in src.rglob("*.py"):
         text = path.read_text()
         assert "import pickle" not in text, path
+        loader = "torch" + ".load("  # spelled in two parts so this test is not a hit itself
         for line in text.splitlines():
-            if "torch.load(" in line:
+            if loader in line:
                 assert "weights_only=True" in line, (path, line)

@@ -61,7 +61,7 @@ def test_every_client_holds_the_weighted_mean_of_its_group(tiny_cfg, method, gro
 
 def test_local_clients_keep_their_own_training_and_send_nothing(tiny_cfg):
     exp = build_experiment(tiny_cfg(method="local"))
-    init = exp.binder.initial_state()
+    init = exp.initial_adapter
     summary = run_experiment(exp).summary
     assert summary["bytes_up"] == 0 and summary["bytes_down"] == 0
     states = [c.state() for c in exp.clients.values()]

@@ -65,7 +65,11 @@ class AdapterBinder:
         return [f"{path}.lora_{ab}.weight" for path in self.layers for ab in "AB"]
 
     def initial_state(self) -> dict[str, Tensor]:
-        """Copies of the injected (seeded) adapter tensors: every client's starting point."""
+        """Copies of the adapter tensors the layers hold now.
+
+        Called right after injection (before any ``bind``) this is the seeded initialisation
+        every client starts from; the experiment keeps it as ``initial_adapter``.
+        """
         return {f"{p}.lora_{ab}.weight": getattr(layer, f"lora_{ab}")[ADAPTER].weight.detach()
                 .clone() for p, layer in self.layers.items() for ab in "AB"}
 
