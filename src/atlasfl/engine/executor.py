@@ -18,6 +18,7 @@ from atlasfl.data.batching import TokenizedSet
 from atlasfl.engine.channel import InProcessChannel
 from atlasfl.engine.ledger import CommLedger
 from atlasfl.engine.setup import Experiment
+from atlasfl.models.head import ClassificationHead
 from atlasfl.models.lora import AdapterBinder
 from atlasfl.phases.fingerprint import (
     compute_fingerprint,
@@ -47,10 +48,15 @@ class InProcessExecutor:
     def __init__(self, model: nn.Module, binder: AdapterBinder,
                  clients: dict[ClientId, ClientState],
                  test_sets: dict[str, TokenizedSet], cfg: TrainConfig, *, seed: int,
-                 device: torch.device, channel: InProcessChannel, upload: bool):
+                 device: torch.device, channel: InProcessChannel, upload: bool,
+                 initial_adapter: AdapterState, initial_heads: dict[int, ClassificationHead],
+                 num_layers: int):
         self.model, self.binder, self.clients = model, binder, clients
         self.test_sets, self.cfg, self.seed, self.device = test_sets, cfg, seed, device
         self.channel, self.upload = channel, upload
+        # the common starting point every fingerprint is computed from
+        self.initial_adapter, self.initial_heads = initial_adapter, initial_heads
+        self.num_layers = num_layers
         self._test_cache: dict[tuple[str, str], dict[str, float]] = {}
 
     def train(self, round_idx: int, plan: TrainPlan
@@ -69,21 +75,20 @@ class InProcessExecutor:
         state = self.channel.upload(round_idx, plan.client_id, client.state())
         return ClientUpdate(plan.client_id, state, client.num_examples), metrics
 
-    def fingerprint(self, round_idx: int, client_id: ClientId, settings: ClusteringConfig,
-                    exp: Experiment) -> tuple[np.ndarray, dict[str, float]]:
+    def fingerprint(self, round_idx: int, client_id: ClientId, settings: ClusteringConfig
+                    ) -> tuple[np.ndarray, dict[str, float]]:
         """Phase 1 on one client: its fingerprint from the common initial adapter and head.
 
         Returns the vector the server received and the client-side diagnostics.
         """
         start = time.perf_counter()
         client = self.clients[client_id]
-        initial = {k: nn.Parameter(v.detach().clone()) for k, v in exp.initial_adapter.items()}
-        head = copy.deepcopy(exp.initial_heads[client.task.num_labels]).eval()
+        initial = {k: nn.Parameter(v.detach().clone()) for k, v in self.initial_adapter.items()}
+        head = copy.deepcopy(self.initial_heads[client.task.num_labels]).eval()
         self.binder.bind(initial)
         self.model.eval()
-        num_layers = exp.backbone.num_layers
-        blocks = select_blocks(num_layers, settings.layers)
-        modules = fingerprint_modules(self.model, num_layers, blocks, params=settings.params)
+        blocks = select_blocks(self.num_layers, settings.layers)
+        modules = fingerprint_modules(self.model, self.num_layers, blocks, params=settings.params)
         frozen = [m.weight for m in modules.values() if not m.weight.requires_grad]
         for p in frozen:  # frozen base weights: differentiate them for this pass only
             p.requires_grad_(True)
@@ -145,4 +150,6 @@ def make_executor(exp: Experiment, ledger: CommLedger) -> InProcessExecutor:
     """The in-process executor of an experiment, counting transfers in ``ledger``."""
     return InProcessExecutor(exp.model, exp.binder, exp.clients, exp.test_sets, exp.cfg.train,
                              seed=exp.cfg.seed, device=exp.device,
-                             channel=InProcessChannel(ledger), upload=exp.strategy.uploads)
+                             channel=InProcessChannel(ledger), upload=exp.strategy.uploads,
+                             initial_adapter=exp.initial_adapter,
+                             initial_heads=exp.initial_heads, num_layers=exp.backbone.num_layers)

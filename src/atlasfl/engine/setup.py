@@ -6,6 +6,7 @@ is created.
 
 from __future__ import annotations
 
+import copy
 import zlib
 from dataclasses import dataclass
 
@@ -113,8 +114,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                                            ).to(device)
         for split in splits:
             cid = len(clients)
-            head = init_head(backbone.hidden_size, num_out, pooling=pooling,
-                             dropout=cfg.model.head_dropout, seed=head_seed)
+            head = copy.deepcopy(initial_heads[num_out])  # the same seeded start for all
             clients[cid] = make_client(cid, spec, adapter_init, head,
                                        tok(train.subset(split.train_idx)),
                                        tok(train.subset(split.val_idx)), cfg.train, device)

@@ -140,7 +140,7 @@ def run_fingerprint_phase(exp: Experiment, executor, strategy, state: Any, round
     start = time.perf_counter()
     fingerprints = {}
     for cid in sorted(exp.clients):
-        fingerprints[cid], diag = executor.fingerprint(round_idx, cid, exp.cfg.clustering, exp)
+        fingerprints[cid], diag = executor.fingerprint(round_idx, cid, exp.cfg.clustering)
         if rows is not None:
             rows[cid].update(diag)
             rows[cid]["seconds"] += diag["fingerprint_seconds"]

@@ -102,6 +102,7 @@ def cluster_fingerprints(fingerprints: np.ndarray, *, k: int | None = None,
     unit = _normalise(x)
     similarity = similarity_graph(unit)
     scores: dict[int, dict[str, float]] = {}
+    fits: dict[int, np.ndarray] = {}
     if k is not None:
         if not 1 <= k <= n:
             raise AtlasError(f"clustering.k = {k} is invalid for {n} clients; allowed: 1..{n}")
@@ -114,7 +115,6 @@ def cluster_fingerprints(fingerprints: np.ndarray, *, k: int | None = None,
         if lo > hi:
             raise AtlasError(f"clustering k range ({lo}, {hi}) is empty for {n} clients")
         gaps = eigengaps(similarity)
-        fits = {}
         for cand in range(lo, hi + 1):
             labels = _fit(unit, cand, method, seed, similarity)
             fits[cand] = labels
@@ -136,8 +136,10 @@ def cluster_fingerprints(fingerprints: np.ndarray, *, k: int | None = None,
         for c, r in zip(cands, ranks, strict=True):
             scores[c]["mean_rank"] = float(r / len(CRITERIA))
         chosen = min(cands, key=lambda c: (scores[c]["mean_rank"], -scores[c]["silhouette"]))
-    labels = (np.zeros(n, dtype=np.int64) if chosen == 1
-              else np.asarray(_fit(unit, chosen, method, seed, similarity), dtype=np.int64))
+    if chosen == 1:
+        labels = np.zeros(n, dtype=np.int64)
+    else:  # reuse the candidate's fit when k was chosen; fit once when k was fixed
+        labels = fits[chosen] if chosen in fits else _fit(unit, chosen, method, seed, similarity)
     _, labels = np.unique(labels, return_inverse=True)  # consecutive ids, no empty cluster
     chosen = int(labels.max()) + 1
     centroids = _normalise(np.stack([unit[labels == c].mean(0) for c in range(chosen)]))
