@@ -57,7 +57,7 @@ def run_one(overrides: dict, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", choices=["settings", "ablation", "all", "four"],
+    parser.add_argument("--only", choices=["settings", "ablation", "all", "four", "six"],
                         default="settings")
     parser.add_argument("--out", help="append JSON lines here")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=JSON value")
@@ -66,7 +66,8 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     table = {"settings": SETTINGS, "ablation": ABLATION, "all": {**SETTINGS, **ABLATION},
-             "four": {"4 tasks, iid": SETTINGS["4 tasks, iid"]}}
+             "four": {"4 tasks, iid": SETTINGS["4 tasks, iid"]},
+             "six": {"6 tasks, iid": SETTINGS["6 tasks, iid"]}}
     print(f"{'setting':<30}{'seed':>5}{'k':>4}{'ARI':>7}{'NMI':>7}{'purity':>8}{'bytes':>7}"
           f"{'phase s':>9}{'cpu/wall':>9}")
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}

@@ -64,6 +64,31 @@ class ClientState:
                                      f"{tuple(value.shape)} that does not fit its model")
                 target.copy_(value)
 
+    def replace_adapter(self, tensors: dict[str, Tensor]) -> None:
+        """Give this client a new adapter of other shapes (new ranks), with fresh AdamW moments.
+
+        The head and its optimizer state are kept; learning rates are taken from the optimizer.
+        """
+        if set(tensors) != set(self.adapter):
+            raise AtlasError(f"client {self.client_id}: new adapter names "
+                             f"{sorted(set(tensors) ^ set(self.adapter))[:3]} do not match")
+        device = next(iter(self.adapter.values())).device
+        self.adapter = {k: nn.Parameter(tensors[k].detach().clone().to(device))
+                        for k in self.adapter}
+        old = self.optimizer
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": params}
+                  for g, params in zip(old.param_groups,
+                                       [list(self.adapter.values()), list(self.head.parameters())],
+                                       strict=True)]
+        self.optimizer = type(old)(groups)
+        for p in self.head.parameters():
+            if p in old.state:
+                self.optimizer.state[p] = old.state[p]
+
+    def ranks(self) -> dict[str, int]:
+        """Rank of every module of this client's adapter."""
+        return {k.removesuffix(".lora_A.weight"): int(v.shape[0])
+                for k, v in self.adapter.items() if k.endswith(".lora_A.weight")}
 
     def checkpoint(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Everything this client carries across rounds: adapter, head and optimizer state."""
@@ -83,6 +108,9 @@ class ClientState:
 
     def restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         """Inverse of ``checkpoint``: the client continues exactly where it was saved."""
+        saved = {k: tensors[f"adapter/{k}"] for k in self.adapter}
+        if any(v.shape != self.adapter[k].shape for k, v in saved.items()):
+            self.replace_adapter(saved)  # it was saved after receiving its own ranks (Phase 2)
         with torch.no_grad():
             for key, param in self.adapter.items():
                 param.copy_(tensors[f"adapter/{key}"])

@@ -116,6 +116,40 @@ class ClusteringConfig:
 
 
 @dataclass(frozen=True)
+class DeviceProfileConfig:
+    """A user-defined device profile (``devices.custom``)."""
+
+    name: str
+    memory_gb: float  # memory a training process may use, GiB
+    compute: float = 1.0  # training throughput relative to laptop-8gb
+    uplink_mbps: float = 10.0
+    downlink_mbps: float = 50.0
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """Which device each client runs on (Phase 2). Drawn at random, seeded, never by index."""
+
+    profiles: tuple[str, ...] = ("cpu-2gb", "tablet-4gb", "laptop-8gb", "gpu-16gb")
+    assignment: tuple[str, ...] = ()  # explicit profile per client id; empty: draw from profiles
+    custom: tuple[DeviceProfileConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class RanksConfig:
+    """Phase 2: per-module LoRA ranks under each client's memory; mixed-rank aggregation."""
+
+    aggregation: str = "stack"  # zero-pad | stack | svd
+    grouping: str = "task"  # global | task | cluster
+    r_min: int = 1
+    r_max: int = 16
+    utility: str = "linear"  # linear: sum importance x rank | log: sum importance x log(rank)
+    budget: str = "parity"  # parity: <= model.lora.r's LoRA parameters | memory: memory only
+    on_infeasible: str = "error"  # error | exclude (the client trains nothing)
+    samples: int = 64  # importance examples per client when Phase 1 does not run
+
+
+@dataclass(frozen=True)
 class SessionConfig:
     """How this session runs and saves; may change between sessions of one run."""
 
@@ -139,6 +173,8 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    ranks: RanksConfig = field(default_factory=RanksConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -368,6 +404,24 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(c.epsilon >= 0, "clustering.epsilon", c.epsilon, "0 (no noise) or > 0")
     _check(0 < c.delta < 1, "clustering.delta", c.delta, "0 < delta < 1")
     _check(c.clip > 0, "clustering.clip", c.clip, "a number > 0")
+    r = cfg.ranks
+    _check(r.aggregation in ("zero-pad", "stack", "svd"), "ranks.aggregation", r.aggregation,
+           "zero-pad, stack, svd")
+    _check(r.grouping in ("global", "task", "cluster"), "ranks.grouping", r.grouping,
+           "global, task, cluster")
+    _check(1 <= r.r_min <= r.r_max <= 256, "ranks.r_min", (r.r_min, r.r_max),
+           "1 <= r_min <= r_max <= 256")
+    _check(r.utility in ("linear", "log"), "ranks.utility", r.utility, "linear, log")
+    _check(r.budget in ("parity", "memory"), "ranks.budget", r.budget, "parity, memory")
+    _check(r.on_infeasible in ("error", "exclude"), "ranks.on_infeasible", r.on_infeasible,
+           "error, exclude")
+    _check(r.samples >= 1, "ranks.samples", r.samples, "an integer >= 1")
+    for i, prof in enumerate(cfg.devices.custom):
+        key = f"devices.custom[{i}]"
+        _check(prof.memory_gb > 0, key + ".memory_gb", prof.memory_gb, "a number > 0")
+        _check(prof.compute > 0, key + ".compute", prof.compute, "a number > 0")
+        _check(prof.uplink_mbps > 0 and prof.downlink_mbps > 0, key + ".uplink_mbps",
+               (prof.uplink_mbps, prof.downlink_mbps), "numbers > 0")
     _check(cfg.session.max_rounds >= 0, "session.max_rounds", cfg.session.max_rounds,
            "0 (no cap) or more")
     _check(cfg.session.save_every >= 0, "session.save_every", cfg.session.save_every,

@@ -41,7 +41,7 @@ def _assert_same_tensors(a, b):
 
 
 @pytest.mark.parametrize("method", ["local", "fedavg", "fedavg-task", "fedavg-cluster",
-                                    "centralized"])
+                                    "centralized", "homolora", "hetlora"])
 def test_six_rounds_equal_three_plus_resumed_three(tiny_cfg, tmp_path, method):
     cfg = tiny_cfg(method=method, out=str(tmp_path), **{"federation.rounds": 6,
                                                       "federation.fraction": 0.75,

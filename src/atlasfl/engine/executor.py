@@ -19,7 +19,9 @@ from atlasfl.engine.channel import InProcessChannel
 from atlasfl.engine.ledger import CommLedger
 from atlasfl.engine.setup import Experiment
 from atlasfl.models.head import ClassificationHead
-from atlasfl.models.lora import AdapterBinder
+from atlasfl.config import LoraSettings
+from atlasfl.models.lora import AdapterBinder, plan_adapter
+from atlasfl.phases.ranks import module_importance
 from atlasfl.phases.fingerprint import (
     compute_fingerprint,
     fingerprint_modules,
@@ -50,13 +52,14 @@ class InProcessExecutor:
                  test_sets: dict[str, TokenizedSet], cfg: TrainConfig, *, seed: int,
                  device: torch.device, channel: InProcessChannel, upload: bool,
                  initial_adapter: AdapterState, initial_heads: dict[int, ClassificationHead],
-                 num_layers: int):
+                 num_layers: int, lora: LoraSettings):
         self.model, self.binder, self.clients = model, binder, clients
         self.test_sets, self.cfg, self.seed, self.device = test_sets, cfg, seed, device
         self.channel, self.upload = channel, upload
         # the common starting point every fingerprint is computed from
         self.initial_adapter, self.initial_heads = initial_adapter, initial_heads
         self.num_layers = num_layers
+        self.lora = lora
         self._test_cache: dict[tuple[str, str], dict[str, float]] = {}
 
     def train(self, round_idx: int, plan: TrainPlan
@@ -81,6 +84,20 @@ class InProcessExecutor:
 
         Returns the vector the server received and the client-side diagnostics.
         """
+        vector, _, diag = self.probe(round_idx, client_id, settings, fingerprint=True)
+        assert vector is not None
+        return vector, diag
+
+    def probe(self, round_idx: int, client_id: ClientId, settings: ClusteringConfig, *,
+              fingerprint: bool = True, importance: bool = False, importance_samples: int = 64
+              ) -> tuple[np.ndarray | None, dict[str, float] | None, dict[str, float]]:
+        """One gradient pass at the common initial adapter and head (Phases 1 and 2).
+
+        With ``fingerprint``: the task fingerprint (Phase 1). With ``importance``: every LoRA
+        module's importance (Phase 2), from the same backward pass when both are asked, so the
+        client reads its data once. Returns what the server received: (fingerprint or None,
+        importance by module or None, client-side diagnostics).
+        """
         start = time.perf_counter()
         client = self.clients[client_id]
         initial = {k: nn.Parameter(v.detach().clone()) for k, v in self.initial_adapter.items()}
@@ -88,34 +105,63 @@ class InProcessExecutor:
         self.binder.bind(initial)
         self.model.eval()
         blocks = select_blocks(self.num_layers, settings.layers)
-        modules = fingerprint_modules(self.model, self.num_layers, blocks, params=settings.params)
+        modules = (fingerprint_modules(self.model, self.num_layers, blocks, params=settings.params)
+                   if fingerprint else {})
         frozen = [m.weight for m in modules.values() if not m.weight.requires_grad]
         for p in frozen:  # frozen base weights: differentiate them for this pass only
             p.requires_grad_(True)
         seed = client_seed(self.seed, round_idx, client_id)
         gen = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(len(client.train_set), generator=gen)[: settings.samples].numpy()
+        samples = settings.samples if fingerprint else importance_samples
+        rows = torch.randperm(len(client.train_set), generator=gen)[:samples].numpy()
         batches = [{k: v.to(self.device) for k, v in
                     client.train_set.collate(rows[i : i + settings.batch_size]).items()}
                    for i in range(0, len(rows), settings.batch_size)]
+        importance_of = ({k.removesuffix(".lora_B.weight"): p for k, p in initial.items()
+                          if k.endswith(".lora_B.weight")} if importance else None)
 
         def loss_fn(batch):
             logits = forward_logits(self.model, head, batch)
             return task_loss(logits, batch["labels"], client.task.is_regression)
 
+        vector, scores = None, None
         try:
-            fp = compute_fingerprint(loss_fn, batches, modules, dim=settings.dim, seed=self.seed,
-                                     blocks=blocks, statistic=settings.statistic,
-                                     epsilon=settings.epsilon or None,
-                                     delta=settings.delta, clip=settings.clip, generator=gen)
+            if fingerprint:
+                fp = compute_fingerprint(loss_fn, batches, modules, dim=settings.dim,
+                                         seed=self.seed, blocks=blocks,
+                                         statistic=settings.statistic,
+                                         epsilon=settings.epsilon or None, delta=settings.delta,
+                                         clip=settings.clip, generator=gen,
+                                         importance_of=importance_of)
+                vector, noise, scores = fp.vector, fp.noise_std, fp.importance or None
+            else:
+                noise, scores = 0.0, module_importance(loss_fn, batches, importance_of or {})
         finally:
             for p in frozen:
                 p.requires_grad_(False)
-        received = self.channel.upload(round_idx, client_id,
-                                       {"fingerprint": torch.from_numpy(fp.vector)})
-        return received["fingerprint"].numpy(), {
-            "fingerprint_seconds": time.perf_counter() - start,
-            "fingerprint_noise_std": fp.noise_std}
+        upload: dict[str, torch.Tensor] = {}
+        if vector is not None:
+            upload["fingerprint"] = torch.from_numpy(vector)
+        if scores is not None:
+            upload["importance"] = torch.tensor(list(scores.values()), dtype=torch.float32)
+        received = self.channel.upload(round_idx, client_id, upload)
+        if vector is not None:
+            vector = received["fingerprint"].numpy()
+        if scores is not None:
+            scores = dict(zip(scores, received["importance"].tolist(), strict=True))
+        return vector, scores, {"fingerprint_seconds": time.perf_counter() - start,
+                                "fingerprint_noise_std": noise}
+
+    def configure(self, round_idx: int, client_id: ClientId, ranks: dict[str, int]) -> None:
+        """Phase 2: send a client its per-module ranks; it builds its adapter at those ranks."""
+        client = self.clients[client_id]
+        if client.ranks() == ranks:
+            return
+        names = list(ranks)
+        received = self.channel.download(round_idx, client_id, {
+            "ranks": torch.tensor([ranks[n] for n in names], dtype=torch.int32)})
+        planned = dict(zip(names, received["ranks"].tolist(), strict=True))
+        client.replace_adapter(plan_adapter(self.model, self.lora, planned, seed=self.seed))
 
     def write(self, round_idx: int, writes: dict[ClientId, AdapterState]) -> None:
         """Send server tensors down and write them into the clients' models."""
@@ -152,4 +198,5 @@ def make_executor(exp: Experiment, ledger: CommLedger) -> InProcessExecutor:
                              seed=exp.cfg.seed, device=exp.device,
                              channel=InProcessChannel(ledger), upload=exp.strategy.uploads,
                              initial_adapter=exp.initial_adapter,
-                             initial_heads=exp.initial_heads, num_layers=exp.backbone.num_layers)
+                             initial_heads=exp.initial_heads, num_layers=exp.backbone.num_layers,
+                             lora=exp.cfg.model.lora)

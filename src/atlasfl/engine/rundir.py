@@ -13,6 +13,7 @@ from atlasfl.config import ExperimentConfig
 from atlasfl.errors import AtlasError
 
 CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE = "config.yaml", "rounds.jsonl", "summary.json"
+CLIENTS_FILE = "clients.json"  # per-client configuration: device, memory, ranks (Phase 2)
 
 
 class RunDir:
@@ -54,6 +55,12 @@ class RunDir:
                 for row in round_rows:
                     fh.write(json.dumps(row) + "\n")
         tmp.replace(self.path / ROUNDS_FILE)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Write a JSON file into the run folder (atomically)."""
+        tmp = self.path / (name + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2))
+        tmp.replace(self.path / name)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write the run's summary (atomically: a reader never sees half a file)."""

@@ -7,6 +7,7 @@ is created.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import zlib
 from dataclasses import dataclass
 
@@ -25,7 +26,9 @@ from atlasfl.errors import AtlasError
 from atlasfl.models.head import ClassificationHead, init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
 from atlasfl.models.registry import Backbone, load_backbone
-from atlasfl.strategies.base import ClientInfo, Strategy, get_strategy
+from atlasfl.devices import assign_devices
+from atlasfl.phases.memory import model_dims
+from atlasfl.strategies.base import ClientInfo, ModelInfo, Strategy, get_strategy
 
 
 @dataclass
@@ -120,6 +123,16 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                                        tok(train.subset(split.val_idx)), cfg.train, device)
             infos.append(ClientInfo(cid, spec.name, len(split.train_idx),
                                     tuple(head.out.weight.shape)))
-    strategy = strategy_cls(infos, cfg)
+    devices = assign_devices([i.client_id for i in infos], cfg.devices, seed=cfg.seed)
+    infos = [dataclasses.replace(i, device=devices[i.client_id].name) for i in infos]
+    shapes = binder.shapes()
+    try:
+        dims = model_dims(backbone.model.config)
+    except AtlasError:
+        dims = None  # no memory model for this architecture: only Phase 2 strategies need one
+    facts = ModelInfo(dims, shapes,
+                      {n: sum(p.numel() for p in h.parameters())
+                       for n, h in initial_heads.items()})
+    strategy = strategy_cls(infos, cfg, facts)
     return Experiment(cfg, device, backbone, model, binder, strategy, clients, test_sets,
                       majority, notes, adapter_init, initial_heads)

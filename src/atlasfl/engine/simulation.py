@@ -28,7 +28,7 @@ from atlasfl.engine.checkpoint import (
 )
 from atlasfl.engine.executor import make_executor
 from atlasfl.engine.ledger import CommLedger
-from atlasfl.engine.rundir import RunDir
+from atlasfl.engine.rundir import CLIENTS_FILE, RunDir
 from atlasfl.engine.setup import Experiment
 from atlasfl.errors import AtlasError
 from atlasfl.report.summary import summarize
@@ -134,22 +134,50 @@ def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict
 
 
 def run_fingerprint_phase(exp: Experiment, executor, strategy, state: Any, round_idx: int,
-                          rows: dict[ClientId, dict[str, Any]] | None = None
+                          rows: dict[ClientId, dict[str, Any]] | None = None, *,
+                          fingerprint: bool = True, importance: bool = False
                           ) -> tuple[Any, dict[str, float]]:
-    """Phase 1: every client uploads a fingerprint; the strategy clusters them."""
+    """Phases 1 and 2 before a round: fingerprints and/or module importance, one pass each.
+
+    Every client uploads what is asked; the strategy clusters and/or plans ranks from it.
+    """
     start = time.perf_counter()
-    fingerprints = {}
+    fingerprints, scores = {}, {}
     for cid in sorted(exp.clients):
-        fingerprints[cid], diag = executor.fingerprint(round_idx, cid, exp.cfg.clustering)
+        vector, imp, diag = executor.probe(round_idx, cid, exp.cfg.clustering,
+                                           fingerprint=fingerprint, importance=importance,
+                                           importance_samples=exp.cfg.ranks.samples)
+        if vector is not None:
+            fingerprints[cid] = vector
+        if imp is not None:
+            scores[cid] = imp
         if rows is not None:
             rows[cid].update(diag)
             rows[cid]["seconds"] += diag["fingerprint_seconds"]
     server_start = time.perf_counter()
-    state, metrics = strategy.observe_fingerprints(state, round_idx, fingerprints)
+    metrics: dict[str, float] = {}
+    if fingerprint:
+        state, metrics = strategy.observe_fingerprints(state, round_idx, fingerprints)
+    if importance:
+        state, more = strategy.observe_importance(state, round_idx, scores)
+        metrics = {**metrics, **more}
     now = time.perf_counter()
     metrics = {**metrics, "clustering_seconds": now - server_start,
                "fingerprint_phase_seconds": now - start}
     return state, metrics
+
+
+def _report_configuration(records: dict[str, Any], run_dir: RunDir | None) -> None:
+    """Keep Phase 2's per-client configuration; say which clients their devices exclude."""
+    if not records:
+        return
+    if run_dir is not None:
+        run_dir.write_json(CLIENTS_FILE, records)
+    for cid, rec in records.items():
+        if not rec.get("feasible", True):
+            print(f"client {cid} excluded: its device {rec['device']} has "
+                  f"{rec['budget_bytes'] / 2**20:.0f} MiB, the smallest adapter needs "
+                  f"{rec['memory_estimate_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
 
 
 def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
@@ -190,9 +218,16 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
                   "trained": False, "seconds": 0.0} for cid in ids}
         updates = []
         server_metrics: dict[str, float] = {}
-        if strategy.fingerprint_round(round_idx):
+        wants_fp, wants_imp = (strategy.fingerprint_round(round_idx),
+                               strategy.importance_round(round_idx))
+        if wants_fp or wants_imp:
             state, server_metrics = run_fingerprint_phase(exp, executor, strategy, state,
-                                                          round_idx, rows)
+                                                          round_idx, rows, fingerprint=wants_fp,
+                                                          importance=wants_imp)
+        for cid, ranks in strategy.client_ranks(state).items():
+            executor.configure(round_idx, cid, ranks)  # a no-op for clients already at them
+        if round_idx == 1:
+            _report_configuration(strategy.client_records(state), run_dir)
         plans = strategy.configure_round(state, round_idx, schedule[round_idx])
         for plan, update, metrics in executor.run(round_idx, plans):
             if may_abandon():

@@ -10,6 +10,8 @@ per module (peft's ``rank_pattern``) over the same injected layers.
 from __future__ import annotations
 
 import math
+import re
+import zlib
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -22,6 +24,7 @@ from atlasfl.models.registry import Backbone, default_targets
 
 ADAPTER = "default"
 _PREFIX = "base_model.model."
+MAX_RANK_DRAW = 256  # rows of the shared seeded A matrix; the largest rank a plan may use
 
 
 def lora_config(settings: LoraSettings, family: str,
@@ -45,6 +48,72 @@ def inject_lora(backbone: Backbone, settings: LoraSettings, *, seed: int,
             raise AtlasError(f"model.lora.target_modules = {cfg.target_modules} does not match "
                              f"model {backbone.name!r}: {exc}") from None
     return model
+
+
+def lora_scaling(alpha: float, rank: int, *, rslora: bool) -> float:
+    """alpha/r, or alpha/sqrt(r) with rsLoRA (Kalajdzievski, arXiv:2312.03732).
+
+    rsLoRA keeps the update's magnitude comparable across ranks (with alpha/r a rank-64 update
+    is damped 8x more than a rank-8 one), which matters when clients train different ranks.
+    """
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def seeded_lora_a(seed: int, module: str, rank: int, in_features: int) -> Tensor:
+    """The first ``rank`` rows of a module's shared A initialisation.
+
+    peft's default (Kaiming-uniform with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), drawn from a
+    generator seeded by (seed, module) so every client, whatever its rank, starts from rows of
+    the same matrix: HetLoRA's common initialisation (arXiv:2401.06432).
+    """
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/lora_A/{module}".encode()))
+    bound = 1.0 / math.sqrt(in_features)
+    full = torch.rand(MAX_RANK_DRAW, in_features, generator=gen) * 2 * bound - bound
+    if rank > MAX_RANK_DRAW:
+        raise AtlasError(f"rank {rank} of module {module} exceeds {MAX_RANK_DRAW}")
+    return full[:rank].clone()  # (rank, in)
+
+
+def plan_adapter(peft_model: nn.Module, settings: LoraSettings, ranks: dict[str, int], *,
+                 seed: int) -> dict[str, Tensor]:
+    """A client's initial adapter with per-module ranks, created through peft's ``rank_pattern``.
+
+    peft adds a temporary adapter whose ``LoraConfig.rank_pattern`` maps every module path to
+    its rank (keys escaped, so ``layer.1`` never matches ``layer.11``); its tensors, with A set
+    to the shared seeded rows (``seeded_lora_a``) and B to zero, become the client's adapter and
+    the temporary adapter is deleted. Returns ``<module>.lora_A.weight`` (r, in) and
+    ``<module>.lora_B.weight`` (out, r) for every module of ``ranks``.
+    """
+    pattern = {re.escape(path): rank for path, rank in ranks.items()}
+    cfg = lora_config(settings, _family(peft_model), pattern)
+    cfg.r = min(ranks.values())
+    name = "atlasfl_plan"
+    with torch.random.fork_rng(devices=[]):  # peft's initialisation must not move the run's RNG
+        peft_model.add_adapter(name, cfg)
+    try:
+        out: dict[str, Tensor] = {}
+        for module_name, module in peft_model.named_modules():
+            path = module_name.removeprefix(_PREFIX)
+            if not isinstance(module, LoraLayer) or name not in module.lora_A or path not in ranks:
+                continue
+            a = module.lora_A[name].weight
+            if a.shape[0] != ranks[path]:
+                raise AtlasError(f"peft gave module {path} rank {a.shape[0]}, planned "
+                                 f"{ranks[path]}")
+            out[f"{path}.lora_A.weight"] = seeded_lora_a(seed, path, a.shape[0], a.shape[1]
+                                                         ).to(a.device, a.dtype)
+            out[f"{path}.lora_B.weight"] = torch.zeros_like(module.lora_B[name].weight)
+    finally:
+        peft_model.delete_adapter(name)
+        peft_model.set_adapter(ADAPTER)
+    missing = sorted(set(ranks) - {k.removesuffix(".lora_A.weight") for k in out})
+    if missing:
+        raise AtlasError(f"rank plan names modules that hold no LoRA layer: {missing[:3]}")
+    return out
+
+
+def _family(peft_model: nn.Module) -> str:
+    return peft_model.base_model.model.config.model_type
 
 
 class AdapterBinder:
@@ -74,8 +143,13 @@ class AdapterBinder:
                 .clone() for p, layer in self.layers.items() for ab in "AB"}
 
     def scaling(self, rank: int) -> float:
-        """LoRA scaling of a rank: alpha/r, or alpha/sqrt(r) with rsLoRA (arXiv:2312.03732)."""
-        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
+        """LoRA scaling of a rank (``lora_scaling``)."""
+        return lora_scaling(self.alpha, rank, rslora=self.rslora)
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every LoRA-wrapped module, by module path."""
+        return {path: (layer.in_features, layer.out_features)
+                for path, layer in self.layers.items()}
 
     def bind(self, params: dict[str, nn.Parameter]) -> None:
         """Make the shared model compute with ``params`` (a client's adapter), without copying."""

@@ -1,4 +1,4 @@
-"""Aggregation of client states.
+"""Aggregation of client states: FedAvg, and LoRA factors of mixed ranks.
 
 ``weighted_average`` is FedAvg's server step (McMahan et al., "Communication-Efficient Learning of
 Deep Networks from Decentralized Data", arXiv:1602.05629): the example-weighted mean of every
@@ -7,7 +7,7 @@ tensor, for clients that hold tensors of equal shapes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -46,4 +46,193 @@ def weighted_average(states: Sequence[AdapterState], weights: Sequence[float]) -
         for state, w in zip(states, weights, strict=True):
             acc += state[key].to(torch.float64) * (w / total)
         out[key] = acc.to(ref.dtype)
+    return out
+
+
+# -- mixed-rank LoRA aggregation -------------------------------------------------------------
+#
+# A client i holds, per module, factors A_i (r_i, in) and B_i (out, r_i); its model adds
+# s(r_i) * B_i @ A_i to the frozen weight, with s the LoRA scaling of its rank (alpha/r, or
+# alpha/sqrt(r) with rsLoRA). Weights p_i = w_i / sum_j w_j.
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # (A (r, in), B (out, r))
+MIXED_METHODS = ("zero-pad", "stack", "svd")
+# Row norm of peft's Kaiming-uniform A (U(-1/sqrt(in), 1/sqrt(in)): E||row||^2 = 1/3, any in).
+A_ROW_NORM = 3**-0.5
+
+
+def _probabilities(weights: Sequence[float]) -> list[float]:
+    total = float(sum(weights))
+    if not weights or total <= 0 or min(weights) < 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
+    return [float(w) / total for w in weights]
+
+
+def zero_pad(factors: Sequence[Factors], weights: Sequence[float]) -> Factors:
+    """HetLoRA's aggregation: zero-pad every client's factors to the largest rank and average.
+
+    Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
+    arXiv:2401.06432. The naive baseline: the product of the averages is not the average of the
+    products, mean(B) @ mean(A) = sum_ij p_i p_j B_i A_j, whose cross terms (i != j) are noise.
+
+    Returns:
+        (A (r_max, in), B (out, r_max)); a client of rank r takes the first r rows of A and
+        columns of B.
+    """
+    probs = _probabilities(weights)
+    r_max = max(a.shape[0] for a, _ in factors)
+    a_out = torch.zeros(r_max, factors[0][0].shape[1], dtype=torch.float64)
+    b_out = torch.zeros(factors[0][1].shape[0], r_max, dtype=torch.float64)
+    for (a, b), p in zip(factors, probs, strict=True):
+        r = a.shape[0]
+        a_out[:r] += p * a.double()
+        b_out[:, :r] += p * b.double()
+    return a_out, b_out
+
+
+def stack(factors: Sequence[Factors], weights: Sequence[float],
+          scalings: Sequence[float]) -> Factors:
+    """FLoRA's noise-free stacking: factors whose product is exactly sum_i p_i s_i B_i A_i.
+
+    Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank
+    Adaptations", arXiv:2409.05976. A = [A_1; ...; A_N] (sum r_i, in) and
+    B = [p_1 s_1 B_1, ..., p_N s_N B_N] (out, sum r_i): B @ A has no cross terms.
+    """
+    probs = _probabilities(weights)
+    a = torch.cat([a.double() for a, _ in factors], dim=0)
+    b = torch.cat([p * s * b.double() for (_, b), p, s in zip(factors, probs, scalings,
+                                                                strict=True)], dim=1)
+    return a, b
+
+
+def svd_of_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                torch.Tensor]:
+    """Thin SVD of B @ A without forming the (out, in) matrix: QR of both factors first.
+
+    B = Q_b R_b and A^T = Q_a R_a give B @ A = Q_b (R_b R_a^T) Q_a^T; the SVD of the small
+    (R, R) core then rotates the orthonormal bases. Returns U (out, R), S (R,), Vh (R, in).
+    """
+    q_b, r_b = torch.linalg.qr(b.double())  # (out, R), (R, R)
+    q_a, r_a = torch.linalg.qr(a.double().T)  # (in, R), (R, R)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    return q_b @ u, s, vh @ q_a.T
+
+
+def dense_svd(factors: Sequence[Factors], weights: Sequence[float],
+              scalings: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlexLoRA: SVD of the dense weighted sum of full updates sum_i p_i s_i B_i A_i.
+
+    Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and
+    Client Resources", arXiv:2402.11505. Materialises the (out, in) matrix; returns the thin SVD
+    truncated to the rank the sum can have (sum r_i).
+    """
+    probs = _probabilities(weights)
+    delta = sum(p * s * (b.double() @ a.double())
+                for (a, b), p, s in zip(factors, probs, scalings, strict=True))
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    keep = min(len(s), sum(a.shape[0] for a, _ in factors))
+    return u[:, :keep], s[:keep], vh[:keep]
+
+
+def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int,
+             scaling: float) -> Factors:
+    """A client's rank-r factors of the best rank-r approximation of U diag(S) Vh.
+
+    By Eckart-Young the first r singular triplets minimise the Frobenius error. The update is
+    split evenly, B = U sqrt(S/s), A = sqrt(S/s) Vh, so that s * B @ A (what a model of scaling s
+    adds) equals it. Ranks above the available ones are padded with zero factors.
+    """
+    k = min(rank, len(s))
+    root = torch.sqrt(s[:k] / scaling)
+    a = torch.zeros(rank, vh.shape[1], dtype=torch.float64)
+    b = torch.zeros(u.shape[0], rank, dtype=torch.float64)
+    a[:k] = root[:, None] * vh[:k]
+    b[:, :k] = u[:, :k] * root[None, :]
+    return a, b
+
+
+def _modules(state: AdapterState) -> list[str]:
+    return [k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")]
+
+
+def aggregate_mixed(states: Sequence[AdapterState], weights: Sequence[float], *, method: str,
+                    scaling: Callable[[int], float], keep: int) -> AdapterState:
+    """Aggregate clients' LoRA adapters of any per-module ranks, module by module.
+
+    Args:
+        states: adapter states (``<module>.lora_A.weight`` (r, in), ``<module>.lora_B.weight``
+            (out, r)); ranks may differ between clients and modules.
+        weights: aggregation weights (example counts).
+        method: ``zero-pad`` (HetLoRA), ``stack`` (FLoRA stacking, exact product, then SVD via QR)
+            or ``svd`` (FlexLoRA, dense sum then SVD).
+        scaling: the LoRA scaling of a rank (what a client's model multiplies B @ A by).
+        keep: components to keep per module (the largest rank any client may take).
+
+    Returns:
+        Per module the aggregate as factors. ``zero-pad``: the padded averages of the raw factors.
+        ``stack``/``svd``: A = Vh (orthonormal rows), B = U S of the aggregated update (scaling
+        included), singular values in decreasing order; ``redistribute`` cuts them.
+    """
+    if method not in MIXED_METHODS:
+        raise AtlasError(f"aggregation = {method!r} is invalid; allowed: "
+                         f"{', '.join(MIXED_METHODS)}")
+    out: AdapterState = {}
+    for module in _modules(states[0]):
+        factors = [(s[f"{module}.lora_A.weight"], s[f"{module}.lora_B.weight"]) for s in states]
+        if method == "zero-pad":
+            a, b = zero_pad(factors, weights)
+        else:
+            scales = [scaling(a.shape[0]) for a, _ in factors]
+            if method == "stack":
+                u, sv, vh = svd_of_product(*stack(factors, weights, scales))
+            else:
+                u, sv, vh = dense_svd(factors, weights, scales)
+            k = min(keep, len(sv))
+            a, b = vh[:k], u[:, :k] * sv[:k]  # orthonormal rows; B @ A = the update
+        out[f"{module}.lora_A.weight"] = a.float()
+        out[f"{module}.lora_B.weight"] = b.float()
+    return out
+
+
+def redistribute(aggregate: AdapterState, ranks: dict[str, int], *, method: str,
+                 scaling: Callable[[int], float], reference: AdapterState | None = None
+                 ) -> AdapterState:
+    """A client's adapter from a group aggregate, at the client's rank of each module.
+
+    ``zero-pad`` (HetLoRA) keeps the first r rows of A and columns of B. ``stack``/``svd`` keep
+    the r largest singular components (the best rank-r approximation, Eckart-Young), divided by
+    the client's scaling so its model adds exactly that approximation.
+
+    How that product is split between the factors is free (B A = (B R^T)(R A) for any
+    orthogonal R), and it matters for training: each factor's gradient is proportional to the
+    other, and the client's AdamW moments refer to its current coordinates. Without a
+    ``reference``, A gets orthonormal rows at the row norm of LoRA's initialisation
+    (``A_ROW_NORM``) and B the singular values — a balanced split (sqrt(S) on both) would shrink
+    both factors to the size of a young update and stall training. With ``reference`` (the
+    client's own adapter before the write), A keeps the reference's norm and is rotated to be as
+    close as possible to the reference's A (orthogonal Procrustes: R from the SVD of
+    A_ref V^T), so a client continues in the coordinates its optimizer state belongs to.
+    """
+    out: AdapterState = {}
+    for module, rank in ranks.items():
+        a, b = aggregate[f"{module}.lora_A.weight"], aggregate[f"{module}.lora_B.weight"]
+        a_r = torch.zeros(rank, a.shape[1])  # (r, in)
+        b_r = torch.zeros(b.shape[0], rank)  # (out, r)
+        k = min(rank, a.shape[0])
+        if method == "zero-pad":
+            a_r[:k], b_r[:, :k] = a[:k], b[:, :k]
+        else:
+            v, bs = a[:k].double(), b[:, :k].double()  # (k, in) orthonormal rows, (out, k)
+            ref = None if reference is None else reference.get(f"{module}.lora_A.weight")
+            if ref is not None and ref.shape[0] == k and float(ref.norm()) > 0:
+                ref = ref.double()
+                p, _, qh = torch.linalg.svd(ref @ v.T)  # (k, k)
+                rot = p @ qh  # orthogonal, argmin_R ||R V - A_ref / c||
+                c = float(ref.norm()) / k**0.5
+            else:
+                rot, c = torch.eye(k, dtype=torch.float64), A_ROW_NORM
+            a_r[:k] = (c * rot @ v).float()
+            b_r[:, :k] = (bs @ rot.T / (c * scaling(rank))).float()
+        out[f"{module}.lora_A.weight"] = a_r
+        out[f"{module}.lora_B.weight"] = b_r
     return out

@@ -50,6 +50,7 @@ class Fingerprint:
 
     vector: np.ndarray  # (dim,) float32
     num_samples: int
+    importance: dict[str, float]  # Phase 2 module importance from the same pass (if asked)
     blocks: tuple[int, ...]
     num_params: int  # gradient coordinates before projection
     noise_std: float  # 0.0 without privacy
@@ -97,14 +98,15 @@ def fingerprint_modules(model: nn.Module, num_layers: int, blocks: Iterable[int]
     return out
 
 
-def per_example_grads(loss_fn, batch: dict[str, Tensor], modules: dict[str, nn.Module]
-                      ) -> dict[str, Tensor]:
+def per_example_grads(loss_fn, batch: dict[str, Tensor], modules: dict[str, nn.Module],
+                      also: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Weight gradient of every example of a batch, for linear layers, in one backward pass.
 
     A linear layer's weight gradient is a sum over examples and tokens of (output grad) x
     (input); hooks keep both per example (the trick of Goodfellow, arXiv:1510.01799, used by
     Opacus), so no example-by-example loop is needed. Padded positions get zero output grads.
-    Shapes: (batch, *weight.shape).
+    Shapes: (batch, *weight.shape). The same backward pass also writes the batch-mean gradient
+    of every tensor of ``also`` into it (replacing the tensors), e.g. for Phase 2's importance.
     """
     inputs: dict[str, Tensor] = {}
     outputs: dict[str, Tensor] = {}
@@ -119,8 +121,13 @@ def per_example_grads(loss_fn, batch: dict[str, Tensor], modules: dict[str, nn.M
     for name, module in modules.items():
         handles.append(module.register_forward_hook(hook(name)))
     try:
-        loss = loss_fn(batch) * len(batch["labels"])  # a sum over examples, not a mean
-        torch.autograd.grad(loss, [m.weight for m in modules.values()])
+        mean_loss = loss_fn(batch)
+        loss = mean_loss * len(batch["labels"])  # a sum over examples, not a mean
+        extra = list(also or {})
+        wanted = [m.weight for m in modules.values()] + [also[k] for k in extra]
+        grads = torch.autograd.grad(loss, wanted)
+        for name, g in zip(extra, grads[len(modules):], strict=True):
+            also[name] = g.detach() / len(batch["labels"])
     finally:
         for handle in handles:
             handle.remove()
@@ -178,7 +185,8 @@ def gaussian_sigma(*, epsilon: float, delta: float, clip: float, num_samples: in
 def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *, dim: int,
                         seed: int, blocks: tuple[int, ...], statistic: str = "fisher",
                         epsilon: float | None = None, delta: float = 1e-5, clip: float = 1.0,
-                        generator: torch.Generator | None = None) -> Fingerprint:
+                        generator: torch.Generator | None = None,
+                        importance_of: dict[str, Tensor] | None = None) -> Fingerprint:
     """Fingerprint of one client.
 
     Args:
@@ -195,6 +203,8 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
         delta: privacy delta.
         clip: per-example norm bound of the projected statistic (privacy only).
         generator: randomness of the privacy noise.
+        importance_of: parameters whose mean squared gradient norm over the batches is returned
+            as ``importance`` (``atlasfl.phases.ranks.module_importance``, same pass).
     """
     if statistic not in STATISTICS:
         raise AtlasError(f"clustering.statistic = {statistic!r} is invalid; allowed: "
@@ -205,8 +215,12 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
     names = list(modules)
     total = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in modules.items()}
     private = torch.zeros(dim, dtype=torch.float64)
+    importance = dict.fromkeys(importance_of or {}, 0.0)
     for batch in batches:
-        grads = per_example_grads(loss_fn, batch, modules)  # name -> (B, *shape)
+        also = dict(importance_of or {})
+        grads = per_example_grads(loss_fn, batch, modules, also)  # name -> (B, *shape)
+        for name in importance:
+            importance[name] += float(also[name].double().pow(2).sum()) / len(batches)
         if statistic == "fisher":
             grads = {k: g * g for k, g in grads.items()}
         if epsilon is None:
@@ -226,6 +240,6 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
         sigma = gaussian_sigma(epsilon=epsilon, delta=delta, clip=clip, num_samples=num)
         noise = torch.randn(dim, generator=generator, dtype=torch.float64)
         vector = private + sigma * noise
-    return Fingerprint(vector.float().numpy(), num, blocks,
+    return Fingerprint(vector.float().numpy(), num, importance, blocks,
                        sum(m.weight.numel() for m in modules.values()), sigma, epsilon,
                        delta if epsilon is not None else None)

@@ -6,6 +6,7 @@ from atlasfl.strategies import (  # noqa: F401 (registers each method)
     fedavg_cluster,
     fedavg_task,
     local,
+    mixed_rank,
 )
 from atlasfl.strategies.base import (
     STRATEGIES,

@@ -27,6 +27,16 @@ class ClientInfo:
     task: str
     num_examples: int
     head_shape: tuple[int, ...]  # the shape of its head's output layer: all the server sees
+    device: str = ""  # the device profile it reports (Phase 2)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server knows of the shared model: its dimensions and LoRA modules."""
+
+    dims: Any  # atlasfl.phases.memory.ModelDims
+    shapes: dict[str, tuple[int, int]]  # LoRA module path -> (in_features, out_features)
+    head_params: dict[int, int]  # number of outputs -> parameters of such a head
 
 
 @dataclass(frozen=True)
@@ -62,9 +72,10 @@ class Strategy:
     uploads: ClassVar[bool] = True  # trained clients send their adapter+head to the server
     pools_data: ClassVar[bool] = False  # one client per task holding all its data (centralized)
 
-    def __init__(self, clients: Sequence[ClientInfo], cfg: Any):
+    def __init__(self, clients: Sequence[ClientInfo], cfg: Any, model: ModelInfo | None = None):
         self.clients = {c.client_id: c for c in clients}
         self.cfg = cfg  # the ExperimentConfig: a strategy reads its own section
+        self.model = model
 
     def fingerprint_round(self, round_idx: int) -> bool:
         """Whether clients upload task fingerprints before this round (Phase 1)."""
@@ -74,6 +85,24 @@ class Strategy:
                              fingerprints: dict[ClientId, Any]) -> tuple[Any, dict[str, float]]:
         """Turn uploaded fingerprints into new server state (and metrics)."""
         return state, {}
+
+    def importance_round(self, round_idx: int) -> bool:
+        """Whether clients upload module importance before this round (Phase 2)."""
+        return False
+
+    def observe_importance(self, state: Any, round_idx: int,
+                           importance: dict[ClientId, dict[str, float]]
+                           ) -> tuple[Any, dict[str, float]]:
+        """Turn uploaded module importance into new server state (rank plans)."""
+        return state, {}
+
+    def client_ranks(self, state: Any) -> dict[ClientId, dict[str, int]]:
+        """Per-module ranks each client must hold now (empty: clients keep theirs)."""
+        return {}
+
+    def client_records(self, state: Any) -> dict[str, Any]:
+        """Per-client configuration worth keeping in the run folder (device, memory, ranks)."""
+        return {}
 
     def init(self) -> Any:
         """Initial server state."""

@@ -38,12 +38,17 @@ def _shape_key(group: str, shape: tuple[int, ...]) -> str:
 
 
 def aggregate_groups(models: GroupModels, clients: dict[ClientId, ClientInfo],
-                     updates: Sequence[ClientUpdate], group_of: Callable[[ClientInfo], str]
+                     updates: Sequence[ClientUpdate], group_of: Callable[[ClientInfo], str], *,
+                     combine: Callable[[list[AdapterState], list[int]], AdapterState]
+                     = weighted_average,
+                     deliver: Callable[[ClientId, AdapterState], AdapterState] | None = None
                      ) -> tuple[GroupModels, dict[ClientId, AdapterState]]:
-    """FedAvg within groups: adapters per group, heads per (group, head shape).
+    """Aggregation within groups: adapters per group, heads per (group, head shape).
 
-    Returns the new models and, for every client of a group that trained this round, the
-    tensors to write back into its model.
+    ``combine`` aggregates a group's adapters (default: FedAvg's weighted mean); ``deliver``
+    turns a group aggregate into what one client receives (default: the aggregate itself; mixed
+    ranks cut it to the client's ranks). Heads are always averaged per shape. Returns the new
+    models and, for every client of a group that trained this round, the tensors to write back.
     """
     by_group: dict[str, list[ClientUpdate]] = defaultdict(list)
     for update in updates:
@@ -51,7 +56,7 @@ def aggregate_groups(models: GroupModels, clients: dict[ClientId, ClientInfo],
     adapters, heads = dict(models.adapters), dict(models.heads)
     for group, members in by_group.items():
         parts = [_split(u.state) for u in members]
-        adapters[group] = weighted_average([a for a, _ in parts], [u.num_examples for u in members])
+        adapters[group] = combine([a for a, _ in parts], [u.num_examples for u in members])
         by_shape: dict[str, list[tuple[AdapterState, int]]] = defaultdict(list)
         for u, (_, head) in zip(members, parts, strict=True):
             by_shape[_shape_key(group, clients[u.client_id].head_shape)].append(
@@ -63,7 +68,8 @@ def aggregate_groups(models: GroupModels, clients: dict[ClientId, ClientInfo],
         group = group_of(info)
         if group not in by_group:
             continue  # nobody of this group trained this round: nothing new to send
-        writes[cid] = {**adapters[group], **heads.get(_shape_key(group, info.head_shape), {})}
+        adapter = deliver(cid, adapters[group]) if deliver else adapters[group]
+        writes[cid] = {**adapter, **heads.get(_shape_key(group, info.head_shape), {})}
     return GroupModels(adapters, heads), writes
 
 

@@ -32,6 +32,26 @@ class ClusterState:
     k: int = 0
 
 
+def cluster_clients(strategy: Strategy, fingerprints: dict[ClientId, np.ndarray]
+                    ) -> tuple[dict[str, int], torch.Tensor, int, dict[str, float]]:
+    """Phase 1's server step for any strategy: (assignment, centroids, k, metrics)."""
+    c = strategy.cfg.clustering
+    ids = sorted(fingerprints)
+    result = cluster_fingerprints(
+        np.stack([fingerprints[i] for i in ids]), k=c.k or None,
+        k_range=(c.k_min, c.k_max), method=c.method, seed=strategy.cfg.seed,
+        true_labels=[strategy.clients[i].task for i in ids])
+    assignment = {str(i): int(label) for i, label in zip(ids, result.labels, strict=True)}
+    return (assignment, torch.from_numpy(result.centroids).float(), result.k,
+            {"k": float(result.k), **result.quality})
+
+
+def recluster_due(cfg, round_idx: int) -> bool:
+    """Round 1, and every ``clustering.recluster_every`` rounds after it when set."""
+    every = cfg.clustering.recluster_every
+    return round_idx == 1 or bool(every and (round_idx - 1) % every == 0)
+
+
 @register
 class FedAvgCluster(Strategy):
     """FedAvg per fingerprint cluster."""
@@ -43,23 +63,15 @@ class FedAvgCluster(Strategy):
 
     def fingerprint_round(self, round_idx: int) -> bool:
         """Whether clients upload fingerprints before this round."""
-        every = self.cfg.clustering.recluster_every
-        return round_idx == 1 or bool(every and (round_idx - 1) % every == 0)
+        return recluster_due(self.cfg, round_idx)
 
     def observe_fingerprints(self, state: ClusterState, round_idx: int,
                              fingerprints: dict[ClientId, np.ndarray]
                              ) -> tuple[ClusterState, dict[str, float]]:
         """Cluster the uploaded fingerprints into the new assignment."""
-        c = self.cfg.clustering
-        ids = sorted(fingerprints)
-        result = cluster_fingerprints(
-            np.stack([fingerprints[i] for i in ids]), k=c.k or None,
-            k_range=(c.k_min, c.k_max), method=c.method, seed=self.cfg.seed,
-            true_labels=[self.clients[i].task for i in ids])
-        assignment = {str(i): int(label) for i, label in zip(ids, result.labels, strict=True)}
-        metrics = {"k": float(result.k), **result.quality}
+        assignment, centroids, k, metrics = cluster_clients(self, fingerprints)
         new = ClusterState(state.models if assignment == state.assignment else GroupModels(),
-                           assignment, torch.from_numpy(result.centroids).float(), result.k)
+                           assignment, centroids, k)
         return new, metrics
 
     def aggregate_round(self, state: Any, round_idx: int, updates: Sequence[ClientUpdate]

@@ -1,0 +1,92 @@
+"""Phase 2 on the quick setting: mixed-rank aggregation and heterogeneous vs homogeneous ranks.
+
+Runs configs/quick.yaml (all-MiniLM-L6-v2, sst2/mrpc/cola/qnli x 3 clients, devices drawn from
+the four built-in profiles) for each variant and seed, one process, one run after the other, and
+prints average accuracy, total upload bytes and wall time per run, then per variant the mean over
+seeds and the paired difference to the first variant. All variants use rsLoRA with alpha chosen
+so that rank 8 keeps quick.yaml's tuned scaling (alpha/sqrt(8) = 2) and group by true task.
+
+    python bench/mixed_rank.py --seeds 0 1 2 --out bench/results/mixed_rank_cpu.jsonl
+    python bench/mixed_rank.py --table bench/results/mixed_rank_cpu.jsonl   # table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+
+from atlasfl.config import from_dict, from_yaml
+from atlasfl.engine import build_experiment, run_experiment
+
+BASE = {"model.lora.rslora": True, "model.lora.alpha": 2 * 8**0.5, "ranks.grouping": "task"}
+VARIANTS = {
+    "homolora stack": {"method": "homolora", "ranks.aggregation": "stack"},
+    "hetlora zero-pad": {"method": "hetlora", "ranks.aggregation": "zero-pad"},
+    "hetlora stack": {"method": "hetlora", "ranks.aggregation": "stack"},
+    "hetlora svd": {"method": "hetlora", "ranks.aggregation": "svd"},
+    "homolora zero-pad": {"method": "homolora", "ranks.aggregation": "zero-pad"},
+}
+
+
+def run_one(config: str, variant: str, seed: int) -> dict:
+    cfg = from_dict(from_yaml(config)).replace(
+        **{**BASE, **VARIANTS[variant], "seed": seed, "progress": False})
+    wall, cpu = time.perf_counter(), time.process_time()
+    summary = run_experiment(build_experiment(cfg)).summary
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"variant": variant, "seed": seed, "avg_accuracy": summary["average"]["accuracy"],
+            "avg_metric": summary["average"]["metric"],
+            "tasks": {t: round(v["accuracy"], 4) for t, v in summary["tasks"].items()},
+            "bytes_up": summary["bytes_up"], "bytes_down": summary["bytes_down"],
+            "wall_s": round(wall, 1), "cpu_over_wall": round(cpu / wall, 2)}
+
+
+def table(rows: list[dict]) -> None:
+    by = defaultdict(dict)
+    for r in rows:
+        by[r["variant"]][r["seed"]] = r
+    first = next(iter(by))
+    print(f"\n{'variant':<20}{'seeds':>6}{'avg acc':>9}{'std':>7}{'vs ' + first:>22}"
+          f"{'upload MB':>11}")
+    for name, runs in by.items():
+        accs = [r["avg_accuracy"] for r in runs.values()]
+        paired = [runs[s]["avg_accuracy"] - by[first][s]["avg_accuracy"]
+                  for s in runs if s in by[first]]
+        diff = f"{statistics.mean(paired) * 100:+.1f} pt" if paired else "-"
+        print(f"{name:<20}{len(accs):>6}{statistics.mean(accs):>9.3f}"
+              f"{statistics.stdev(accs) if len(accs) > 1 else 0:>7.3f}{diff:>22}"
+              f"{statistics.mean(r['bytes_up'] for r in runs.values()) / 1e6:>11.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/quick.yaml")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[:3],
+                        choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", help="append JSON lines here")
+    parser.add_argument("--table", help="only print the table of this JSONL file")
+    args = parser.parse_args()
+    if args.table:
+        table([json.loads(line) for line in open(args.table) if line.strip()])
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    rows = []
+    for seed in args.seeds:  # seed-major: every variant of a seed before the next seed
+        for variant in args.variants:
+            row = run_one(args.config, variant, seed)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+    table(rows)
+
+
+if __name__ == "__main__":
+    main()

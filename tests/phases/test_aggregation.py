@@ -1,0 +1,144 @@
+"""Aggregation math: FedAvg's weighted mean and the three mixed-rank LoRA aggregations."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from atlasfl.phases.aggregation import (
+    aggregate_mixed,
+    dense_svd,
+    redistribute,
+    stack,
+    svd_of_product,
+    truncate,
+    weighted_average,
+    zero_pad,
+)
+
+
+def _clients(ranks, d_in=7, d_out=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(r, d_in, generator=gen, dtype=torch.float64),
+             torch.randn(d_out, r, generator=gen, dtype=torch.float64)) for r in ranks]
+
+
+def _target(factors, weights, scalings):
+    total = sum(weights)
+    return sum(w / total * s * (b @ a) for (a, b), w, s in zip(factors, weights, scalings,
+                                                                 strict=True))
+
+
+def test_weighted_average_by_hand():
+    states = [{"x": torch.tensor([1.0, 2.0])}, {"x": torch.tensor([3.0, 6.0])}]
+    out = weighted_average(states, [1, 3])
+    assert torch.allclose(out["x"], torch.tensor([2.5, 5.0]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(ranks=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+       weights=st.lists(st.floats(0.1, 10.0), min_size=5, max_size=5),
+       seed=st.integers(0, 1000))
+def test_stack_reproduces_the_weighted_sum_of_products(ranks, weights, seed):
+    factors = _clients(ranks, seed=seed)
+    weights = weights[: len(ranks)]
+    scalings = [16 / math.sqrt(r) for r in ranks]  # rsLoRA, rank-dependent
+    a, b = stack(factors, weights, scalings)
+    assert a.shape[0] == sum(ranks)
+    assert torch.allclose(b @ a, _target(factors, weights, scalings), atol=1e-5)
+
+
+def test_svd_of_product_matches_the_dense_svd():
+    factors = _clients([3, 2, 4])
+    weights, scalings = [1.0, 2.0, 3.0], [2.0, 1.0, 0.5]
+    u, s, vh = svd_of_product(*stack(factors, weights, scalings))
+    _, s_dense, _ = dense_svd(factors, weights, scalings)
+    assert torch.allclose(u @ torch.diag(s) @ vh, _target(factors, weights, scalings), atol=1e-10)
+    assert torch.allclose(s[: len(s_dense)], s_dense, atol=1e-10)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 5])
+def test_truncation_is_the_best_rank_r_approximation(rank):
+    """Eckart-Young: the error of the rank-r truncation is the energy of the dropped values."""
+    factors = _clients([3, 4])
+    target = _target(factors, [1.0, 1.0], [1.0, 1.0])
+    u, s, vh = dense_svd(factors, [1.0, 1.0], [1.0, 1.0])
+    scaling = 16 / math.sqrt(rank)
+    a, b = truncate(u, s, vh, rank, scaling)
+    assert a.shape == (rank, 7) and b.shape == (5, rank)
+    error = torch.linalg.matrix_norm(target - scaling * b @ a) ** 2
+    assert float(error) == pytest.approx(float((s[rank:] ** 2).sum()), abs=1e-9)
+    # no rank-r matrix does better: random rank-r competitors are all worse
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        other = (scaling * b + 0.1 * torch.randn(5, rank, generator=gen, dtype=torch.float64)) @ a
+        assert torch.linalg.matrix_norm(target - other) ** 2 >= error - 1e-12
+
+
+def test_zero_pad_adds_the_cross_terms_by_hand():
+    """Two rank-1 clients: mean(B) mean(A) = (B1A1 + B2A2)/4 + (B1A2 + B2A1)/4, not the mean."""
+    a1, b1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]])
+    a2, b2 = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0], [1.0]])
+    a, b = zero_pad([(a1, b1), (a2, b2)], [1, 1])
+    exact = (b1 @ a1 + b2 @ a2) / 2  # [[.5, 0], [0, .5]]
+    naive = (b @ a).float()  # [[.25, .25], [.25, .25]]
+    assert torch.allclose(naive, torch.full((2, 2), 0.25))
+    assert torch.linalg.matrix_norm(naive - exact) == pytest.approx(0.5)
+    sa, sb = stack([(a1, b1), (a2, b2)], [1, 1], [1.0, 1.0])
+    assert torch.allclose((sb @ sa).float(), exact)
+
+
+def test_zero_pad_pads_lower_ranks():
+    factors = _clients([1, 3])
+    a, b = zero_pad(factors, [1, 1])
+    assert a.shape == (3, 7) and b.shape == (5, 3)
+    assert torch.allclose(a[1:], factors[1][0][1:] / 2)
+
+
+@given(seed=st.integers(0, 100), rank=st.integers(1, 4))
+@settings(max_examples=10, deadline=None)
+def test_identical_updates_come_back_unchanged(seed, rank):
+    """Aggregating N copies of one adapter returns it (up to the SVD's basis) for every method."""
+    (a, b), = _clients([rank], seed=seed)
+    state = {"m.lora_A.weight": a.float(), "m.lora_B.weight": b.float()}
+    for method in ("zero-pad", "stack", "svd"):
+        agg = aggregate_mixed([state] * 3, [1, 2, 3], method=method, scaling=lambda r: 2.0,
+                              keep=rank)
+        back = redistribute(agg, {"m": rank}, method=method, scaling=lambda r: 2.0)
+        product = back["m.lora_B.weight"] @ back["m.lora_A.weight"]
+        assert torch.allclose(product, b.float() @ a.float(), atol=1e-4)
+
+
+def test_stack_and_svd_give_each_client_the_same_product():
+    states = [{"m.lora_A.weight": a.float(), "m.lora_B.weight": b.float()}
+              for a, b in _clients([2, 4, 8], d_in=16, d_out=12)]
+    scaling = lambda r: 8 / math.sqrt(r)  # noqa: E731
+    outs = {m: aggregate_mixed(states, [3, 1, 2], method=m, scaling=scaling, keep=8)
+            for m in ("stack", "svd")}
+    for rank in (2, 4, 8):
+        prods = [scaling(rank) * (lambda s: s["m.lora_B.weight"] @ s["m.lora_A.weight"])(
+            redistribute(outs[m], {"m": rank}, method=m, scaling=scaling)) for m in outs]
+        assert torch.allclose(prods[0], prods[1], atol=1e-4)
+
+
+def test_redistribution_keeps_the_product_and_follows_the_reference_coordinates():
+    factors = _clients([4, 4], d_in=16, d_out=12)
+    states = [{"m.lora_A.weight": a.float(), "m.lora_B.weight": b.float()} for a, b in factors]
+    scaling = lambda r: 8 / math.sqrt(r)  # noqa: E731
+    agg = aggregate_mixed(states, [1, 1], method="stack", scaling=scaling, keep=4)
+    plain = redistribute(agg, {"m": 4}, method="stack", scaling=scaling)
+    aligned = redistribute(agg, {"m": 4}, method="stack", scaling=scaling, reference=states[0])
+
+    def product(s):
+        return s["m.lora_B.weight"] @ s["m.lora_A.weight"]
+
+    torch.testing.assert_close(product(aligned), product(plain), rtol=1e-4, atol=1e-5)
+    ref = states[0]["m.lora_A.weight"]
+    assert aligned["m.lora_A.weight"].norm() == pytest.approx(float(ref.norm()), rel=1e-5)
+    # closer to the client's own A than the default coordinates, scaled alike
+    scaled = plain["m.lora_A.weight"] * (ref.norm() / plain["m.lora_A.weight"].norm())
+    assert (aligned["m.lora_A.weight"] - ref).norm() < (scaled - ref).norm()

@@ -1,0 +1,146 @@
+"""homolora / hetlora: per-module ranks really reach the peft model, every client receives the
+exact aggregate cut to its own ranks, and a device that cannot train is refused or excluded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from atlasfl.engine import RunDir, build_experiment, run_experiment
+from atlasfl.engine.executor import make_executor
+from atlasfl.engine.ledger import CommLedger
+from atlasfl.errors import AtlasError
+from atlasfl.models.lora import ADAPTER
+
+
+def _het(tiny_cfg, **extra):
+    return tiny_cfg(method="hetlora", **{"model.lora.rslora": True, "ranks.r_max": 12,
+                                         "ranks.grouping": "task", **extra})
+
+
+def _recording(exp):
+    seen = []
+    original = exp.strategy.aggregate_round
+
+    def record(state, round_idx, updates):
+        seen.append({u.client_id: (u.num_examples, {k: v.clone() for k, v in u.state.items()})
+                     for u in updates})
+        return original(state, round_idx, updates)
+
+    exp.strategy.aggregate_round = record
+    return seen
+
+
+def test_allocated_ranks_differ_per_module_in_the_peft_model(tiny_cfg, tmp_path):
+    cfg = _het(tiny_cfg, out=str(tmp_path), run_name="het")
+    exp = build_experiment(cfg)
+    run = RunDir.create(exp.cfg)
+    run_experiment(exp, run)
+    records = json.loads((run.path / "clients.json").read_text())
+    for cid, client in exp.clients.items():
+        planned = records[str(cid)]["ranks"]
+        assert client.ranks() == planned
+        assert len(set(planned.values())) > 1, "ranks must differ between modules"
+        exp.binder.bind(client.adapter)
+        for path, layer in exp.binder.layers.items():  # what the model computes with
+            assert layer.r[ADAPTER] == planned[path]
+            assert layer.lora_A[ADAPTER].weight.shape[0] == planned[path]
+            assert layer.lora_B[ADAPTER].weight.shape[1] == planned[path]
+        rec = records[str(cid)]
+        assert rec["device"] in ("cpu-2gb", "tablet-4gb", "laptop-8gb", "gpu-16gb")
+        assert 0 < rec["memory_estimate_bytes"] <= rec["budget_bytes"]
+        # parity: no more LoRA parameters than rank model.lora.r everywhere
+        shapes = exp.binder.shapes()
+        assert rec["lora_params"] <= cfg.model.lora.r * sum(sum(s) for s in shapes.values())
+
+
+@pytest.mark.parametrize("method", ["stack", "svd"])
+def test_each_client_holds_the_best_rank_r_approximation_of_its_group_sum(tiny_cfg, method):
+    exp = build_experiment(_het(tiny_cfg, **{"ranks.aggregation": method,
+                                             "data.partition": "dirichlet"}))
+    seen = _recording(exp)
+    run_experiment(exp)
+    (updates,) = seen
+    scaling = exp.strategy.scaling
+    for _cid, client in exp.clients.items():
+        group = {c: u for c, u in updates.items()
+                 if exp.clients[c].task.name == client.task.name}
+        total = sum(n for n, _ in group.values())
+        for module, rank in client.ranks().items():
+            target = sum(n / total * scaling(s[f"{module}.lora_A.weight"].shape[0])
+                         * s[f"{module}.lora_B.weight"].double() @ s[f"{module}.lora_A.weight"]
+                         .double() for n, s in group.values())
+            u, sv, vh = torch.linalg.svd(target)
+            best = u[:, :rank] @ torch.diag(sv[:rank]) @ vh[:rank]
+            got = (scaling(rank) * client.adapter[f"{module}.lora_B.weight"].double()
+                   @ client.adapter[f"{module}.lora_A.weight"].double())
+            torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-6)
+
+
+def test_zero_pad_clients_hold_the_first_rows_of_the_padded_mean(tiny_cfg):
+    exp = build_experiment(_het(tiny_cfg, **{"ranks.aggregation": "zero-pad"}))
+    seen = _recording(exp)
+    run_experiment(exp)
+    (updates,) = seen
+    for _cid, client in exp.clients.items():
+        group = [u for c, u in updates.items() if exp.clients[c].task.name == client.task.name]
+        total = sum(n for n, _ in group)
+        for module, rank in client.ranks().items():
+            key = f"{module}.lora_A.weight"
+            padded = torch.zeros(client.adapter[key].shape[0], client.adapter[key].shape[1],
+                                 dtype=torch.float64)
+            for n, s in group:
+                r = min(rank, s[key].shape[0])
+                padded[:r] += n / total * s[key][:r].double()
+            torch.testing.assert_close(client.adapter[key].double(), padded, rtol=1e-5,
+                                       atol=1e-7)
+
+
+def test_homolora_trains_one_rank_everywhere(tiny_cfg):
+    exp = build_experiment(tiny_cfg(method="homolora", **{"model.lora.r": 4}))
+    run_experiment(exp)
+    assert all(set(c.ranks().values()) == {4} for c in exp.clients.values())
+
+
+def _tiny_device(tiny_cfg, method, on_infeasible):
+    return tiny_cfg(method=method, **{
+        "devices.custom": [{"name": "watch", "memory_gb": 1e-4}],
+        "devices.profiles": ["watch", "gpu-16gb"], "ranks.on_infeasible": on_infeasible,
+        "seed": 3})
+
+
+@pytest.mark.parametrize("method", ["homolora", "hetlora"])
+def test_a_device_too_small_is_refused_with_a_clear_message(tiny_cfg, method):
+    cfg = _tiny_device(tiny_cfg, method, "error")
+    with pytest.raises(AtlasError, match=r"client \d+ on device watch needs \d+ MiB"):
+        run_experiment(build_experiment(cfg))
+
+
+@pytest.mark.parametrize("method", ["homolora", "hetlora"])
+def test_or_excluded_it_trains_nothing_and_receives_nothing(tiny_cfg, method):
+    exp = build_experiment(_tiny_device(tiny_cfg, method, "exclude"))
+    small = [c for c, p in exp.strategy.devices.items() if p.name == "watch"]
+    assert 0 < len(small) < len(exp.clients), "precondition: some clients on the small device"
+    before = {c: {k: v.clone() for k, v in exp.clients[c].adapter.items()} for c in small}
+    outcome = run_experiment(exp)
+    rows = outcome.summary["clients"]
+    assert all(not r.get("steps") for r in rows if r["client"] in small)
+    for c in small:
+        for k, v in exp.clients[c].adapter.items():
+            assert torch.equal(v, before[c][k])
+
+
+def test_importance_from_the_fingerprint_pass_equals_a_separate_pass(tiny_cfg):
+    cfg = _het(tiny_cfg, **{"ranks.grouping": "cluster"})
+    exp = build_experiment(cfg)
+    executor = make_executor(exp, CommLedger())
+    settings = cfg.clustering
+    _, together, _ = executor.probe(1, 0, settings, fingerprint=True, importance=True)
+    _, alone, _ = executor.probe(1, 0, settings, fingerprint=False, importance=True,
+                                 importance_samples=settings.samples)
+    assert together.keys() == alone.keys() == set(exp.binder.layers)
+    for key in together:
+        assert together[key] == pytest.approx(alone[key], rel=1e-4)
+    assert all(v > 0 for v in together.values())
