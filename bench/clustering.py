@@ -81,7 +81,7 @@ def main() -> None:
                   f"{row['phase_seconds']:>9.1f}{row['cpu_over_wall']:>9.2f}", flush=True)
             if args.out:
                 with open(args.out, "a") as fh:
-                    fh.write(json.dumps({"setting": name, **row}) + "\n")
+                    fh.write(json.dumps({"setting": name, "overrides": extra, **row}) + "\n")
         print(f"{name:<30}{'mean':>5}{'':>4}{statistics.mean(r['ari'] for r in rows):>7.3f}"
               f"{statistics.mean(r['nmi'] for r in rows):>7.3f}", flush=True)
 

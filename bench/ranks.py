@@ -12,6 +12,7 @@ then favours cheap modules); a real run uses the clients' measured importance (c
 
     python bench/ranks.py                       # batch 16, sequence 128, r 1..64
     python bench/ranks.py --batch 8 --seq 256 --targets all
+    python bench/ranks.py --quick          # hetlora's plans on quick.yaml, measured importance
 """
 
 from __future__ import annotations
@@ -63,8 +64,30 @@ def lora_shapes(config, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
             and "pooler" not in name}
 
 
+def quick_plans(seed: int) -> None:
+    """hetlora's plans on configs/quick.yaml: importance measured on each client's data."""
+    from atlasfl.config import from_dict, from_yaml
+    from atlasfl.engine import CommLedger, build_experiment
+    from atlasfl.engine.executor import make_executor
+    from atlasfl.engine.simulation import run_fingerprint_phase
+
+    cfg = from_dict(from_yaml("configs/quick.yaml")).replace(
+        method="hetlora", seed=seed, progress=False, **{"model.lora.rslora": True})
+    exp = build_experiment(cfg)
+    state, _ = run_fingerprint_phase(exp, make_executor(exp, CommLedger()), exp.strategy,
+                                     exp.strategy.init(), 1, fingerprint=False, importance=True)
+    for cid, rec in exp.strategy.client_records(state).items():
+        ranks = " ".join(f"{r:>2}" for r in rec["ranks"].values())
+        print(f"client {cid:>2} {rec['task']:<5} {rec['device']:<11} "
+              f"{rec['memory_estimate_bytes'] / 2**20:6.0f} MiB of "
+              f"{rec['budget_bytes'] / 2**30:.0f} GiB  {rec['limited_by']:<10} ranks {ranks}")
+    print("modules:", ", ".join(next(iter(exp.strategy.client_records(state).values()))["ranks"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="hetlora plans on quick.yaml")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--r-min", type=int, default=1)
@@ -72,6 +95,9 @@ def main() -> None:
     parser.add_argument("--targets", choices=["default", "all"], default="default")
     parser.add_argument("--out", help="append JSON lines here")
     args = parser.parse_args()
+    if args.quick:
+        quick_plans(args.seed)
+        return
     print(f"batch {args.batch}, sequence {args.seq}, ranks {args.r_min}..{args.r_max}, "
           f"targets {args.targets}")
     print(f"{'model':<20}{'device':<12}{'modules':>8}{'min MiB':>9}{'budget':>8}{'plan MiB':>9}"
