@@ -134,23 +134,6 @@ def dense_svd(factors: Sequence[Factors], weights: Sequence[float],
     return u[:, :keep], s[:keep], vh[:keep]
 
 
-def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int,
-             scaling: float) -> Factors:
-    """A client's rank-r factors of the best rank-r approximation of U diag(S) Vh.
-
-    By Eckart-Young the first r singular triplets minimise the Frobenius error. The update is
-    split evenly, B = U sqrt(S/s), A = sqrt(S/s) Vh, so that s * B @ A (what a model of scaling s
-    adds) equals it. Ranks above the available ones are padded with zero factors.
-    """
-    k = min(rank, len(s))
-    root = torch.sqrt(s[:k] / scaling)
-    a = torch.zeros(rank, vh.shape[1], dtype=torch.float64)
-    b = torch.zeros(u.shape[0], rank, dtype=torch.float64)
-    a[:k] = root[:, None] * vh[:k]
-    b[:, :k] = u[:, :k] * root[None, :]
-    return a, b
-
-
 def _modules(state: AdapterState) -> list[str]:
     return [k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")]
 
