@@ -8,6 +8,8 @@ process_time / wall so a loaded machine shows.
 
     python bench/clustering.py                       # the issue's settings, seeds 0 1 2
     python bench/clustering.py --only ablation       # which parameters, how many layers
+    python bench/clustering.py --dump DIR            # also save what the server received
+    python bench/clustering.py --server DIR          # the server's steps, on saved fingerprints
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
+
+import numpy as np
 
 from atlasfl.config import from_dict
 from atlasfl.engine import CommLedger, build_experiment
 from atlasfl.engine.executor import make_executor
 from atlasfl.engine.simulation import run_fingerprint_phase
+from atlasfl.phases.clustering import CRITERIA, cluster_fingerprints
 
 FOUR = ["sst2", "mrpc", "cola", "qnli"]
 SIX = [*FOUR, "rte", "stsb"]
@@ -38,13 +44,15 @@ ABLATION = {
 }
 
 
-def run_one(overrides: dict, seed: int) -> dict:
+def run_one(overrides: dict, seed: int, dump: str | None = None) -> dict:
     cfg = from_dict({"method": "fedavg-cluster", "seed": seed, "progress": False,
                      "data": {"clients_per_task": 3, "samples": 200, "eval_samples": 8}}
                     ).replace(**overrides)
     exp = build_experiment(cfg)
     ledger = CommLedger()
     executor = make_executor(exp, ledger)
+    if dump:  # keep what the server saw, to study its side offline
+        _record_fingerprints(exp, dump)
     wall, cpu = time.perf_counter(), time.process_time()
     _, metrics = run_fingerprint_phase(exp, executor, exp.strategy, exp.strategy.init(), 1)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -54,14 +62,73 @@ def run_one(overrides: dict, seed: int) -> dict:
             "cpu_over_wall": cpu / wall}
 
 
+def _record_fingerprints(exp, path: str) -> None:
+    """Save the uploaded fingerprints, their noise variances and the true tasks (safetensors)."""
+    from safetensors.numpy import save_file
+
+    strategy = exp.strategy
+    observe = strategy.observe_fingerprints
+
+    def observe_and_save(state, round_idx, fingerprints, noise=None):
+        ids = sorted(fingerprints)
+        tasks = sorted({strategy.clients[i].task for i in ids})
+        save_file({"fingerprints": np.stack([fingerprints[i] for i in ids]),
+                   "noise_var": np.array([(noise or {}).get(i, 0.0) for i in ids]),
+                   "tasks": np.array([tasks.index(strategy.clients[i].task) for i in ids])},
+                  path, metadata={"task_names": ",".join(tasks)})
+        return observe(state, round_idx, fingerprints, noise)
+
+    strategy.observe_fingerprints = observe_and_save
+
+
+SERVERS = {  # the server's steps, switched on one after the other
+    "uncentred, 4-criterion vote": {"center": False, "debias": False, "criteria": CRITERIA},
+    "centred, 4-criterion vote": {"center": True, "debias": False, "criteria": CRITERIA},
+    "centred, debiased, 4-criterion vote": {"center": True, "debias": True, "criteria": CRITERIA},
+    "centred, debiased, silhouette + eigengap": {"center": True, "debias": True,
+                                                 "criteria": ("silhouette", "eigengap")},
+    "centred, debiased, silhouette, all vote": {"center": True, "debias": True,
+                                                "criteria": ("silhouette",), "min_signal": 0.0},
+    "default (+ min_signal 0.7)": {"center": True, "debias": True, "criteria": ("silhouette",)},
+}
+
+
+def server_ablation(folder: str) -> None:
+    """ARI of each server variant on the fingerprints saved by ``--dump`` (seconds, no model)."""
+    from safetensors.numpy import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    short = {"4_tasks__iid": "4 iid", "4_tasks__dirichlet_0_5": "4 dir", "6_tasks__iid": "6 iid",
+             "4_tasks__DP_eps_8": "4 dp"}
+    heads = [f"{short.get(f.stem.rsplit('_seed', 1)[0], f.stem)} s{f.stem.rsplit('seed', 1)[1]}"
+             for f in files]
+    print(f"{'server (k: ARI per saved run)':<44}" + "".join(f"{h:>10}" for h in heads))
+    for name, opts in SERVERS.items():
+        aris = []
+        for f in files:
+            saved = load_file(str(f))
+            result = cluster_fingerprints(
+                saved["fingerprints"], true_labels=saved["tasks"], center=opts["center"],
+                noise_var=saved["noise_var"] if opts["debias"] else None,
+                criteria=opts["criteria"], min_signal=opts.get("min_signal", 0.7))
+            aris.append(f"{result.k}:{result.quality['ari']:.3f}")
+        print(f"{name:<44}" + "".join(f"{a:>10}" for a in aris))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", choices=["settings", "ablation", "all", "four", "six"],
                         default="settings")
     parser.add_argument("--out", help="append JSON lines here")
+    parser.add_argument("--dump", help="save each run's fingerprints into this folder")
+    parser.add_argument("--server", help="only compare server variants on the fingerprints "
+                                         "saved in this folder by --dump")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=JSON value")
     args = parser.parse_args()
+    if args.server:
+        server_ablation(args.server)
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -74,7 +141,12 @@ def main() -> None:
     for name, overrides in table[args.only].items():
         rows = []
         for seed in args.seeds:
-            row = run_one({**overrides, **extra}, seed)
+            dump = None
+            if args.dump:
+                Path(args.dump).mkdir(parents=True, exist_ok=True)
+                tag = "".join(ch if ch.isalnum() else "_" for ch in name)
+                dump = str(Path(args.dump) / f"{tag}_seed{seed}.safetensors")
+            row = run_one({**overrides, **extra}, seed, dump)
             rows.append(row)
             print(f"{name:<30}{seed:>5}{row['k']:>4}{row['ari']:>7.3f}{row['nmi']:>7.3f}"
                   f"{row['purity']:>8.3f}{row['upload_bytes_per_client']:>7}"

@@ -22,12 +22,17 @@ from atlasfl.config import from_dict, from_yaml
 from atlasfl.engine import build_experiment, run_experiment
 
 BASE = {"model.lora.rslora": True, "model.lora.alpha": 2 * 8**0.5, "ranks.grouping": "task"}
+DEVICE = {"ranks.budget": "device", "ranks.utility": "log", "ranks.r_max": 32}
 VARIANTS = {
     "homolora stack": {"method": "homolora", "ranks.aggregation": "stack"},
     "hetlora zero-pad": {"method": "hetlora", "ranks.aggregation": "zero-pad"},
     "hetlora stack": {"method": "hetlora", "ranks.aggregation": "stack"},
     "hetlora svd": {"method": "hetlora", "ranks.aggregation": "svd"},
     "homolora zero-pad": {"method": "homolora", "ranks.aggregation": "zero-pad"},
+    # HetLoRA's setting: ranks differ between clients (homolora's total upload, shared by memory)
+    "hetlora-device zero-pad": {"method": "hetlora", **DEVICE, "ranks.aggregation": "zero-pad"},
+    "hetlora-device stack": {"method": "hetlora", **DEVICE, "ranks.aggregation": "stack"},
+    "hetlora-device svd": {"method": "hetlora", **DEVICE, "ranks.aggregation": "svd"},
 }
 
 

@@ -64,7 +64,7 @@ def lora_shapes(config, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
             and "pooler" not in name}
 
 
-def quick_plans(seed: int) -> None:
+def quick_plans(seed: int, overrides: dict) -> None:
     """hetlora's plans on configs/quick.yaml: importance measured on each client's data."""
     from atlasfl.config import from_dict, from_yaml
     from atlasfl.engine import CommLedger, build_experiment
@@ -72,7 +72,7 @@ def quick_plans(seed: int) -> None:
     from atlasfl.engine.simulation import run_fingerprint_phase
 
     cfg = from_dict(from_yaml("configs/quick.yaml")).replace(
-        method="hetlora", seed=seed, progress=False, **{"model.lora.rslora": True})
+        method="hetlora", seed=seed, progress=False, **{"model.lora.rslora": True, **overrides})
     exp = build_experiment(cfg)
     state, _ = run_fingerprint_phase(exp, make_executor(exp, CommLedger()), exp.strategy,
                                      exp.strategy.init(), 1, fingerprint=False, importance=True)
@@ -94,9 +94,12 @@ def main() -> None:
     parser.add_argument("--r-max", type=int, default=64)
     parser.add_argument("--targets", choices=["default", "all"], default="default")
     parser.add_argument("--out", help="append JSON lines here")
+    parser.add_argument("--set", nargs="*", default=[],
+                        help="with --quick: config overrides key=JSON value")
     args = parser.parse_args()
     if args.quick:
-        quick_plans(args.seed)
+        quick_plans(args.seed, {k: json.loads(v)
+                                for k, v in (item.split("=", 1) for item in args.set)})
         return
     print(f"batch {args.batch}, sequence {args.seq}, ranks {args.r_min}..{args.r_max}, "
           f"targets {args.targets}")

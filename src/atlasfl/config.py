@@ -105,6 +105,11 @@ class ClusteringConfig:
     params: str = "lora"  # lora (B factors) | weights (frozen target weights)
     statistic: str = "fisher"  # fisher (squared per-example gradients) | gradient (mean)
     dim: int = 256  # projected dimension (the upload is dim x 4 bytes)
+    center: bool = True  # subtract the mean fingerprint before the cosine geometry
+    debias: bool = True  # subtract each fingerprint's uploaded noise variance from its norm
+    criteria: tuple[str, ...] = ("silhouette",)  # which of silhouette, davies_bouldin,
+    # calinski_harabasz, eigengap vote on k (mean rank); all four are recorded for every k
+    min_signal: float = 0.7  # k is chosen among clients whose fingerprint is >= 70% signal
     method: str = "kmeans"  # kmeans | spectral
     k: int = 0  # 0: choose k; > 0: fixed
     k_min: int = 2
@@ -144,7 +149,9 @@ class RanksConfig:
     r_min: int = 1
     r_max: int = 16
     utility: str = "linear"  # linear: sum importance x rank | log: sum importance x log(rank)
-    budget: str = "parity"  # parity: <= model.lora.r's LoRA parameters | memory: memory only
+    # parity: <= homolora's LoRA parameters at model.lora.r | device: the federation's total of
+    # those, shared in proportion to device memory | memory: the memory budget only
+    budget: str = "parity"
     on_infeasible: str = "error"  # error | exclude (the client trains nothing)
     samples: int = 64  # importance examples per client when Phase 1 does not run
 
@@ -404,6 +411,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(c.epsilon >= 0, "clustering.epsilon", c.epsilon, "0 (no noise) or > 0")
     _check(0 < c.delta < 1, "clustering.delta", c.delta, "0 < delta < 1")
     _check(c.clip > 0, "clustering.clip", c.clip, "a number > 0")
+    _check(bool(c.criteria) and set(c.criteria) <= {"silhouette", "davies_bouldin",
+                                                     "calinski_harabasz", "eigengap"},
+           "clustering.criteria", list(c.criteria),
+           "a non-empty list of silhouette, davies_bouldin, calinski_harabasz, eigengap")
+    _check(0 <= c.min_signal < 1, "clustering.min_signal", c.min_signal, "0 <= min_signal < 1")
     r = cfg.ranks
     _check(r.aggregation in ("zero-pad", "stack", "svd"), "ranks.aggregation", r.aggregation,
            "zero-pad, stack, svd")
@@ -412,7 +424,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(1 <= r.r_min <= r.r_max <= 256, "ranks.r_min", (r.r_min, r.r_max),
            "1 <= r_min <= r_max <= 256")
     _check(r.utility in ("linear", "log"), "ranks.utility", r.utility, "linear, log")
-    _check(r.budget in ("parity", "memory"), "ranks.budget", r.budget, "parity, memory")
+    _check(r.budget in ("parity", "device", "memory"), "ranks.budget", r.budget,
+           "parity, device, memory")
     _check(r.on_infeasible in ("error", "exclude"), "ranks.on_infeasible", r.on_infeasible,
            "error, exclude")
     _check(r.samples >= 1, "ranks.samples", r.samples, "an integer >= 1")

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from atlasfl.phases.clustering import (
     assign_to_nearest,
     cluster_fingerprints,
+    embed,
     eigengaps,
     similarity_graph,
 )
@@ -40,10 +41,62 @@ def test_small_n_does_not_crash(n):
 
 def test_fixed_k_and_late_joiner_goes_to_its_cluster():
     x, truth = planted(3, 4, seed=2)
+    x = x + 5.0 * np.random.default_rng(9).normal(size=x.shape[1])  # a shared component
     result = cluster_fingerprints(x[:-1], k=3)
-    joined = assign_to_nearest(x[-1], result.centroids)
+    joined = assign_to_nearest(x[-1], result.centroids, result.center)
     same = result.labels[np.flatnonzero(truth[:-1] == truth[-1])]
     assert (same == joined).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_centring_removes_the_component_every_client_shares(seed):
+    # real fingerprints share a direction (the pretrained model) much larger than the task part
+    x, truth = planted(4, 3, noise=0.3, seed=seed)
+    x = x + 8.0 * np.linalg.norm(x[0]) * _unit(np.random.default_rng(seed + 10).normal(size=64))
+    centred = cluster_fingerprints(x, true_labels=truth)
+    assert centred.k == 4 and centred.quality["ari"] == pytest.approx(1.0)
+    assert centred.center is not None and centred.center.shape == (64,)
+    # the similarity graph's spectrum shows the four clusters only after centring
+    assert centred.scores[4]["eigengap"] > 0.5
+    assert max(s["eigengap"] for s in cluster_fingerprints(x, center=False).scores.values()) < 0.05
+
+
+def test_debiasing_recovers_the_geometry_of_the_noise_free_fingerprints():
+    # noise independent between clients (sampling or DP) inflates only the Gram diagonal
+    x, _ = planted(4, 3, dim=4096, noise=0.3, seed=4)
+    rng = np.random.default_rng(5)
+    var = np.linspace(0.5, 3.0, len(x)) * (x**2).sum(1)  # noise up to 3x the signal energy
+    noisy = x + np.sqrt(var / x.shape[1])[:, None] * rng.normal(size=x.shape)
+    clean = embed(x) @ embed(x).T
+    debiased = embed(noisy, var) @ embed(noisy, var).T
+    raw = embed(noisy) @ embed(noisy).T
+    assert np.abs(debiased - clean).max() < 0.1
+    assert np.abs(raw - clean).max() > 0.3
+    # no noise: the embedding is the centred cosine geometry itself
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    centred = unit - unit.mean(0)
+    np.testing.assert_allclose(clean, centred @ centred.T, atol=1e-9)
+
+
+def test_a_mostly_noise_client_does_not_vote_on_k_but_is_clustered(monkeypatch):
+    from atlasfl.phases import clustering
+
+    x, truth = planted(4, 3, noise=0.3, seed=6)
+    noise = 1.5 * np.linalg.norm(x[0]) * np.random.default_rng(7).normal(size=64) / 8
+    x = np.vstack([x, x[0] + noise])  # a 13th client of task 0 with few examples
+    truth = np.append(truth, 0)
+    var = np.append(np.zeros(12), (noise**2).sum())
+    assert clustering.signal_fraction(x, var)[-1] < 0.7 <= clustering.signal_fraction(x, var)[0]
+    voters = []
+    score = clustering.score_candidates
+    monkeypatch.setattr(clustering, "score_candidates",
+                        lambda unit, *a, **kw: voters.append(len(unit)) or score(unit, *a, **kw))
+    result = cluster_fingerprints(x, true_labels=truth, noise_var=var)
+    assert voters == [12] and result.k == 4 and result.quality["ari"] == pytest.approx(1.0)
+
+
+def _unit(v):
+    return v / np.linalg.norm(v)
 
 
 def test_quality_is_not_used_to_cluster():

@@ -37,7 +37,7 @@ def test_layers_chosen_by_index_and_gradients_collected(tiny_cfg, model, params)
         assert v.shape == (32,) and np.isfinite(v).all()
         assert np.linalg.norm(v) == pytest.approx(1.0, rel=1e-4)  # a gradient was collected
     assert not np.allclose(vectors[0], vectors[-1])  # different tasks, different fingerprints
-    assert ledger.get(1, 0, "up") == 32 * 4  # only the projected vector is uploaded
+    assert ledger.get(1, 0, "up") == 32 * 4 + 4  # the projected vector and its noise variance
     assert all(not p.requires_grad for n, p in exp.model.named_parameters() if "lora_" not in n)
 
 
@@ -69,6 +69,43 @@ def test_dp_noise_scale_matches_the_gaussian_mechanism():
     assert draws.std(axis=0).mean() == pytest.approx(expected, rel=0.05)
     signal = draws.mean(axis=0)  # mean of the 4 clipped unit vectors: norm <= clip
     assert np.linalg.norm(signal) <= 0.5 + 8 * expected / np.sqrt(300) * 8
+
+
+@pytest.mark.parametrize("statistic", ["fisher", "gradient"])
+def test_noise_variance_is_the_sampling_variance_of_the_released_vector(statistic):
+    # a toy client: two linear layers; the brute force projects every example on its own
+    torch.manual_seed(0)
+    layers = {"a": torch.nn.Linear(6, 3, bias=False), "b": torch.nn.Linear(3, 2, bias=False)}
+    x = torch.randn(40, 6)
+    target = torch.randn(40, 2)
+    batches = [{"x": x[i : i + 8], "y": target[i : i + 8], "labels": target[i : i + 8, 0]}
+               for i in range(0, 40, 8)]
+
+    def loss_fn(b):
+        return (layers["b"](torch.tanh(layers["a"](b["x"]))) - b["y"]).pow(2).sum(1).mean()
+
+    dim = 4096  # large, so the JL projection preserves the spread closely
+    fp = compute_fingerprint(loss_fn, batches, layers, dim=dim, seed=3, blocks=(0,),
+                             statistic=statistic)
+    per = {n: torch.cat([per_example_grads(loss_fn, b, layers)[n] for b in batches])
+           for n in layers}
+    if statistic == "fisher":
+        per = {n: g * g for n, g in per.items()}
+    mean = {n: g.mean(0) for n, g in per.items()}
+    unit = torch.cat([(per[n] / mean[n].norm()).reshape(40, -1) for n in layers], 1).double()
+    released = torch.cat([(mean[n] / mean[n].norm()).reshape(-1) for n in layers]).double()
+    expected = (unit - released).pow(2).sum() / (40 * 39) / released.norm() ** 2
+    assert fp.noise_var == pytest.approx(float(expected), rel=0.1)
+    assert fp.noise_var > 0
+
+
+def test_dp_noise_variance_is_the_mechanisms_and_public():
+    layer = torch.nn.Linear(5, 1, bias=False)
+    batch = {"x": torch.randn(4, 5), "labels": torch.zeros(4)}
+    fp = compute_fingerprint(lambda b: layer(b["x"]).mean(), [batch], {"w": layer}, dim=64,
+                             seed=1, blocks=(0,), epsilon=2.0, clip=0.5,
+                             generator=torch.Generator().manual_seed(0))
+    assert fp.noise_var == pytest.approx(64 * fp.noise_std**2)
 
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2"])

@@ -56,6 +56,24 @@ def test_allocated_ranks_differ_per_module_in_the_peft_model(tiny_cfg, tmp_path)
         assert rec["lora_params"] <= cfg.model.lora.r * sum(sum(s) for s in shapes.values())
 
 
+def test_device_budget_shares_homolora_total_in_proportion_to_memory(tiny_cfg):
+    devices = ["cpu-2gb", "gpu-16gb", "gpu-16gb", "cpu-2gb"]  # 4 clients: 36 GiB in all
+    cfg = _het(tiny_cfg, **{"ranks.budget": "device", "ranks.r_max": 64,
+                            "devices.assignment": devices})
+    exp = build_experiment(cfg)
+    run_experiment(exp)
+    shapes = exp.binder.shapes()
+    total = len(devices) * cfg.model.lora.r * sum(sum(s) for s in shapes.values())
+    for cid, client in exp.clients.items():
+        params = sum(r * sum(shapes[m]) for m, r in client.ranks().items())
+        share = total * (2 if devices[cid] == "cpu-2gb" else 16) / 36
+        assert params <= share
+        if devices[cid] == "gpu-16gb":  # the greedy fills its share up to one rank unit
+            assert params > share - max(sum(s) for s in shapes.values())
+    ranks = {devices[c]: sum(cl.ranks().values()) for c, cl in exp.clients.items()}
+    assert ranks["gpu-16gb"] > 4 * ranks["cpu-2gb"]
+
+
 @pytest.mark.parametrize("method", ["stack", "svd"])
 def test_each_client_holds_the_best_rank_r_approximation_of_its_group_sum(tiny_cfg, method):
     exp = build_experiment(_het(tiny_cfg, **{"ranks.aggregation": method,

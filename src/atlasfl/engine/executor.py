@@ -84,19 +84,20 @@ class InProcessExecutor:
 
         Returns the vector the server received and the client-side diagnostics.
         """
-        vector, _, diag = self.probe(round_idx, client_id, settings, fingerprint=True)
-        assert vector is not None
-        return vector, diag
+        received, _, diag = self.probe(round_idx, client_id, settings, fingerprint=True)
+        assert received is not None
+        return received[0], diag
 
     def probe(self, round_idx: int, client_id: ClientId, settings: ClusteringConfig, *,
               fingerprint: bool = True, importance: bool = False, importance_samples: int = 64
-              ) -> tuple[np.ndarray | None, dict[str, float] | None, dict[str, float]]:
+              ) -> tuple[tuple[np.ndarray, float] | None, dict[str, float] | None,
+                         dict[str, float]]:
         """One gradient pass at the common initial adapter and head (Phases 1 and 2).
 
         With ``fingerprint``: the task fingerprint (Phase 1). With ``importance``: every LoRA
         module's importance (Phase 2), from the same backward pass when both are asked, so the
-        client reads its data once. Returns what the server received: (fingerprint or None,
-        importance by module or None, client-side diagnostics).
+        client reads its data once. Returns what the server received: ((fingerprint, its noise
+        variance) or None, importance by module or None, client-side diagnostics).
         """
         start = time.perf_counter()
         client = self.clients[client_id]
@@ -134,6 +135,7 @@ class InProcessExecutor:
                                          clip=settings.clip, generator=gen,
                                          importance_of=importance_of)
                 vector, noise, scores = fp.vector, fp.noise_std, fp.importance or None
+                noise_var = fp.noise_var
             else:
                 noise, scores = 0.0, module_importance(loss_fn, batches, importance_of or {})
         finally:
@@ -142,11 +144,12 @@ class InProcessExecutor:
         upload: dict[str, torch.Tensor] = {}
         if vector is not None:
             upload["fingerprint"] = torch.from_numpy(vector)
+            upload["fingerprint_noise"] = torch.tensor([noise_var], dtype=torch.float32)
         if scores is not None:
             upload["importance"] = torch.tensor(list(scores.values()), dtype=torch.float32)
         received = self.channel.upload(round_idx, client_id, upload)
         if vector is not None:
-            vector = received["fingerprint"].numpy()
+            vector = (received["fingerprint"].numpy(), float(received["fingerprint_noise"][0]))
         if scores is not None:
             scores = dict(zip(scores, received["importance"].tolist(), strict=True))
         return vector, scores, {"fingerprint_seconds": time.perf_counter() - start,

@@ -142,13 +142,13 @@ def run_fingerprint_phase(exp: Experiment, executor, strategy, state: Any, round
     Every client uploads what is asked; the strategy clusters and/or plans ranks from it.
     """
     start = time.perf_counter()
-    fingerprints, scores = {}, {}
+    fingerprints, noise, scores = {}, {}, {}
     for cid in sorted(exp.clients):
-        vector, imp, diag = executor.probe(round_idx, cid, exp.cfg.clustering,
-                                           fingerprint=fingerprint, importance=importance,
-                                           importance_samples=exp.cfg.ranks.samples)
-        if vector is not None:
-            fingerprints[cid] = vector
+        received, imp, diag = executor.probe(round_idx, cid, exp.cfg.clustering,
+                                             fingerprint=fingerprint, importance=importance,
+                                             importance_samples=exp.cfg.ranks.samples)
+        if received is not None:
+            fingerprints[cid], noise[cid] = received
         if imp is not None:
             scores[cid] = imp
         if rows is not None:
@@ -157,7 +157,7 @@ def run_fingerprint_phase(exp: Experiment, executor, strategy, state: Any, round
     server_start = time.perf_counter()
     metrics: dict[str, float] = {}
     if fingerprint:
-        state, metrics = strategy.observe_fingerprints(state, round_idx, fingerprints)
+        state, metrics = strategy.observe_fingerprints(state, round_idx, fingerprints, noise)
     if importance:
         state, more = strategy.observe_importance(state, round_idx, scores)
         metrics = {**metrics, **more}

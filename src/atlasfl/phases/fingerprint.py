@@ -19,6 +19,15 @@ empirical Fisher information, as Task2Vec embeds tasks (Achille et al., arXiv:19
 sign-free, so it reflects which weights the task's inputs drive. ``gradient`` is the mean gradient,
 whose sign follows the labels through the shared random head.
 
+Noise level (``Fingerprint.noise_var``, uploaded with the vector, 4 bytes): the expected squared
+distance between the released vector and the one an infinite sample of the same client would
+give. Without privacy it is the sampling variance of a mean over n examples, sum_j ||a_j - a||^2 /
+(n (n - 1)), with a_j each example's per-tensor-normalised statistic (computed in the gradient
+space, which the JL projection preserves in expectation, from one scalar per tensor); with privacy
+it is the Gaussian mechanism's dim * sigma^2, which is public, so nothing data-dependent leaks. The
+server subtracts it from each fingerprint's squared norm (``atlasfl.phases.clustering``): a client
+with few examples, or DP noise, otherwise looks less like its task than it is.
+
 Optional privacy: with ``epsilon`` set, every example's projected gradient is clipped to norm
 ``clip``, the clipped vectors are averaged, and Gaussian noise is added with the standard
 Gaussian mechanism (Dwork & Roth 2014, Thm A.1): sigma = Delta * sqrt(2 ln(1.25/delta)) / epsilon
@@ -54,6 +63,7 @@ class Fingerprint:
     blocks: tuple[int, ...]
     num_params: int  # gradient coordinates before projection
     noise_std: float  # 0.0 without privacy
+    noise_var: float  # expected ||vector - its noise-free value||^2 (see the module docstring)
     epsilon: float | None
     delta: float | None
 
@@ -214,6 +224,7 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
         raise AtlasError("a client needs at least one example to compute a fingerprint")
     names = list(modules)
     total = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in modules.items()}
+    squares = dict.fromkeys(names, 0.0)  # sum over examples of ||statistic||^2, per tensor
     private = torch.zeros(dim, dtype=torch.float64)
     importance = dict.fromkeys(importance_of or {}, 0.0)
     for batch in batches:
@@ -226,6 +237,7 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
         if epsilon is None:
             for name in names:
                 total[name] += grads[name].sum(0) / num
+                squares[name] += float(grads[name].double().pow(2).sum())
             continue
         # example-level privacy: each example's projected statistic is clipped on its own
         for i in range(len(batch["labels"])):
@@ -235,11 +247,30 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
     if epsilon is None:
         sigma = 0.0
         vector = project(total, dim=dim, seed=seed)
+        noise_var = _sampling_variance(total, squares, num) / float(vector.norm() ** 2 or 1.0)
         vector = vector / vector.norm().clamp_min(1e-12)
     else:
         sigma = gaussian_sigma(epsilon=epsilon, delta=delta, clip=clip, num_samples=num)
         noise = torch.randn(dim, generator=generator, dtype=torch.float64)
         vector = private + sigma * noise
+        noise_var = dim * sigma**2
     return Fingerprint(vector.float().numpy(), num, importance, blocks,
-                       sum(m.weight.numel() for m in modules.values()), sigma, epsilon,
-                       delta if epsilon is not None else None)
+                       sum(m.weight.numel() for m in modules.values()), sigma, noise_var,
+                       epsilon, delta if epsilon is not None else None)
+
+
+def _sampling_variance(total: dict[str, Tensor], squares: dict[str, float], num: int) -> float:
+    """sum_j ||a_j - mean||^2 / (n (n - 1)) for a_j the per-tensor-normalised statistics.
+
+    Each tensor t is divided by ||total_t|| (as ``project`` does), so ||mean||^2 is the number of
+    non-zero tensors and sum_j ||a_j||^2 = sum_t squares_t / ||total_t||^2.
+    """
+    if num < 2:
+        return 0.0
+    spread, count = 0.0, 0
+    for name, t in total.items():
+        norm2 = float(t.double().pow(2).sum())
+        if norm2 > 0:
+            spread += squares[name] / norm2
+            count += 1
+    return max(0.0, spread - num * count) / (num * (num - 1))

@@ -81,9 +81,10 @@ class Strategy:
         """Whether clients upload task fingerprints before this round (Phase 1)."""
         return False
 
-    def observe_fingerprints(self, state: Any, round_idx: int,
-                             fingerprints: dict[ClientId, Any]) -> tuple[Any, dict[str, float]]:
-        """Turn uploaded fingerprints into new server state (and metrics)."""
+    def observe_fingerprints(self, state: Any, round_idx: int, fingerprints: dict[ClientId, Any],
+                             noise: dict[ClientId, float] | None = None
+                             ) -> tuple[Any, dict[str, float]]:
+        """Turn uploaded fingerprints (and their noise variances) into new server state."""
         return state, {}
 
     def importance_round(self, round_idx: int) -> bool:

@@ -10,7 +10,7 @@ are passed to the clustering only to score it (ARI/NMI/purity), never to decide.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,20 +30,35 @@ class ClusterState:
     assignment: dict[str, int] = field(default_factory=dict)  # client id (str) -> cluster
     centroids: torch.Tensor | None = None  # (k, dim), for clients that join later
     k: int = 0
+    center: torch.Tensor | None = None  # (dim,) the centring of the fingerprints (late joiners)
 
 
-def cluster_clients(strategy: Strategy, fingerprints: dict[ClientId, np.ndarray]
-                    ) -> tuple[dict[str, int], torch.Tensor, int, dict[str, float]]:
-    """Phase 1's server step for any strategy: (assignment, centroids, k, metrics)."""
+@dataclass(frozen=True)
+class Clusters:
+    """What Phase 1's server step keeps: each client's cluster, centroids and centring."""
+
+    assignment: dict[str, int]  # client id (str) -> cluster
+    centroids: torch.Tensor  # (k, dim)
+    center: torch.Tensor | None  # (dim,)
+    k: int
+
+
+def cluster_clients(strategy: Strategy, fingerprints: dict[ClientId, np.ndarray],
+                    noise: dict[ClientId, float] | None = None
+                    ) -> tuple[Clusters, dict[str, float]]:
+    """Phase 1's server step for any strategy: the clusters and their metrics."""
     c = strategy.cfg.clustering
     ids = sorted(fingerprints)
     result = cluster_fingerprints(
         np.stack([fingerprints[i] for i in ids]), k=c.k or None,
         k_range=(c.k_min, c.k_max), method=c.method, seed=strategy.cfg.seed,
-        true_labels=[strategy.clients[i].task for i in ids])
+        true_labels=[strategy.clients[i].task for i in ids], center=c.center,
+        noise_var=np.array([noise[i] for i in ids]) if noise and c.debias else None,
+        criteria=tuple(c.criteria), min_signal=c.min_signal)
     assignment = {str(i): int(label) for i, label in zip(ids, result.labels, strict=True)}
-    return (assignment, torch.from_numpy(result.centroids).float(), result.k,
-            {"k": float(result.k), **result.quality})
+    center = None if result.center is None else torch.from_numpy(result.center).float()
+    clusters = Clusters(assignment, torch.from_numpy(result.centroids).float(), center, result.k)
+    return clusters, {"k": float(result.k), **result.quality}
 
 
 def recluster_due(cfg, round_idx: int) -> bool:
@@ -66,13 +81,14 @@ class FedAvgCluster(Strategy):
         return recluster_due(self.cfg, round_idx)
 
     def observe_fingerprints(self, state: ClusterState, round_idx: int,
-                             fingerprints: dict[ClientId, np.ndarray]
+                             fingerprints: dict[ClientId, np.ndarray],
+                             noise: dict[ClientId, float] | None = None
                              ) -> tuple[ClusterState, dict[str, float]]:
         """Cluster the uploaded fingerprints into the new assignment."""
-        assignment, centroids, k, metrics = cluster_clients(self, fingerprints)
-        new = ClusterState(state.models if assignment == state.assignment else GroupModels(),
-                           assignment, centroids, k)
-        return new, metrics
+        found, metrics = cluster_clients(self, fingerprints, noise)
+        models = state.models if found.assignment == state.assignment else GroupModels()
+        return ClusterState(models, found.assignment, found.centroids, found.k,
+                            found.center), metrics
 
     def aggregate_round(self, state: Any, round_idx: int, updates: Sequence[ClientUpdate]
                         ) -> RoundOutcome:
@@ -81,6 +97,6 @@ class FedAvgCluster(Strategy):
             return f"cluster={state.assignment[str(info.client_id)]}"
 
         models, writes = aggregate_groups(state.models, self.clients, updates, group_of)
-        return RoundOutcome(ClusterState(models, state.assignment, state.centroids, state.k),
-                            writes, {"groups": float(len({group_of(self.clients[u.client_id])
-                                                          for u in updates}))})
+        groups = {group_of(self.clients[u.client_id]) for u in updates}
+        return RoundOutcome(replace(state, models=models), writes,
+                            {"groups": float(len(groups))})

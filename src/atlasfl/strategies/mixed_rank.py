@@ -46,6 +46,7 @@ class RankState:
     excluded: tuple[int, ...] = ()  # clients whose device cannot hold the minimum adapter
     assignment: dict[str, int] = field(default_factory=dict)  # client -> cluster (grouping)
     centroids: torch.Tensor | None = None
+    center: torch.Tensor | None = None  # the fingerprints' centring (late joiners)
 
 
 @register
@@ -129,12 +130,14 @@ class HomoLoRA(Strategy):
         return self.cfg.ranks.grouping == "cluster" and recluster_due(self.cfg, round_idx)
 
     def observe_fingerprints(self, state: RankState, round_idx: int,
-                             fingerprints: dict[ClientId, np.ndarray]
+                             fingerprints: dict[ClientId, np.ndarray],
+                             noise: dict[ClientId, float] | None = None
                              ) -> tuple[RankState, dict[str, float]]:
         """Cluster the fingerprints; a new grouping starts new group models."""
-        assignment, centroids, _, metrics = cluster_clients(self, fingerprints)
-        models = state.models if assignment == state.assignment else GroupModels()
-        return replace(state, models=models, assignment=assignment, centroids=centroids), metrics
+        found, metrics = cluster_clients(self, fingerprints, noise)
+        models = state.models if found.assignment == state.assignment else GroupModels()
+        return replace(state, models=models, assignment=found.assignment,
+                       centroids=found.centroids, center=found.center), metrics
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -205,10 +208,25 @@ class HetLoRA(HomoLoRA):
         if importance is None:
             raise AtlasError("hetlora needs every client's module importance before planning")
         r = self.cfg.ranks
-        parity = None
-        if r.budget == "parity":  # no more upload than homolora at model.lora.r
-            parity = self.cfg.model.lora.r * sum(sum(s) for s in self.model.shapes.values())
         return allocate_ranks(importance, self.model.shapes, memory_of=self.memory_of(client_id),
                               budget_bytes=self.devices[client_id].memory_bytes,
-                              param_budget=parity, r_min=r.r_min, r_max=r.r_max,
-                              utility=r.utility)
+                              param_budget=self.param_budget(client_id), r_min=r.r_min,
+                              r_max=r.r_max, utility=r.utility)
+
+    def param_budget(self, client_id: ClientId) -> int | None:
+        """LoRA parameters this client may train under ``ranks.budget`` (None: no limit).
+
+        ``parity``: homolora's count at ``model.lora.r``, for every client. ``device``: the same
+        total over the federation, shared in proportion to the clients' device memory (HetLoRA's
+        setting of device-dependent ranks at the upload of homolora), at least r_min everywhere.
+        """
+        budget = self.cfg.ranks.budget
+        per_rank = sum(sum(s) for s in self.model.shapes.values())  # parameters of rank 1
+        parity = self.cfg.model.lora.r * per_rank
+        if budget == "parity":
+            return parity
+        if budget == "device":
+            memory = {c: d.memory_bytes for c, d in self.devices.items()}
+            share = int(parity * len(memory) * memory[client_id] / sum(memory.values()))
+            return max(share, self.cfg.ranks.r_min * per_rank)
+        return None
