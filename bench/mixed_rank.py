@@ -54,14 +54,14 @@ def table(rows: list[dict]) -> None:
     for r in rows:
         by[r["variant"]][r["seed"]] = r
     first = next(iter(by))
-    print(f"\n{'variant':<20}{'seeds':>6}{'avg acc':>9}{'std':>7}{'vs ' + first:>22}"
+    print(f"\n{'variant':<26}{'seeds':>6}{'avg acc':>9}{'std':>7}{'vs ' + first:>22}"
           f"{'upload MB':>11}")
     for name, runs in by.items():
         accs = [r["avg_accuracy"] for r in runs.values()]
         paired = [runs[s]["avg_accuracy"] - by[first][s]["avg_accuracy"]
                   for s in runs if s in by[first]]
         diff = f"{statistics.mean(paired) * 100:+.1f} pt" if paired else "-"
-        print(f"{name:<20}{len(accs):>6}{statistics.mean(accs):>9.3f}"
+        print(f"{name:<26}{len(accs):>6}{statistics.mean(accs):>9.3f}"
               f"{statistics.stdev(accs) if len(accs) > 1 else 0:>7.3f}{diff:>22}"
               f"{statistics.mean(r['bytes_up'] for r in runs.values()) / 1e6:>11.2f}")
 
