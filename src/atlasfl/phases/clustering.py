@@ -210,9 +210,9 @@ def cluster_fingerprints(fingerprints: np.ndarray, *, k: int | None = None,
         lo, hi = max(2, lo), min(hi, m - 1)
         if lo > hi:
             raise AtlasError(f"clustering k range ({lo}, {hi}) is empty for {m} clients")
-        sub = x[reliable]
-        sub_unit = _normalise(embed(sub, None if noise_var is None
-                                    else np.asarray(noise_var)[reliable], center=center))
+        sub_unit = unit if reliable.all() else _normalise(embed(
+            x[reliable], None if noise_var is None else np.asarray(noise_var)[reliable],
+            center=center))
         scores = score_candidates(sub_unit, (lo, hi), method=method, seed=seed,
                                   criteria=criteria)
         chosen = min(scores, key=lambda c: (scores[c]["mean_rank"], -scores[c]["silhouette"]))
