@@ -5,9 +5,12 @@ the four built-in profiles) for each variant and seed, one process, one run afte
 prints average accuracy, total upload bytes and wall time per run, then per variant the mean over
 seeds and the paired difference to the first variant. All variants use rsLoRA with alpha chosen
 so that rank 8 keeps quick.yaml's tuned scaling (alpha/sqrt(8) = 2) and group by true task.
+``hetlora-device`` is HetLoRA's setting (homolora's total shared by device memory, so ranks
+differ between the clients of a task); the ``delta`` variants set ``ranks.update=delta``.
 
     python bench/mixed_rank.py --seeds 0 1 2 --out bench/results/mixed_rank_cpu.jsonl
-    python bench/mixed_rank.py --table bench/results/mixed_rank_cpu.jsonl   # table only
+    python bench/mixed_rank.py --table bench/results/mixed_rank_cpu.jsonl \
+        --vs "hetlora-device zero-pad"   # table only, paired differences to one variant
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ VARIANTS = {
     "hetlora-device zero-pad": {"method": "hetlora", **DEVICE, "ranks.aggregation": "zero-pad"},
     "hetlora-device stack": {"method": "hetlora", **DEVICE, "ranks.aggregation": "stack"},
     "hetlora-device svd": {"method": "hetlora", **DEVICE, "ranks.aggregation": "svd"},
+    # the server adds the clients' weighted change to its kept aggregate (ranks.update=delta)
+    "hetlora-device zero-pad delta": {"method": "hetlora", **DEVICE, "ranks.update": "delta",
+                                      "ranks.aggregation": "zero-pad"},
+    "hetlora-device stack delta": {"method": "hetlora", **DEVICE, "ranks.update": "delta",
+                                   "ranks.aggregation": "stack"},
+    "hetlora-device svd delta": {"method": "hetlora", **DEVICE, "ranks.update": "delta",
+                                 "ranks.aggregation": "svd"},
+    "homolora stack delta": {"method": "homolora", "ranks.update": "delta",
+                             "ranks.aggregation": "stack"},
 }
 
 
@@ -49,20 +61,21 @@ def run_one(config: str, variant: str, seed: int) -> dict:
             "wall_s": round(wall, 1), "cpu_over_wall": round(cpu / wall, 2)}
 
 
-def table(rows: list[dict]) -> None:
+def table(rows: list[dict], vs: str | None = None) -> None:
+    """Per variant: seeds, mean and std of average accuracy, paired difference to ``vs``."""
     by = defaultdict(dict)
     for r in rows:
         by[r["variant"]][r["seed"]] = r
-    first = next(iter(by))
-    print(f"\n{'variant':<26}{'seeds':>6}{'avg acc':>9}{'std':>7}{'vs ' + first:>22}"
-          f"{'upload MB':>11}")
+    first = vs or next(iter(by))
+    print(f"\nmean over seeds; paired difference to {first!r} over the seeds both ran")
+    print(f"{'variant':<32}{'seeds':>6}{'avg acc':>9}{'std':>7}{'paired':>10}{'upload MB':>11}")
     for name, runs in by.items():
         accs = [r["avg_accuracy"] for r in runs.values()]
         paired = [runs[s]["avg_accuracy"] - by[first][s]["avg_accuracy"]
                   for s in runs if s in by[first]]
         diff = f"{statistics.mean(paired) * 100:+.1f} pt" if paired else "-"
-        print(f"{name:<26}{len(accs):>6}{statistics.mean(accs):>9.3f}"
-              f"{statistics.stdev(accs) if len(accs) > 1 else 0:>7.3f}{diff:>22}"
+        print(f"{name:<32}{len(accs):>6}{statistics.mean(accs):>9.3f}"
+              f"{statistics.stdev(accs) if len(accs) > 1 else 0:>7.3f}{diff:>10}"
               f"{statistics.mean(r['bytes_up'] for r in runs.values()) / 1e6:>11.2f}")
 
 
@@ -74,9 +87,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", help="append JSON lines here")
     parser.add_argument("--table", help="only print the table of this JSONL file")
+    parser.add_argument("--vs", choices=list(VARIANTS), help="paired differences to this variant")
     args = parser.parse_args()
     if args.table:
-        table([json.loads(line) for line in open(args.table) if line.strip()])
+        table([json.loads(line) for line in open(args.table) if line.strip()], args.vs)
         return
     from transformers.utils import logging as hf_logging
 
@@ -90,7 +104,7 @@ def main() -> None:
             if args.out:
                 with open(args.out, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-    table(rows)
+    table(rows, args.vs)
 
 
 if __name__ == "__main__":

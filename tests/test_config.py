@@ -29,6 +29,7 @@ def test_overrides_parse_yaml_values():
     ({"data": {"partition": "pathological"}}, "allowed: iid, dirichlet"),
     ({"train": {"lr": "fast"}}, "train.lr' must be a number"),
     ({"federation": {"fraction": 0}}, "federation.fraction"),
+    ({"ranks": {"update": "sum"}}, "ranks.update' = 'sum' is invalid; allowed: average, delta"),
 ])
 def test_bad_values_name_field_value_and_allowed(raw, message):
     with pytest.raises(AtlasError, match=message):

@@ -145,6 +145,9 @@ class RanksConfig:
     """Phase 2: per-module LoRA ranks under each client's memory; mixed-rank aggregation."""
 
     aggregation: str = "stack"  # zero-pad | stack | svd
+    # average: the mean of what the clients hold | delta: previous aggregate + the clients'
+    # weighted change (the server keeps what a client's ranks cut off)
+    update: str = "average"
     grouping: str = "task"  # global | task | cluster
     r_min: int = 1
     r_max: int = 16
@@ -419,6 +422,7 @@ def validate(cfg: ExperimentConfig) -> None:
     r = cfg.ranks
     _check(r.aggregation in ("zero-pad", "stack", "svd"), "ranks.aggregation", r.aggregation,
            "zero-pad, stack, svd")
+    _check(r.update in ("average", "delta"), "ranks.update", r.update, "average, delta")
     _check(r.grouping in ("global", "task", "cluster"), "ranks.grouping", r.grouping,
            "global, task, cluster")
     _check(1 <= r.r_min <= r.r_max <= 256, "ranks.r_min", (r.r_min, r.r_max),

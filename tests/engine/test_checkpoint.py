@@ -41,9 +41,11 @@ def _assert_same_tensors(a, b):
 
 
 @pytest.mark.parametrize("method", ["local", "fedavg", "fedavg-task", "fedavg-cluster",
-                                    "centralized", "homolora", "hetlora"])
+                                    "centralized", "homolora", "hetlora", "hetlora:delta"])
 def test_six_rounds_equal_three_plus_resumed_three(tiny_cfg, tmp_path, method):
-    cfg = tiny_cfg(method=method, out=str(tmp_path), **{"federation.rounds": 6,
+    method, _, update = method.partition(":")  # hetlora:delta sets ranks.update=delta
+    extra = {"ranks.update": update} if update else {}
+    cfg = tiny_cfg(method=method, out=str(tmp_path), **extra, **{"federation.rounds": 6,
                                                       "federation.fraction": 0.75,
                                                       "federation.eval_every": 2})
     straight = build_experiment(cfg.replace(run_name="straight"))

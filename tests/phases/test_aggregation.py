@@ -15,6 +15,7 @@ from atlasfl.phases.aggregation import (
     redistribute,
     stack,
     svd_of_product,
+    unheld,
     weighted_average,
     zero_pad,
 )
@@ -146,3 +147,68 @@ def test_redistribution_keeps_the_product_and_follows_the_reference_coordinates(
     # closer to the client's own A than the default coordinates, scaled alike
     scaled = plain["m.lora_A.weight"] * (ref.norm() / plain["m.lora_A.weight"].norm())
     assert (aligned["m.lora_A.weight"] - ref).norm() < (scaled - ref).norm()
+
+
+def test_unheld_weights_by_hand():
+    # ranks 1, 3, 2 with weights 1, 2, 1: component 0 is held by all, 1 by the 2nd and 3rd, 2 by
+    # the 2nd only, 3 by none
+    c = unheld([1, 3, 2], [1, 2, 1], 4)
+    assert torch.allclose(c, torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64))
+
+
+def _cut(aggregate, rank, method, scaling):
+    out = redistribute(aggregate, {"m": rank}, method=method, scaling=scaling)
+    return out["m.lora_A.weight"].double(), out["m.lora_B.weight"].double()
+
+
+@pytest.mark.parametrize("method", ["stack", "svd"])
+def test_delta_update_is_the_previous_aggregate_plus_the_weighted_change(method):
+    """M' = M + sum_i p_i (s_i B_i' A_i' - M cut to r_i), exactly; averaging loses the cut."""
+    scaling = lambda r: 8 / math.sqrt(r)  # noqa: E731
+    start = [{"m.lora_A.weight": a.float(), "m.lora_B.weight": b.float()}
+             for a, b in _clients([6, 6], d_in=16, d_out=12, seed=3)]
+    previous = aggregate_mixed(start, [1, 1], method=method, scaling=scaling, keep=None)
+    m = previous["m.lora_B.weight"].double() @ previous["m.lora_A.weight"].double()
+    ranks, weights = [1, 3, 6], [1.0, 2.0, 1.0]
+    gen = torch.Generator().manual_seed(0)
+    states, change = [], torch.zeros_like(m)
+    for r, w in zip(ranks, weights, strict=True):
+        a, b = _cut(previous, r, method, scaling)  # what the client received
+        a2 = a + 0.1 * torch.randn(a.shape, generator=gen, dtype=torch.float64)  # it trains
+        b2 = b + 0.1 * torch.randn(b.shape, generator=gen, dtype=torch.float64)
+        states.append({"m.lora_A.weight": a2.float(), "m.lora_B.weight": b2.float()})
+        change += w / sum(weights) * scaling(r) * (b2.float().double() @ a2.float().double()
+                                                   - b @ a)
+    new = aggregate_mixed(states, weights, method=method, scaling=scaling, keep=None,
+                          previous=previous)
+    got = new["m.lora_B.weight"].double() @ new["m.lora_A.weight"].double()
+    torch.testing.assert_close(got, m + change, rtol=1e-4, atol=1e-5)
+    # clients that upload exactly what they received leave the delta aggregate unchanged,
+    # while averaging drops a share of what the rank-1 and rank-3 clients could not hold
+    same = [dict(zip(("m.lora_A.weight", "m.lora_B.weight"),
+                     (t.float() for t in _cut(previous, r, method, scaling)), strict=True))
+            for r in ranks]
+    kept = aggregate_mixed(same, weights, method=method, scaling=scaling, keep=None,
+                           previous=previous)
+    torch.testing.assert_close(kept["m.lora_B.weight"].double() @ kept["m.lora_A.weight"].double(),
+                               m, rtol=1e-4, atol=1e-5)
+    averaged = aggregate_mixed(same, weights, method=method, scaling=scaling, keep=None)
+    lost = m - averaged["m.lora_B.weight"].double() @ averaged["m.lora_A.weight"].double()
+    assert float(torch.linalg.matrix_norm(lost)) > 0.1 * float(torch.linalg.matrix_norm(m))
+
+
+def test_zero_pad_delta_update_adds_the_padded_factor_changes():
+    """A' = A + sum_i p_i pad(A_i' - A[:r_i]) (and B alike): rows a client lacks keep A's."""
+    (a0, b0), = _clients([4], seed=5)
+    previous = {"m.lora_A.weight": a0.float(), "m.lora_B.weight": b0.float()}
+    ranks, weights = [1, 4], [3.0, 1.0]
+    states, want_a, want_b = [], a0.clone(), b0.clone()
+    for i, (r, w) in enumerate(zip(ranks, weights, strict=True)):
+        a, b = a0[:r] + i + 1.0, b0[:, :r] - i - 1.0
+        states.append({"m.lora_A.weight": a.float(), "m.lora_B.weight": b.float()})
+        want_a[:r] += w / 4 * (a - a0[:r])
+        want_b[:, :r] += w / 4 * (b - b0[:, :r])
+    new = aggregate_mixed(states, weights, method="zero-pad", scaling=lambda r: 1.0, keep=None,
+                          previous=previous)
+    torch.testing.assert_close(new["m.lora_A.weight"].double(), want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new["m.lora_B.weight"].double(), want_b, rtol=1e-5, atol=1e-5)

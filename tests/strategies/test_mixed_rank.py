@@ -162,3 +162,54 @@ def test_importance_from_the_fingerprint_pass_equals_a_separate_pass(tiny_cfg):
     for key in together:
         assert together[key] == pytest.approx(alone[key], rel=1e-4)
     assert all(v > 0 for v in together.values())
+
+
+@pytest.mark.parametrize("method", ["stack", "zero-pad"])
+def test_delta_update_adds_the_clients_change_to_the_kept_aggregate(tiny_cfg, method):
+    """ranks.update=delta, end to end: round 2's group aggregate is round 1's plus the weighted
+    change of each client from what it received, so what its ranks cut off is not lost."""
+    devices = ["cpu-2gb", "gpu-16gb", "gpu-16gb", "cpu-2gb"]  # ranks differ within each task
+    exp = build_experiment(_het(tiny_cfg, **{
+        "ranks.aggregation": method, "ranks.update": "delta", "federation.rounds": 2,
+        "ranks.budget": "device", "ranks.r_max": 64, "devices.assignment": devices}))
+    seen, states = [], []
+    original = exp.strategy.aggregate_round
+
+    def record(state, round_idx, updates):
+        seen.append({u.client_id: (u.num_examples, {k: v.double() for k, v in u.state.items()})
+                     for u in updates})
+        outcome = original(state, round_idx, updates)
+        states.append(outcome.state)
+        return outcome
+
+    exp.strategy.aggregate_round = record
+    run_experiment(exp)
+    first, second = states[0].models.adapters, states[1].models.adapters
+    scaling = exp.strategy.scaling
+
+    checked = 0
+    for group in second:
+        members = {c: u for c, u in seen[1].items() if exp.strategy.group_of(
+            states[0], exp.strategy.clients[c]) == group}
+        assert any(len({s[f"{m}.lora_A.weight"].shape[0] for _, s in members.values()}) > 1
+                   for m in exp.strategy.model.shapes), "ranks must differ within the group"
+        total = sum(n for n, _ in members.values())
+        prev, new = first[group], second[group]
+        for module in exp.strategy.model.shapes:
+            key_a, key_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+            if method == "stack":  # products: the stored aggregate is B @ A with scaling inside
+                want = prev[key_b].double() @ prev[key_a].double()
+                for n, s in members.values():
+                    r = s[key_a].shape[0]
+                    sent = prev[key_b].double()[:, :r] @ prev[key_a].double()[:r]
+                    want = want + n / total * (scaling(r) * s[key_b] @ s[key_a] - sent)
+                got = new[key_b].double() @ new[key_a].double()
+            else:  # factors: each padded factor moves by the weighted change of its rows
+                want = prev[key_a].double().clone()
+                for n, s in members.values():
+                    r = s[key_a].shape[0]
+                    want[:r] += n / total * (s[key_a] - prev[key_a].double()[:r])
+                got = new[key_a].double()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+            checked += 1
+    assert checked == 2 * len(exp.strategy.model.shapes)

@@ -91,18 +91,21 @@ def zero_pad(factors: Sequence[Factors], weights: Sequence[float]) -> Factors:
 
 
 def stack(factors: Sequence[Factors], weights: Sequence[float],
-          scalings: Sequence[float]) -> Factors:
+          scalings: Sequence[float], extra: Factors | None = None) -> Factors:
     """FLoRA's noise-free stacking: factors whose product is exactly sum_i p_i s_i B_i A_i.
 
     Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank
     Adaptations", arXiv:2409.05976. A = [A_1; ...; A_N] (sum r_i, in) and
-    B = [p_1 s_1 B_1, ..., p_N s_N B_N] (out, sum r_i): B @ A has no cross terms.
+    B = [p_1 s_1 B_1, ..., p_N s_N B_N] (out, sum r_i): B @ A has no cross terms. ``extra``
+    (A_x, B_x) is stacked as it is, adding B_x @ A_x (the delta update's ``unheld`` part).
     """
     probs = _probabilities(weights)
-    a = torch.cat([a.double() for a, _ in factors], dim=0)
-    b = torch.cat([p * s * b.double() for (_, b), p, s in zip(factors, probs, scalings,
-                                                                strict=True)], dim=1)
-    return a, b
+    a_parts = [a.double() for a, _ in factors]
+    b_parts = [p * s * b.double() for (_, b), p, s in zip(factors, probs, scalings, strict=True)]
+    if extra is not None:
+        a_parts.append(extra[0].double())
+        b_parts.append(extra[1].double())
+    return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
 
 
 def svd_of_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
@@ -119,19 +122,39 @@ def svd_of_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def dense_svd(factors: Sequence[Factors], weights: Sequence[float],
-              scalings: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              scalings: Sequence[float], extra: Factors | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlexLoRA: SVD of the dense weighted sum of full updates sum_i p_i s_i B_i A_i.
 
     Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and
-    Client Resources", arXiv:2402.11505. Materialises the (out, in) matrix; returns the thin SVD
-    truncated to the rank the sum can have (sum r_i).
+    Client Resources", arXiv:2402.11505. Materialises the (out, in) matrix (plus B_x @ A_x of
+    ``extra``); returns the thin SVD truncated to the rank the sum can have.
     """
     probs = _probabilities(weights)
     delta = sum(p * s * (b.double() @ a.double())
                 for (a, b), p, s in zip(factors, probs, scalings, strict=True))
+    rank = sum(a.shape[0] for a, _ in factors)
+    if extra is not None:
+        delta = delta + extra[1].double() @ extra[0].double()
+        rank += extra[0].shape[0]
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    keep = min(len(s), sum(a.shape[0] for a, _ in factors))
+    keep = min(len(s), rank)
     return u[:, :keep], s[:keep], vh[:keep]
+
+
+def unheld(ranks: Sequence[int], weights: Sequence[float], components: int) -> torch.Tensor:
+    """Per component k of the previous aggregate, the weight of the clients that could not hold it.
+
+    c_k = sum_i p_i [k >= r_i]. Every client received the first r_i components of the previous
+    aggregate M (the largest singular components, or zero-pad's first rows); the delta update
+    M' = M + sum_i p_i (P_i' - M_{:r_i}) = sum_i p_i P_i' + sum_k c_k M_k then keeps what the
+    clients' ranks cut off on the server, instead of losing a share c_k of it every round.
+    """
+    probs = _probabilities(weights)
+    c = torch.zeros(components, dtype=torch.float64)
+    for r, p in zip(ranks, probs, strict=True):
+        c[r:] += p
+    return c
 
 
 def _modules(state: AdapterState) -> list[str]:
@@ -139,7 +162,8 @@ def _modules(state: AdapterState) -> list[str]:
 
 
 def aggregate_mixed(states: Sequence[AdapterState], weights: Sequence[float], *, method: str,
-                    scaling: Callable[[int], float], keep: int) -> AdapterState:
+                    scaling: Callable[[int], float], keep: int | None,
+                    previous: AdapterState | None = None) -> AdapterState:
     """Aggregate clients' LoRA adapters of any per-module ranks, module by module.
 
     Args:
@@ -149,7 +173,14 @@ def aggregate_mixed(states: Sequence[AdapterState], weights: Sequence[float], *,
         method: ``zero-pad`` (HetLoRA), ``stack`` (FLoRA stacking, exact product, then SVD via QR)
             or ``svd`` (FlexLoRA, dense sum then SVD).
         scaling: the LoRA scaling of a rank (what a client's model multiplies B @ A by).
-        keep: components to keep per module (the largest rank any client may take).
+        keep: components to keep per module (the largest rank any client may take); ``None``
+            keeps every component the sum has.
+        previous: the group's previous aggregate, which every client received cut to its ranks
+            (``redistribute``). Given, the update is the delta form: the previous aggregate plus
+            the weighted change of the clients (FedOpt's pseudo-gradient, Reddi et al.,
+            arXiv:2003.00295), so what a client's rank could not hold stays on the server
+            (``unheld``). Without it the aggregate is the weighted mean of what the clients hold,
+            as the three papers do.
 
     Returns:
         Per module the aggregate as factors. ``zero-pad``: the padded averages of the raw factors.
@@ -162,19 +193,36 @@ def aggregate_mixed(states: Sequence[AdapterState], weights: Sequence[float], *,
     out: AdapterState = {}
     for module in _modules(states[0]):
         factors = [(s[f"{module}.lora_A.weight"], s[f"{module}.lora_B.weight"]) for s in states]
+        ranks = [a.shape[0] for a, _ in factors]
+        extra = None
+        if previous is not None:
+            a_prev = previous[f"{module}.lora_A.weight"].double()
+            b_prev = previous[f"{module}.lora_B.weight"].double()
+            c = unheld(ranks, weights, a_prev.shape[0])
+            extra = (a_prev, b_prev * c)
         if method == "zero-pad":
             a, b = zero_pad(factors, weights)
+            if extra is not None:  # add c_k times row k of A and column k of B
+                a, b = _pad_rows(a, len(c)), _pad_rows(b.T, len(c)).T
+                a[: len(c)] += c[:, None] * extra[0]
+                b[:, : len(c)] += extra[1]
         else:
-            scales = [scaling(a.shape[0]) for a, _ in factors]
+            scales = [scaling(r) for r in ranks]
             if method == "stack":
-                u, sv, vh = svd_of_product(*stack(factors, weights, scales))
+                u, sv, vh = svd_of_product(*stack(factors, weights, scales, extra))
             else:
-                u, sv, vh = dense_svd(factors, weights, scales)
-            k = min(keep, len(sv))
+                u, sv, vh = dense_svd(factors, weights, scales, extra)
+            k = len(sv) if keep is None else min(keep, len(sv))
             a, b = vh[:k], u[:, :k] * sv[:k]  # orthonormal rows; B @ A = the update
         out[f"{module}.lora_A.weight"] = a.float()
         out[f"{module}.lora_B.weight"] = b.float()
     return out
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] >= rows:
+        return x
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
 
 
 def redistribute(aggregate: AdapterState, ranks: dict[str, int], *, method: str,

@@ -39,13 +39,14 @@ def _shape_key(group: str, shape: tuple[int, ...]) -> str:
 
 def aggregate_groups(models: GroupModels, clients: dict[ClientId, ClientInfo],
                      updates: Sequence[ClientUpdate], group_of: Callable[[ClientInfo], str], *,
-                     combine: Callable[[list[AdapterState], list[int]], AdapterState]
-                     = weighted_average,
+                     combine: Callable[[list[AdapterState], list[int], AdapterState | None],
+                                       AdapterState] | None = None,
                      deliver: Callable[[ClientId, AdapterState], AdapterState] | None = None
                      ) -> tuple[GroupModels, dict[ClientId, AdapterState]]:
     """Aggregation within groups: adapters per group, heads per (group, head shape).
 
-    ``combine`` aggregates a group's adapters (default: FedAvg's weighted mean); ``deliver``
+    ``combine(states, weights, previous)`` aggregates a group's adapters, given the group's
+    previous aggregate or None (default: FedAvg's weighted mean); ``deliver``
     turns a group aggregate into what one client receives (default: the aggregate itself; mixed
     ranks cut it to the client's ranks). Heads are always averaged per shape. Returns the new
     models and, for every client of a group that trained this round, the tensors to write back.
@@ -56,7 +57,9 @@ def aggregate_groups(models: GroupModels, clients: dict[ClientId, ClientInfo],
     adapters, heads = dict(models.adapters), dict(models.heads)
     for group, members in by_group.items():
         parts = [_split(u.state) for u in members]
-        adapters[group] = combine([a for a, _ in parts], [u.num_examples for u in members])
+        states, weights = [a for a, _ in parts], [u.num_examples for u in members]
+        adapters[group] = (combine(states, weights, adapters.get(group)) if combine
+                           else weighted_average(states, weights))
         by_shape: dict[str, list[tuple[AdapterState, int]]] = defaultdict(list)
         for u, (_, head) in zip(members, parts, strict=True):
             by_shape[_shape_key(group, clients[u.client_id].head_shape)].append(

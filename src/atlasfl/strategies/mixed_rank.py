@@ -10,7 +10,10 @@ client builds its adapter through peft's ``rank_pattern``.
 Both aggregate within groups (``ranks.grouping``: one global group, the true task — an oracle —
 or the clusters Phase 1 finds) with ``ranks.aggregation``: ``zero-pad`` (HetLoRA,
 arXiv:2401.06432), ``stack`` (FLoRA stacking, arXiv:2409.05976, exact, then truncated SVD to each
-client's ranks) or ``svd`` (FlexLoRA, arXiv:2402.11505), see ``atlasfl.phases.aggregation``. Heads
+client's ranks) or ``svd`` (FlexLoRA, arXiv:2402.11505), see ``atlasfl.phases.aggregation``.
+``ranks.update``: ``average`` aggregates what the clients hold, as those papers do; ``delta``
+adds the clients' weighted change to the group's previous aggregate, which the server keeps at
+full rank, so the part of it a small client's ranks cut off is not lost each round. Heads
 are averaged per group and head shape. Every client's device, budget, memory estimate and rank
 map are kept in the server state and written to the run folder (``clients.json``).
 """
@@ -158,12 +161,13 @@ class HomoLoRA(Strategy):
     def aggregate_round(self, state: RankState, round_idx: int,
                         updates: Sequence[ClientUpdate]) -> RoundOutcome:
         """Mixed-rank aggregation per group; each client receives its own ranks."""
-        method = self.cfg.ranks.aggregation
-        keep = max(max(r.values()) for r in state.ranks.values())
+        method, delta = self.cfg.ranks.aggregation, self.cfg.ranks.update == "delta"
+        # averaging keeps what the largest client can take; the delta update keeps everything
+        keep = None if delta else max(max(r.values()) for r in state.ranks.values())
 
-        def combine(states, weights):
+        def combine(states, weights, previous):
             return aggregate_mixed(states, weights, method=method, scaling=self.scaling,
-                                   keep=keep)
+                                   keep=keep, previous=previous if delta else None)
 
         uploaded = {u.client_id: u.state for u in updates}
 
