@@ -3,10 +3,11 @@
 Runs configs/quick.yaml (all-MiniLM-L6-v2, sst2/mrpc/cola/qnli x 3 clients, devices drawn from
 the four built-in profiles) for each variant and seed, one process, one run after the other, and
 prints average accuracy, total upload bytes and wall time per run, then per variant the mean over
-seeds and the paired difference to the first variant. All variants use rsLoRA with alpha chosen
-so that rank 8 keeps quick.yaml's tuned scaling (alpha/sqrt(8) = 2) and group by true task.
-``hetlora-device`` is HetLoRA's setting (homolora's total shared by device memory, so ranks
-differ between the clients of a task); the ``delta`` variants set ``ranks.update=delta``.
+seeds and the paired difference to the first variant (or to ``--vs``). All variants use rsLoRA
+with alpha chosen so that rank 8 keeps quick.yaml's tuned scaling (alpha/sqrt(8) = 2) and group
+by true task. ``hetlora-device`` is HetLoRA's setting (homolora's total shared by device
+memory, so ranks differ between the clients of a task); the ``delta`` variants set
+``ranks.update=delta``.
 
     python bench/mixed_rank.py --seeds 0 1 2 --out bench/results/mixed_rank_cpu.jsonl
     python bench/mixed_rank.py --table bench/results/mixed_rank_cpu.jsonl \
@@ -36,16 +37,11 @@ VARIANTS = {
     "hetlora-device zero-pad": {"method": "hetlora", **DEVICE, "ranks.aggregation": "zero-pad"},
     "hetlora-device stack": {"method": "hetlora", **DEVICE, "ranks.aggregation": "stack"},
     "hetlora-device svd": {"method": "hetlora", **DEVICE, "ranks.aggregation": "svd"},
-    # the server adds the clients' weighted change to its kept aggregate (ranks.update=delta)
-    "hetlora-device zero-pad delta": {"method": "hetlora", **DEVICE, "ranks.update": "delta",
-                                      "ranks.aggregation": "zero-pad"},
-    "hetlora-device stack delta": {"method": "hetlora", **DEVICE, "ranks.update": "delta",
-                                   "ranks.aggregation": "stack"},
-    "hetlora-device svd delta": {"method": "hetlora", **DEVICE, "ranks.update": "delta",
-                                 "ranks.aggregation": "svd"},
-    "homolora stack delta": {"method": "homolora", "ranks.update": "delta",
-                             "ranks.aggregation": "stack"},
 }
+# the server adds the clients' weighted change to its kept aggregate (ranks.update=delta)
+VARIANTS |= {f"{name} delta": {**VARIANTS[name], "ranks.update": "delta"}
+             for name in ("hetlora-device zero-pad", "hetlora-device stack",
+                          "hetlora-device svd", "homolora stack")}
 
 
 def run_one(config: str, variant: str, seed: int) -> dict:
@@ -67,6 +63,8 @@ def table(rows: list[dict], vs: str | None = None) -> None:
     for r in rows:
         by[r["variant"]][r["seed"]] = r
     first = vs or next(iter(by))
+    if first not in by:
+        raise SystemExit(f"--vs {first!r}: no rows of that variant; have {sorted(by)}")
     print(f"\nmean over seeds; paired difference to {first!r} over the seeds both ran")
     print(f"{'variant':<32}{'seeds':>6}{'avg acc':>9}{'std':>7}{'paired':>10}{'upload MB':>11}")
     for name, runs in by.items():
