@@ -38,6 +38,11 @@ VARIANTS = {
     "hetlora-device stack": {"method": "hetlora", **DEVICE, "ranks.aggregation": "stack"},
     "hetlora-device svd": {"method": "hetlora", **DEVICE, "ranks.aggregation": "svd"},
 }
+# importance as each module's gradient spectrum (ranks.utility=spectrum) instead of its norm
+VARIANTS |= {name.replace("hetlora", "hetlora-spectrum", 1).replace(
+                 "hetlora-spectrum-device", "hetlora-device-spectrum"):
+             {**VARIANTS[name], "ranks.utility": "spectrum"}
+             for name in list(VARIANTS) if name.startswith("hetlora")}
 # the server adds the clients' weighted change to its kept aggregate (ranks.update=delta)
 VARIANTS |= {f"{name} delta": {**VARIANTS[name], "ranks.update": "delta"}
              for name in ("hetlora-device zero-pad", "hetlora-device stack",

@@ -151,7 +151,9 @@ class RanksConfig:
     grouping: str = "task"  # global | task | cluster
     r_min: int = 1
     r_max: int = 16
-    utility: str = "linear"  # linear: sum importance x rank | log: sum importance x log(rank)
+    # linear: sum importance x rank | log: sum importance x log(rank) | spectrum: the gradient
+    # energy each module's ranks can follow (clients upload their top r_max singular values)
+    utility: str = "linear"
     # parity: <= homolora's LoRA parameters at model.lora.r | device: the federation's total of
     # those, shared in proportion to device memory | memory: the memory budget only
     budget: str = "parity"
@@ -427,7 +429,8 @@ def validate(cfg: ExperimentConfig) -> None:
            "global, task, cluster")
     _check(1 <= r.r_min <= r.r_max <= 256, "ranks.r_min", (r.r_min, r.r_max),
            "1 <= r_min <= r_max <= 256")
-    _check(r.utility in ("linear", "log"), "ranks.utility", r.utility, "linear, log")
+    _check(r.utility in ("linear", "log", "spectrum"), "ranks.utility", r.utility,
+           "linear, log, spectrum")
     _check(r.budget in ("parity", "device", "memory"), "ranks.budget", r.budget,
            "parity, device, memory")
     _check(r.on_infeasible in ("error", "exclude"), "ranks.on_infeasible", r.on_infeasible,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hypothesis.strategies as st
 import pytest
+import torch
 from hypothesis import given, settings
 
 from atlasfl.devices import BUILTIN_PROFILES, assign_devices
 from atlasfl.config import DevicesConfig
 from atlasfl.errors import AtlasError
-from atlasfl.phases.ranks import allocate_ranks
+from atlasfl.phases.ranks import ImportanceMeter, allocate_ranks, module_importance
 
 
 def _linear_memory(shapes, base, per_param):
@@ -21,7 +22,7 @@ def _linear_memory(shapes, base, per_param):
 @settings(max_examples=60, deadline=None)
 @given(num=st.integers(1, 12), seed=st.integers(0, 10_000),
        budget_mib=st.floats(1.0, 64.0), parity=st.booleans(), utility=st.sampled_from(
-           ["linear", "log"]), r_min=st.integers(1, 4), r_span=st.integers(0, 30))
+           ["linear", "log", "spectrum"]), r_min=st.integers(1, 4), r_span=st.integers(0, 30))
 def test_allocation_never_exceeds_the_budget(num, seed, budget_mib, parity, utility, r_min,
                                              r_span):
     import random
@@ -29,6 +30,9 @@ def test_allocation_never_exceeds_the_budget(num, seed, budget_mib, parity, util
     shapes = {f"m{i}": (rng.choice([64, 384, 576, 1536]), rng.choice([64, 384, 576, 1536]))
               for i in range(num)}
     importance = {m: rng.random() ** 3 for m in shapes}
+    if utility == "spectrum":  # descending squared singular values, shorter than r_max at times
+        importance = {m: sorted((rng.random() ** 3 for _ in range(rng.randint(1, 40))),
+                                reverse=True) for m in shapes}
     memory_of = _linear_memory(shapes, base=rng.randint(0, 2**20), per_param=16)
     budget = int(budget_mib * 2**20)
     param_budget = 8 * sum(sum(s) for s in shapes.values()) if parity else None
@@ -69,6 +73,60 @@ def test_more_important_modules_get_at_least_as_much_rank(utility):
     assert ranks == sorted(ranks, reverse=True)
     assert len(set(ranks)) > 1, "ranks must really differ per module"
     assert plan.params <= 8 * 6 * 768
+
+
+def test_spectrum_utility_buys_the_largest_next_singular_value_per_parameter():
+    shapes = {"a": (4, 4), "b": (4, 4)}  # the same cost per rank
+    spectra = {"a": [10.0, 1.0, 0.5], "b": [3.0, 2.0, 1.5]}
+    # from (1, 1): b's 2.0, then b's 1.5, then a's 1.0 (b has nothing left)
+    plan = allocate_ranks(spectra, shapes, memory_of=lambda r: 0, budget_bytes=1,
+                          param_budget=4 * 8, r_min=1, r_max=8, utility="spectrum")
+    assert plan.ranks == {"a": 1, "b": 3}
+    plan = allocate_ranks(spectra, shapes, memory_of=lambda r: 0, budget_bytes=1,
+                          param_budget=5 * 8, r_min=1, r_max=8, utility="spectrum")
+    assert plan.ranks == {"a": 2, "b": 3}
+    # per parameter, a cheaper module's smaller singular value wins: 0.3 / 2 > 0.5 / 8, and
+    # then b's rank no longer fits (either one would have fitted alone)
+    plan = allocate_ranks({"a": [1.0, 0.3], "b": [1.0, 0.5]}, {"a": (1, 1), "b": (4, 4)},
+                          memory_of=lambda r: 0, budget_bytes=1, param_budget=2 + 8 + 8,
+                          r_min=1, r_max=2, utility="spectrum")
+    assert plan.ranks == {"a": 2, "b": 1}
+
+
+def test_the_utility_and_the_importance_kind_must_agree():
+    kw = {"memory_of": lambda r: 0, "budget_bytes": 1}
+    with pytest.raises(AtlasError, match="ranks.utility = 'spectrum' needs a list"):
+        allocate_ranks({"m": 1.0}, {"m": (4, 4)}, utility="spectrum", **kw)
+    with pytest.raises(AtlasError, match="ranks.utility = 'log' needs one number"):
+        allocate_ranks({"m": [1.0]}, {"m": (4, 4)}, utility="log", **kw)
+    with pytest.raises(AtlasError, match="allowed: linear, log, spectrum"):
+        allocate_ranks({"m": 1.0}, {"m": (4, 4)}, utility="cubic", **kw)
+
+
+def test_importance_meter_against_the_gradient_by_hand():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 5, generator=gen, requires_grad=True)
+    batches = [{"x": torch.randn(4, 5, generator=gen), "y": torch.randn(4, 3, generator=gen)}
+               for _ in range(3)]
+
+    def loss_fn(batch):  # mean over examples of 1/2 ||W x - y||^2
+        return 0.5 * (batch["x"] @ w.T - batch["y"]).pow(2).sum(1).mean()
+
+    # dL/dW of one batch: mean over its examples of (W x - y) x^T
+    by_hand = [((b["x"] @ w.T - b["y"]).T @ b["x"] / 4).detach().double() for b in batches]
+    norm = module_importance(loss_fn, batches, ImportanceMeter({"w": w}, "norm"))
+    assert norm["w"] == pytest.approx(float(sum(g.pow(2).sum() for g in by_hand) / 3), rel=1e-6)
+    spectrum = module_importance(loss_fn, batches, ImportanceMeter({"w": w}, "spectrum", 4))
+    expected = torch.linalg.svdvals(sum(by_hand) / 3).pow(2).tolist()  # 3 values (W is 3 x 5)
+    assert spectrum["w"] == pytest.approx(expected + [0.0], rel=1e-5)  # padded to top = 4
+    # Eckart-Young: the top r values sum to the energy of the best rank-r approximation
+    u, sv, vh = torch.linalg.svd(sum(by_hand) / 3)
+    best2 = (u[:, :2] * sv[:2]) @ vh[:2]
+    assert sum(spectrum["w"][:2]) == pytest.approx(float(best2.pow(2).sum()), rel=1e-5)
+    with pytest.raises(AtlasError, match="allowed: norm, spectrum"):
+        ImportanceMeter({"w": w}, "fisher")
+    with pytest.raises(AtlasError, match="at least one example"):
+        module_importance(loss_fn, [], ImportanceMeter({"w": w}))
 
 
 def test_infeasible_budget_is_reported_not_hidden():

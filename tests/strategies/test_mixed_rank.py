@@ -33,8 +33,9 @@ def _recording(exp):
     return seen
 
 
-def test_allocated_ranks_differ_per_module_in_the_peft_model(tiny_cfg, tmp_path):
-    cfg = _het(tiny_cfg, out=str(tmp_path), run_name="het")
+@pytest.mark.parametrize("utility", ["linear", "spectrum"])
+def test_allocated_ranks_differ_per_module_in_the_peft_model(tiny_cfg, tmp_path, utility):
+    cfg = _het(tiny_cfg, out=str(tmp_path), run_name="het", **{"ranks.utility": utility})
     exp = build_experiment(cfg)
     run = RunDir.create(exp.cfg)
     run_experiment(exp, run)
@@ -150,18 +151,32 @@ def test_or_excluded_it_trains_nothing_and_receives_nothing(tiny_cfg, method):
             assert torch.equal(v, before[c][k])
 
 
-def test_importance_from_the_fingerprint_pass_equals_a_separate_pass(tiny_cfg):
+@pytest.mark.parametrize("kind", ["norm", "spectrum"])
+def test_importance_from_the_fingerprint_pass_equals_a_separate_pass(tiny_cfg, kind):
     cfg = _het(tiny_cfg, **{"ranks.grouping": "cluster"})
     exp = build_experiment(cfg)
-    executor = make_executor(exp, CommLedger())
+    ledger = CommLedger()
+    executor = make_executor(exp, ledger)
     settings = cfg.clustering
-    _, together, _ = executor.probe(1, 0, settings, fingerprint=True, importance=True)
+    frozen = {n for n, p in exp.model.named_parameters() if not p.requires_grad}
+    _, together, _ = executor.probe(1, 0, settings, fingerprint=True, importance=True,
+                                    importance_kind=kind, importance_top=5)
     _, alone, _ = executor.probe(1, 0, settings, fingerprint=False, importance=True,
-                                 importance_samples=settings.samples)
+                                 importance_samples=settings.samples, importance_kind=kind,
+                                 importance_top=5)
     assert together.keys() == alone.keys() == set(exp.binder.layers)
     for key in together:
         assert together[key] == pytest.approx(alone[key], rel=1e-4)
-    assert all(v > 0 for v in together.values())
+    # alone, a client uploads one float32 (norm) or 5 (spectrum) per module
+    per_module = 5 if kind == "spectrum" else 1
+    fingerprint_bytes = 4 * (settings.dim + 1)
+    assert ledger.get(1, 0, "up") == 2 * 4 * per_module * len(together) + fingerprint_bytes
+    values = [v for s in together.values() for v in ([s] if kind == "norm" else s)]
+    assert all(v > 0 for v in values)
+    if kind == "spectrum":
+        assert all(len(s) == 5 and s == sorted(s, reverse=True) for s in together.values())
+    # the frozen weights were differentiated for this pass only
+    assert frozen == {n for n, p in exp.model.named_parameters() if not p.requires_grad}
 
 
 @pytest.mark.parametrize("method", ["stack", "zero-pad"])

@@ -21,7 +21,7 @@ from atlasfl.engine.setup import Experiment
 from atlasfl.models.head import ClassificationHead
 from atlasfl.config import LoraSettings
 from atlasfl.models.lora import AdapterBinder, plan_adapter
-from atlasfl.phases.ranks import module_importance
+from atlasfl.phases.ranks import ImportanceMeter, module_importance
 from atlasfl.phases.fingerprint import (
     compute_fingerprint,
     fingerprint_modules,
@@ -89,15 +89,18 @@ class InProcessExecutor:
         return received[0], diag
 
     def probe(self, round_idx: int, client_id: ClientId, settings: ClusteringConfig, *,
-              fingerprint: bool = True, importance: bool = False, importance_samples: int = 64
-              ) -> tuple[tuple[np.ndarray, float] | None, dict[str, float] | None,
-                         dict[str, float]]:
+              fingerprint: bool = True, importance: bool = False, importance_samples: int = 64,
+              importance_kind: str = "norm", importance_top: int = 16
+              ) -> tuple[tuple[np.ndarray, float] | None,
+                         dict[str, float | list[float]] | None, dict[str, float]]:
         """One gradient pass at the common initial adapter and head (Phases 1 and 2).
 
         With ``fingerprint``: the task fingerprint (Phase 1). With ``importance``: every LoRA
-        module's importance (Phase 2), from the same backward pass when both are asked, so the
-        client reads its data once. Returns what the server received: ((fingerprint, its noise
-        variance) or None, importance by module or None, client-side diagnostics).
+        module's importance (Phase 2, ``importance_kind`` norm or spectrum, the top
+        ``importance_top`` values of a spectrum: ``atlasfl.phases.ranks.ImportanceMeter``), from
+        the same backward pass when both are asked, so the client reads its data once. Returns
+        what the server received: ((fingerprint, its noise variance) or None, importance by
+        module or None, client-side diagnostics).
         """
         start = time.perf_counter()
         client = self.clients[client_id]
@@ -108,7 +111,17 @@ class InProcessExecutor:
         blocks = select_blocks(self.num_layers, settings.layers)
         modules = (fingerprint_modules(self.model, self.num_layers, blocks, params=settings.params)
                    if fingerprint else {})
-        frozen = [m.weight for m in modules.values() if not m.weight.requires_grad]
+        meter = None
+        if importance:  # norm: each module's LoRA B factor | spectrum: its frozen weight
+            paths = [k.removesuffix(".lora_B.weight") for k in initial
+                     if k.endswith(".lora_B.weight")]
+            meter = ImportanceMeter(
+                {p: (initial[f"{p}.lora_B.weight"] if importance_kind == "norm"
+                     else self.model.get_submodule(p).base_layer.weight) for p in paths},
+                importance_kind, importance_top)
+        tensors = [m.weight for m in modules.values()]
+        tensors += list(meter.params.values()) if meter else []
+        frozen = list({id(p): p for p in tensors if not p.requires_grad}.values())
         for p in frozen:  # frozen base weights: differentiate them for this pass only
             p.requires_grad_(True)
         seed = client_seed(self.seed, round_idx, client_id)
@@ -118,8 +131,6 @@ class InProcessExecutor:
         batches = [{k: v.to(self.device) for k, v in
                     client.train_set.collate(rows[i : i + settings.batch_size]).items()}
                    for i in range(0, len(rows), settings.batch_size)]
-        importance_of = ({k.removesuffix(".lora_B.weight"): p for k, p in initial.items()
-                          if k.endswith(".lora_B.weight")} if importance else None)
 
         def loss_fn(batch):
             logits = forward_logits(self.model, head, batch)
@@ -133,11 +144,12 @@ class InProcessExecutor:
                                          statistic=settings.statistic,
                                          epsilon=settings.epsilon or None, delta=settings.delta,
                                          clip=settings.clip, generator=gen,
-                                         importance_of=importance_of)
+                                         importance=meter)
                 vector, noise, scores = fp.vector, fp.noise_std, fp.importance or None
                 noise_var = fp.noise_var
             else:
-                noise, scores = 0.0, module_importance(loss_fn, batches, importance_of or {})
+                noise = 0.0
+                scores = module_importance(loss_fn, batches, meter) if meter else None
         finally:
             for p in frozen:
                 p.requires_grad_(False)

@@ -31,6 +31,7 @@ from atlasfl.engine.ledger import CommLedger
 from atlasfl.engine.rundir import CLIENTS_FILE, RunDir
 from atlasfl.engine.setup import Experiment
 from atlasfl.errors import AtlasError
+from atlasfl.phases.ranks import KINDS
 from atlasfl.report.summary import summarize
 from atlasfl.types import ClientId
 
@@ -146,7 +147,9 @@ def run_fingerprint_phase(exp: Experiment, executor, strategy, state: Any, round
     for cid in sorted(exp.clients):
         received, imp, diag = executor.probe(round_idx, cid, exp.cfg.clustering,
                                              fingerprint=fingerprint, importance=importance,
-                                             importance_samples=exp.cfg.ranks.samples)
+                                             importance_samples=exp.cfg.ranks.samples,
+                                             importance_kind=KINDS[exp.cfg.ranks.utility],
+                                             importance_top=exp.cfg.ranks.r_max)
         if received is not None:
             fingerprints[cid], noise[cid] = received
         if imp is not None:

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from atlasfl.errors import AtlasError
+from atlasfl.phases.ranks import ImportanceMeter
 
 PARAM_SETS = ("lora", "weights")
 STATISTICS = ("fisher", "gradient")
@@ -59,7 +60,7 @@ class Fingerprint:
 
     vector: np.ndarray  # (dim,) float32
     num_samples: int
-    importance: dict[str, float]  # Phase 2 module importance from the same pass (if asked)
+    importance: dict[str, float | list[float]]  # Phase 2 module importance, same pass (if asked)
     blocks: tuple[int, ...]
     num_params: int  # gradient coordinates before projection
     noise_std: float  # 0.0 without privacy
@@ -196,7 +197,7 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
                         seed: int, blocks: tuple[int, ...], statistic: str = "fisher",
                         epsilon: float | None = None, delta: float = 1e-5, clip: float = 1.0,
                         generator: torch.Generator | None = None,
-                        importance_of: dict[str, Tensor] | None = None) -> Fingerprint:
+                        importance: ImportanceMeter | None = None) -> Fingerprint:
     """Fingerprint of one client.
 
     Args:
@@ -213,8 +214,8 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
         delta: privacy delta.
         clip: per-example norm bound of the projected statistic (privacy only).
         generator: randomness of the privacy noise.
-        importance_of: parameters whose mean squared gradient norm over the batches is returned
-            as ``importance`` (``atlasfl.phases.ranks.module_importance``, same pass).
+        importance: a Phase 2 meter fed the gradients of its tensors from the same backward
+            pass; its result is returned as ``importance``.
     """
     if statistic not in STATISTICS:
         raise AtlasError(f"clustering.statistic = {statistic!r} is invalid; allowed: "
@@ -226,12 +227,11 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
     total = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in modules.items()}
     squares = dict.fromkeys(names, 0.0)  # sum over examples of ||statistic||^2, per tensor
     private = torch.zeros(dim, dtype=torch.float64)
-    importance = dict.fromkeys(importance_of or {}, 0.0)
     for batch in batches:
-        also = dict(importance_of or {})
+        also = dict(importance.params) if importance is not None else {}
         grads = per_example_grads(loss_fn, batch, modules, also)  # name -> (B, *shape)
-        for name in importance:
-            importance[name] += float(also[name].double().pow(2).sum()) / len(batches)
+        if importance is not None:
+            importance.add(also)
         if statistic == "fisher":
             grads = {k: g * g for k, g in grads.items()}
         if epsilon is None:
@@ -254,7 +254,8 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
         noise = torch.randn(dim, generator=generator, dtype=torch.float64)
         vector = private + sigma * noise
         noise_var = dim * sigma**2
-    return Fingerprint(vector.float().numpy(), num, importance, blocks,
+    return Fingerprint(vector.float().numpy(), num,
+                       importance.result() if importance is not None else {}, blocks,
                        sum(m.weight.numel() for m in modules.values()), sigma, noise_var,
                        epsilon, delta if epsilon is not None else None)
 

@@ -92,7 +92,7 @@ class Strategy:
         return False
 
     def observe_importance(self, state: Any, round_idx: int,
-                           importance: dict[ClientId, dict[str, float]]
+                           importance: dict[ClientId, dict[str, Any]]
                            ) -> tuple[Any, dict[str, float]]:
         """Turn uploaded module importance into new server state (rank plans)."""
         return state, {}

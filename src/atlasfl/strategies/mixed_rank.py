@@ -2,10 +2,11 @@
 
 ``homolora`` is the baseline: every client trains rank ``model.lora.r`` in every module.
 ``hetlora`` gives each client the per-module ranks Phase 2 allocates (``atlasfl.phases.ranks``):
-before round 1 every client uploads one importance value per LoRA module (from the same
-gradient pass as its Phase 1 fingerprint when clustering runs), the server sizes each client's
-ranks to its device's memory budget (``atlasfl.phases.memory``) and sends the rank map; the
-client builds its adapter through peft's ``rank_pattern``.
+before round 1 every client uploads its importance per LoRA module (one number, or with
+``ranks.utility=spectrum`` the top ``r_max`` squared singular values of the module's gradient;
+from the same gradient pass as its Phase 1 fingerprint when clustering runs), the server sizes
+each client's ranks to its device's memory budget (``atlasfl.phases.memory``) and sends the
+rank map; the client builds its adapter through peft's ``rank_pattern``.
 
 Both aggregate within groups (``ranks.grouping``: one global group, the true task — an oracle —
 or the clusters Phase 1 finds) with ``ranks.aggregation``: ``zero-pad`` (HetLoRA,
@@ -32,7 +33,7 @@ from atlasfl.errors import AtlasError
 from atlasfl.models.lora import lora_scaling
 from atlasfl.phases.aggregation import aggregate_mixed, redistribute
 from atlasfl.phases.memory import estimate_memory
-from atlasfl.phases.ranks import RankPlan, allocate_ranks
+from atlasfl.phases.ranks import Importance, RankPlan, allocate_ranks
 from atlasfl.strategies.base import ClientInfo, ClientUpdate, RoundOutcome, Strategy, register
 from atlasfl.strategies.fedavg import GroupModels, aggregate_groups
 from atlasfl.strategies.fedavg_cluster import cluster_clients, recluster_due
@@ -85,7 +86,7 @@ class HomoLoRA(Strategy):
                                    lora_dropout=cfg.model.lora.dropout > 0).total
         return memory
 
-    def plan(self, client_id: ClientId, importance: dict[str, float] | None) -> RankPlan:
+    def plan(self, client_id: ClientId, importance: Importance | None) -> RankPlan:
         """This client's ranks: ``model.lora.r`` everywhere, checked against its budget."""
         rank = self.cfg.model.lora.r
         ranks = dict.fromkeys(self.model.shapes, rank)
@@ -94,7 +95,7 @@ class HomoLoRA(Strategy):
         params = sum(rank * sum(s) for s in self.model.shapes.values())
         return RankPlan(ranks, memory, budget, params, memory <= budget, "fixed")
 
-    def configure(self, state: RankState, importance: dict[ClientId, dict[str, float]] | None
+    def configure(self, state: RankState, importance: dict[ClientId, Importance] | None
                   ) -> RankState:
         """Plan every client; exclude or refuse those whose device cannot hold the minimum."""
         ranks, records, excluded = {}, {}, []
@@ -198,7 +199,7 @@ class HetLoRA(HomoLoRA):
         return round_idx == 1
 
     def observe_importance(self, state: RankState, round_idx: int,
-                           importance: dict[ClientId, dict[str, float]]
+                           importance: dict[ClientId, Importance]
                            ) -> tuple[RankState, dict[str, float]]:
         """Allocate every client's ranks from its importance and its device budget."""
         state = self.configure(state, importance)
@@ -207,7 +208,7 @@ class HetLoRA(HomoLoRA):
         return state, {"excluded_clients": float(len(state.excluded)),
                        "mean_rank": float(np.mean(ranks)) if ranks else 0.0}
 
-    def plan(self, client_id: ClientId, importance: dict[str, float] | None) -> RankPlan:
+    def plan(self, client_id: ClientId, importance: Importance | None) -> RankPlan:
         """Importance-guided ranks under the device's memory (and the parameter budget)."""
         if importance is None:
             raise AtlasError("hetlora needs every client's module importance before planning")
