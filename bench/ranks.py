@@ -13,6 +13,7 @@ then favours cheap modules); a real run uses the clients' measured importance (c
     python bench/ranks.py                       # batch 16, sequence 128, r 1..64
     python bench/ranks.py --batch 8 --seq 256 --targets all
     python bench/ranks.py --quick          # hetlora's plans on quick.yaml, measured importance
+    python bench/ranks.py --quick --set 'ranks.utility="spectrum"'   # and the gradient spectra
 """
 
 from __future__ import annotations
@@ -65,23 +66,46 @@ def lora_shapes(config, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
 
 
 def quick_plans(seed: int, overrides: dict) -> None:
-    """hetlora's plans on configs/quick.yaml: importance measured on each client's data."""
+    """hetlora's plans on configs/quick.yaml: importance measured on each client's data.
+
+    With ``ranks.utility=spectrum`` also prints, per client and kind of module (the last part of
+    its path), the range over layers of the first singular value's share of the gradient energy
+    and of the total energy.
+    """
     from atlasfl.config import from_dict, from_yaml
     from atlasfl.engine import CommLedger, build_experiment
     from atlasfl.engine.executor import make_executor
-    from atlasfl.engine.simulation import run_fingerprint_phase
+    from atlasfl.phases.ranks import KINDS
 
     cfg = from_dict(from_yaml("configs/quick.yaml")).replace(
         method="hetlora", seed=seed, progress=False, **{"model.lora.rslora": True, **overrides})
     exp = build_experiment(cfg)
-    state, _ = run_fingerprint_phase(exp, make_executor(exp, CommLedger()), exp.strategy,
-                                     exp.strategy.init(), 1, fingerprint=False, importance=True)
+    executor, r = make_executor(exp, CommLedger()), cfg.ranks
+    scores = {cid: executor.probe(1, cid, cfg.clustering, fingerprint=False, importance=True,
+                                  importance_samples=r.samples, importance_kind=KINDS[r.utility],
+                                  importance_top=r.r_max)[1] for cid in sorted(exp.clients)}
+    state, _ = exp.strategy.observe_importance(exp.strategy.init(), 1, scores)
     for cid, rec in exp.strategy.client_records(state).items():
         ranks = " ".join(f"{r:>2}" for r in rec["ranks"].values())
         print(f"client {cid:>2} {rec['task']:<5} {rec['device']:<11} "
               f"{rec['memory_estimate_bytes'] / 2**20:6.0f} MiB of "
               f"{rec['budget_bytes'] / 2**30:.0f} GiB  {rec['limited_by']:<10} ranks {ranks}")
     print("modules:", ", ".join(next(iter(exp.strategy.client_records(state).values()))["ranks"]))
+    if r.utility != "spectrum":
+        return
+    print(f"gradient spectra: first singular value's share of the top {r.r_max} (min-max over "
+          f"layers) and their total energy")
+    for cid, spectra in scores.items():
+        kinds: dict[str, list[list[float]]] = {}
+        for path, values in spectra.items():
+            kinds.setdefault(path.rsplit(".", 1)[-1], []).append(values)
+        parts = []
+        for kind, rows in kinds.items():
+            share = [v[0] / sum(v) for v in rows]
+            energy = [sum(v) for v in rows]
+            parts.append(f"{kind} share {min(share):.2f}-{max(share):.2f} "
+                         f"energy {min(energy):.1e}-{max(energy):.1e}")
+        print(f"client {cid:>2} {exp.clients[cid].task.name:<5} " + "; ".join(parts))
 
 
 def main() -> None:
