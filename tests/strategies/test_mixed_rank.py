@@ -151,9 +151,10 @@ def test_or_excluded_it_trains_nothing_and_receives_nothing(tiny_cfg, method):
             assert torch.equal(v, before[c][k])
 
 
-@pytest.mark.parametrize("kind", ["norm", "spectrum"])
-def test_importance_from_the_fingerprint_pass_equals_a_separate_pass(tiny_cfg, kind):
-    cfg = _het(tiny_cfg, **{"ranks.grouping": "cluster"})
+@pytest.mark.parametrize("kind, params", [("norm", "lora"), ("spectrum", "lora"),
+                                          ("spectrum", "weights")])  # weights: shared tensors
+def test_importance_from_the_fingerprint_pass_equals_a_separate_pass(tiny_cfg, kind, params):
+    cfg = _het(tiny_cfg, **{"ranks.grouping": "cluster", "clustering.params": params})
     exp = build_experiment(cfg)
     ledger = CommLedger()
     executor = make_executor(exp, ledger)

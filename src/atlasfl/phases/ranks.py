@@ -15,10 +15,10 @@ the fingerprint yields it, ``compute_fingerprint(importance=...)``):
   module's frozen weight, the top ``r_max`` of them. By Eckart-Young, s_1 + ... + s_r is the
   share of the gradient's energy that a rank-r update of the module can follow, so it prices
   every extra rank by what it adds (after GaLore, Zhao et al., arXiv:2403.03507, and AdaLoRA's
-  singular-value importance, Zhang et al., arXiv:2303.10512). Measured on MiniLM and GLUE, the
-  value projections' gradients are nearly rank one (about 90% of the energy in s_1) while the
-  query projections' spread over many directions: ``norm`` gives value modules most of the
-  rank, ``spectrum`` gives it where the gradient needs it.
+  singular-value importance, Zhang et al., arXiv:2303.10512). Measured on MiniLM and GLUE
+  (``bench/ranks.py --quick``), the value projections' gradients are close to rank one (s_1
+  holds 40-98% of the top 16's energy) while the query projections' spread over more
+  directions: ``norm`` prices every rank of a module alike, ``spectrum`` by what it adds.
 
 Allocation (``allocate_ranks``): maximise sum_m u_m(r_m) with u_m(r) = I_m r (``linear``, the
 importance-weighted rank), I_m log r (``log``, diminishing returns: the proportional allocation
