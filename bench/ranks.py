@@ -75,16 +75,20 @@ def quick_plans(seed: int, overrides: dict) -> None:
     from atlasfl.config import from_dict, from_yaml
     from atlasfl.engine import CommLedger, build_experiment
     from atlasfl.engine.executor import make_executor
-    from atlasfl.phases.ranks import KINDS
+    from atlasfl.engine.simulation import run_fingerprint_phase
 
     cfg = from_dict(from_yaml("configs/quick.yaml")).replace(
         method="hetlora", seed=seed, progress=False, **{"model.lora.rslora": True, **overrides})
     exp = build_experiment(cfg)
-    executor, r = make_executor(exp, CommLedger()), cfg.ranks
-    scores = {cid: executor.probe(1, cid, cfg.clustering, fingerprint=False, importance=True,
-                                  importance_samples=r.samples, importance_kind=KINDS[r.utility],
-                                  importance_top=r.r_max)[1] for cid in sorted(exp.clients)}
-    state, _ = exp.strategy.observe_importance(exp.strategy.init(), 1, scores)
+    r, scores, observe = cfg.ranks, {}, exp.strategy.observe_importance
+
+    def record(state, round_idx, importance):  # keep what the server received
+        scores.update(importance)
+        return observe(state, round_idx, importance)
+
+    exp.strategy.observe_importance = record
+    state, _ = run_fingerprint_phase(exp, make_executor(exp, CommLedger()), exp.strategy,
+                                     exp.strategy.init(), 1, fingerprint=False, importance=True)
     for cid, rec in exp.strategy.client_records(state).items():
         ranks = " ".join(f"{r:>2}" for r in rec["ranks"].values())
         print(f"client {cid:>2} {rec['task']:<5} {rec['device']:<11} "

@@ -67,7 +67,7 @@ class ImportanceMeter:
     """
 
     def __init__(self, params: Mapping[str, Tensor], kind: str = "norm", top: int = 16):
-        if kind not in ("norm", "spectrum"):
+        if kind not in set(KINDS.values()):
             raise AtlasError(f"importance kind {kind!r} is invalid; allowed: norm, spectrum")
         self.params, self.kind, self.top = dict(params), kind, top
         self._sum: dict[str, float | Tensor] = dict.fromkeys(self.params, 0.0)
