@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from atlasfl.config import from_dict
-from atlasfl.engine import CommLedger, build_experiment
+from atlasfl.engine import CommLedger, build_experiment, run_exchange
 from atlasfl.engine.executor import make_executor
-from atlasfl.engine.simulation import run_fingerprint_phase
 from atlasfl.phases.clustering import CRITERIA, cluster_fingerprints
+from atlasfl.strategies import RoundInfo
 
 FOUR = ["sst2", "mrpc", "cola", "qnli"]
 SIX = [*FOUR, "rte", "stsb"]
@@ -51,34 +51,31 @@ def run_one(overrides: dict, seed: int, dump: str | None = None) -> dict:
     exp = build_experiment(cfg)
     ledger = CommLedger()
     executor = make_executor(exp, ledger)
-    if dump:  # keep what the server saw, to study its side offline
-        _record_fingerprints(exp, dump)
     wall, cpu = time.perf_counter(), time.process_time()
-    _, metrics = run_fingerprint_phase(exp, executor, exp.strategy, exp.strategy.init(), 1)
+    # round 1's first exchange: every client's fingerprint, clustered by the server
+    done = run_exchange(executor, exp.strategy, exp.strategy.init(),
+                        RoundInfo(1, tuple(sorted(exp.clients)), evaluate=False))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    metrics = done.outcome.metrics
+    if dump:  # keep what the server received, to study its side offline
+        _save_fingerprints(exp, done.replies, dump)
     return {"seed": seed, "k": int(metrics["k"]), "ari": metrics["ari"], "nmi": metrics["nmi"],
             "purity": metrics["purity"], "clients": len(exp.clients),
             "upload_bytes_per_client": ledger.get(1, 0, "up"), "phase_seconds": wall,
             "cpu_over_wall": cpu / wall}
 
 
-def _record_fingerprints(exp, path: str) -> None:
-    """Save the uploaded fingerprints, their noise variances and the true tasks (safetensors)."""
+def _save_fingerprints(exp, replies, path: str) -> None:
+    """Save the received fingerprints, their noise variances and the true tasks (safetensors)."""
     from safetensors.numpy import save_file
 
-    strategy = exp.strategy
-    observe = strategy.observe_fingerprints
-
-    def observe_and_save(state, round_idx, fingerprints, noise=None):
-        ids = sorted(fingerprints)
-        tasks = sorted({strategy.clients[i].task for i in ids})
-        save_file({"fingerprints": np.stack([fingerprints[i] for i in ids]),
-                   "noise_var": np.array([(noise or {}).get(i, 0.0) for i in ids]),
-                   "tasks": np.array([tasks.index(strategy.clients[i].task) for i in ids])},
-                  path, metadata={"task_names": ",".join(tasks)})
-        return observe(state, round_idx, fingerprints, noise)
-
-    strategy.observe_fingerprints = observe_and_save
+    replies = sorted(replies, key=lambda r: r.client_id)
+    truth = [exp.clients[r.client_id].task.name for r in replies]
+    tasks = sorted(set(truth))
+    save_file({"fingerprints": np.stack([r.fingerprint for r in replies]),
+               "noise_var": np.array([r.noise_var for r in replies]),
+               "tasks": np.array([tasks.index(t) for t in truth])},
+              path, metadata={"task_names": ",".join(tasks)})
 
 
 SERVERS = {  # the server's steps, switched on one after the other

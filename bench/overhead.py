@@ -20,7 +20,7 @@ from peft import get_peft_model
 
 from atlasfl.config import from_dict
 from atlasfl.engine import build_experiment, run_experiment
-from atlasfl.engine.executor import client_seed
+from atlasfl.client import client_seed
 from atlasfl.models.head import init_head
 from atlasfl.models.lora import lora_config
 from atlasfl.models.registry import load_backbone

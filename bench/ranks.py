@@ -73,28 +73,25 @@ def quick_plans(seed: int, overrides: dict) -> None:
     and of the total energy.
     """
     from atlasfl.config import from_dict, from_yaml
-    from atlasfl.engine import CommLedger, build_experiment
+    from atlasfl.engine import CommLedger, build_experiment, run_exchange
     from atlasfl.engine.executor import make_executor
-    from atlasfl.engine.simulation import run_fingerprint_phase
+    from atlasfl.strategies import RoundInfo
 
     cfg = from_dict(from_yaml("configs/quick.yaml")).replace(
         method="hetlora", seed=seed, progress=False, **{"model.lora.rslora": True, **overrides})
     exp = build_experiment(cfg)
-    r, scores, observe = cfg.ranks, {}, exp.strategy.observe_importance
-
-    def record(state, round_idx, importance):  # keep what the server received
-        scores.update(importance)
-        return observe(state, round_idx, importance)
-
-    exp.strategy.observe_importance = record
-    state, _ = run_fingerprint_phase(exp, make_executor(exp, CommLedger()), exp.strategy,
-                                     exp.strategy.init(), 1, fingerprint=False, importance=True)
-    for cid, rec in exp.strategy.client_records(state).items():
+    r = cfg.ranks
+    # round 1's first exchange: every client's importance, then the server's rank plans
+    done = run_exchange(make_executor(exp, CommLedger()), exp.strategy, exp.strategy.init(),
+                        RoundInfo(1, tuple(sorted(exp.clients)), evaluate=False))
+    scores = {reply.client_id: reply.importance for reply in done.replies}  # as received
+    records = done.outcome.state.records
+    for cid, rec in records.items():
         ranks = " ".join(f"{r:>2}" for r in rec["ranks"].values())
         print(f"client {cid:>2} {rec['task']:<5} {rec['device']:<11} "
               f"{rec['memory_estimate_bytes'] / 2**20:6.0f} MiB of "
               f"{rec['budget_bytes'] / 2**30:.0f} GiB  {rec['limited_by']:<10} ranks {ranks}")
-    print("modules:", ", ".join(next(iter(exp.strategy.client_records(state).values()))["ranks"]))
+    print("modules:", ", ".join(next(iter(records.values()))["ranks"]))
     if r.utility != "spectrum":
         return
     print(f"gradient spectra: first singular value's share of the top {r.r_max} (min-max over "

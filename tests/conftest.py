@@ -40,3 +40,25 @@ def tiny_config(**dotted):
 @pytest.fixture
 def tiny_cfg():
     return tiny_config
+
+
+def record_updates(exp):
+    """Wrap the strategy's aggregation: returns a list that gets, per round, the uploaded
+    updates as the server received them ({client id: Update}, arrival order kept)."""
+    from atlasfl.messages import TrainReply
+
+    seen = []
+    original = exp.strategy.aggregate_round
+
+    def record(state, rnd, replies):
+        if replies and isinstance(replies[0], TrainReply):
+            seen.append({r.client_id: r.update for r in replies if r.update is not None})
+        return original(state, rnd, replies)
+
+    exp.strategy.aggregate_round = record
+    return seen
+
+
+@pytest.fixture
+def updates_of():
+    return record_updates

@@ -69,14 +69,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _resolve_config(args: argparse.Namespace, raw: dict | None = None):
-    from atlasfl.config import _set_dotted, apply_overrides, from_dict, from_yaml
+    from atlasfl.config import apply_overrides, from_dict, from_yaml, set_dotted
 
     if raw is None:
         raw = from_yaml(args.config) if args.config else {}
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:
-            _set_dotted(raw, key, value)
+            set_dotted(raw, key, value)
     if args.no_progress:
         raw["progress"] = False
     apply_overrides(raw, getattr(args, "set", []))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Iterable
+from typing import Any
 
 
 class AtlasError(ValueError):
@@ -16,3 +18,15 @@ def unknown_name(kind: str, value: str, allowed: Iterable[str]) -> AtlasError:
     close = difflib.get_close_matches(str(value), allowed, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return AtlasError(f"unknown {kind} {value!r}{hint} (allowed: {', '.join(allowed)})")
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` choice (``atlasfl.types``)."""
+    return typing.get_args(literal)
+
+
+def check_choice(key: str, value: object, literal: Any) -> None:
+    """Raise naming ``key``, ``value`` and the allowed values when ``value`` is not one of them."""
+    allowed = choices(literal)
+    if value not in allowed:
+        raise AtlasError(f"{key} = {value!r} is invalid; allowed: {', '.join(allowed)}")

@@ -163,17 +163,21 @@ def test_state_classes_outside_atlasfl_are_refused():
 
 
 def test_server_state_round_trips_through_flatten():
-    from atlasfl.strategies.fedavg import GroupModels
+    from atlasfl.strategies.groups import Groups
 
-    state = GroupModels({"all": {"w": torch.arange(6.0).reshape(2, 3)}},
-                        {"all/head2x4": {"head.out.bias": torch.ones(2)}})
+    state = Groups({"0": "all"}, torch.eye(2, dtype=torch.float64),
+                   {"all": {"w": torch.arange(6.0).reshape(2, 3)}},
+                   {"all/head2x4": {"out.bias": torch.ones(2)}}, {"all": 3}, {"0": "all@3"})
     tensors: dict = {}
     skeleton = ckpt.flatten_state(state, tensors)
     json.dumps(skeleton)  # the skeleton is plain JSON
     back = ckpt.unflatten_state(skeleton, tensors, torch.device("cpu"))
-    assert isinstance(back, GroupModels)
+    assert isinstance(back, Groups)
     assert torch.equal(back.adapters["all"]["w"], state.adapters["all"]["w"])
-    assert torch.equal(back.heads["all/head2x4"]["head.out.bias"], torch.ones(2))
+    assert torch.equal(back.heads["all/head2x4"]["out.bias"], torch.ones(2))
+    assert back.similarity.dtype == torch.float64 and torch.equal(back.similarity, torch.eye(2))
+    assert (back.members, back.versions, back.held) == (state.members, state.versions,
+                                                        state.held)
 
 
 def test_checkpoint_tensors_are_plain_safetensors(tiny_cfg, tmp_path):

@@ -70,3 +70,28 @@ def test_heads_from_the_same_seed_are_identical():
     h2 = init_head(16, 3, pooling="mean", dropout=0.1, seed=7)
     pairs = zip(h1.state_dict().values(), h2.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+@pytest.mark.parametrize("rslora, rank, scale", [(False, 2, 8 / 2), (False, 4, 8 / 4),
+                                                 (True, 2, 8 / 2**0.5), (True, 16, 8 / 4)])
+def test_a_bound_rank_r_adapter_adds_scaling_r_times_b_a(rslora, rank, scale):
+    """Injected at r=4, alpha=8: a client of another rank must get its own scaling."""
+    settings = LoraSettings(r=4, alpha=8, rslora=rslora)
+    model = inject_lora(load_backbone("tiny-bert"), settings, seed=0)
+    binder = AdapterBinder(model, settings)
+    gen = torch.Generator().manual_seed(1)
+    params = {}
+    for path, (fan_in, fan_out) in binder.shapes().items():
+        params[f"{path}.lora_A.weight"] = torch.nn.Parameter(torch.randn(rank, fan_in,
+                                                                         generator=gen))
+        params[f"{path}.lora_B.weight"] = torch.nn.Parameter(torch.randn(fan_out, rank,
+                                                                         generator=gen))
+    binder.bind(params)
+    model.eval()
+    path, layer = next(iter(binder.layers.items()))
+    x = torch.randn(3, layer.in_features, generator=gen)
+    a, b = params[f"{path}.lora_A.weight"], params[f"{path}.lora_B.weight"]
+    with torch.no_grad():
+        delta = layer(x) - layer.base_layer(x)
+        expected = scale * x @ a.T @ b.T  # scaling(r) x B A applied to x
+    torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from atlasfl.errors import AtlasError
 from atlasfl.phases.aggregation import (
     aggregate_mixed,
     dense_svd,
@@ -212,3 +213,158 @@ def test_zero_pad_delta_update_adds_the_padded_factor_changes():
                           previous=previous)
     torch.testing.assert_close(new["m.lora_A.weight"].double(), want_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new["m.lora_B.weight"].double(), want_b, rtol=1e-5, atol=1e-5)
+
+
+# -- edge cases and input checks, each value worked out by hand ---------------------------------
+
+
+def test_weighted_average_of_one_state_is_that_state():
+    state = {"x": torch.tensor([1.5, -2.0]), "y": torch.tensor([[4.0]])}
+    out = weighted_average([state], [3.0])
+    assert torch.equal(out["x"], state["x"]) and torch.equal(out["y"], state["y"])
+
+
+def test_weighted_average_accepts_zero_and_fractional_weights():
+    # p = (0, 0.25, 0.75): the zero-weight state is ignored, weights need not reach 1
+    states = [{"x": torch.tensor([100.0])}, {"x": torch.tensor([4.0])}, {"x": torch.tensor([8.0])}]
+    out = weighted_average(states, [0.0, 0.125, 0.375])
+    assert out["x"].item() == pytest.approx(0.25 * 4 + 0.75 * 8)  # 7
+
+
+def test_weighted_average_accumulates_in_float64_and_rounds_once():
+    # bf16 holds multiples of 2^-7 in [1, 2): (1 + 3 + 1) / 3 = 1.6667 rounds to 213/128; adding
+    # the three thirds in bf16 (or rounding each product to bf16) would give 214/128 = 1.671875
+    states = [{"x": torch.tensor([v], dtype=torch.bfloat16)} for v in (1.0, 3.0, 1.0)]
+    out = weighted_average(states, [1, 1, 1])
+    assert out["x"].dtype == torch.bfloat16
+    assert out["x"].item() == 213 / 128
+
+
+@pytest.mark.parametrize("weights", [[0.0, 0.0], [2.0, -1.0], [-1.0, 1.0]])
+def test_weighted_average_refuses_weights_without_a_positive_sum_or_with_a_negative(weights):
+    states = [{"x": torch.ones(2)}, {"x": torch.ones(2)}]
+    with pytest.raises(ValueError, match=r"non-negative with a positive sum, got \[.*\]"):
+        weighted_average(states, weights)
+
+
+def test_weighted_average_refuses_a_weight_count_that_differs():
+    with pytest.raises(ValueError, match="need one weight per state, got 2 states, 1"):
+        weighted_average([{"x": torch.ones(1)}, {"x": torch.ones(1)}], [1.0])
+
+
+def test_weighted_average_names_the_update_with_other_tensors():
+    x, xy = {"x": torch.ones(1)}, {"x": torch.ones(1), "y": torch.ones(1)}
+    with pytest.raises(AtlasError, match=r"^update 1 holds tensors \['y'\] that the first"):
+        weighted_average([x, xy], [1, 1])
+    with pytest.raises(AtlasError, match=r"^update 2 holds tensors \['y'\] that the first"):
+        weighted_average([x, x, xy], [1, 1, 1])
+
+
+def test_weighted_average_names_the_tensor_whose_shapes_differ():
+    with pytest.raises(AtlasError, match=r"tensor 'x': shapes \(2,\) and \(3,\) differ"):
+        weighted_average([{"x": torch.ones(2)}, {"x": torch.ones(3)}], [1, 1])
+
+
+def test_mixed_aggregations_refuse_weights_without_a_positive_sum():
+    (a, b), = _clients([1])
+    for weights in ([0.0], [-1.0]):
+        with pytest.raises(ValueError, match=r"non-negative with a positive sum, got \[-?[01]\.0\]"):
+            zero_pad([(a, b)], weights)
+
+
+def test_zero_pad_ignores_a_zero_weight_client_and_keeps_one_client_as_it_is():
+    (a1, b1), (a2, b2) = _clients([2, 2])
+    a, b = zero_pad([(a1, b1), (a2, b2)], [0.0, 5.0])
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    a, b = zero_pad([(a1, b1)], [1.0])
+    assert torch.equal(a, a1) and torch.equal(b, b1)
+
+
+def test_factor_lists_and_weight_lists_must_have_the_same_length():
+    factors = _clients([1, 2])
+    with pytest.raises(ValueError, match="zip"):
+        zero_pad(factors, [1.0])
+    with pytest.raises(ValueError, match="zip"):
+        stack(factors, [1.0, 1.0], [1.0])
+    with pytest.raises(ValueError, match="zip"):
+        dense_svd(factors, [1.0, 1.0], [1.0])
+    with pytest.raises(ValueError, match="zip"):
+        unheld([1, 2, 3], [1.0, 1.0], 4)
+
+
+def test_dense_svd_keeps_as_many_components_as_the_sum_can_have():
+    # one rank-1 client in a 4 x 4 layer: the product has rank 1, so one singular value, 2 * 3
+    a, b = torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.tensor([[0.0], [3.0], [0.0], [0.0]])
+    u, s, vh = dense_svd([(a, b)], [1.0], [2.0])
+    assert s.tolist() == pytest.approx([6.0])
+    assert u.shape == (4, 1) and vh.shape == (1, 4)
+    # an extra rank-1 term (e2 e3^T) adds one more component: 6 and 1
+    extra = (torch.tensor([[0.0, 0.0, 1.0, 0.0]]), torch.tensor([[0.0], [0.0], [0.0], [1.0]]))
+    _, s, _ = dense_svd([(a, b)], [1.0], [2.0], extra)
+    assert s.tolist() == pytest.approx([6.0, 1.0])
+
+
+def test_aggregate_mixed_keeps_the_largest_components_only():
+    # the sum is diag(3, 2, 1) on the first three coordinates: keep=1 leaves 3 e1 e1^T
+    factors = [(torch.eye(3)[[i]], (3.0 - i) * torch.eye(3)[:, [i]]) for i in range(3)]
+    states = [{"m.lora_A.weight": a, "m.lora_B.weight": b} for a, b in factors]
+    for method in ("stack", "svd"):
+        out = aggregate_mixed(states, [1, 1, 1], method=method, scaling=lambda r: 3.0, keep=1)
+        a, b = out["m.lora_A.weight"], out["m.lora_B.weight"]
+        assert a.shape == (1, 3) and b.shape == (3, 1)
+        expected = torch.zeros(3, 3)
+        expected[0, 0] = 3.0  # p * s = 1/3 * 3 = 1 times B_1 A_1 = 3 e1 e1^T
+        torch.testing.assert_close(b @ a, expected, rtol=0, atol=1e-6)
+
+
+def test_aggregate_mixed_of_one_client_is_its_product():
+    (a, b), = _clients([2])
+    state = {"m.lora_A.weight": a.float(), "m.lora_B.weight": b.float()}
+    out = aggregate_mixed([state], [2.0], method="svd", scaling=lambda r: 0.5, keep=None)
+    torch.testing.assert_close(out["m.lora_B.weight"] @ out["m.lora_A.weight"],
+                               0.5 * (b @ a).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_aggregate_mixed_names_the_setting_of_an_unknown_method():
+    state = {"m.lora_A.weight": torch.ones(1, 2), "m.lora_B.weight": torch.ones(2, 1)}
+    with pytest.raises(AtlasError, match=r"^ranks\.aggregation = 'mean' is invalid; allowed: "
+                                         r"zero-pad, stack, svd$"):
+        aggregate_mixed([state], [1.0], method="mean", scaling=lambda r: 1.0, keep=None)
+
+
+def test_zero_pad_delta_update_pads_an_aggregate_larger_than_every_client():
+    # previous aggregate of rank 3; both clients hold rank 1 (unheld c = (0, 1, 1)), in = 5
+    a0 = torch.arange(15, dtype=torch.float64).reshape(3, 5)
+    b0 = torch.arange(6, dtype=torch.float64).reshape(2, 3) + 1.0
+    previous = {"m.lora_A.weight": a0.float(), "m.lora_B.weight": b0.float()}
+    states = [{"m.lora_A.weight": (a0[:1] + d).float(), "m.lora_B.weight": (b0[:, :1] - d).float()}
+              for d in (1.0, 3.0)]
+    new = aggregate_mixed(states, [1.0, 1.0], method="zero-pad", scaling=lambda r: 1.0,
+                          keep=None, previous=previous)
+    want_a, want_b = a0.clone(), b0.clone()
+    want_a[0] += 2.0  # mean change of row 0: (1 + 3) / 2; rows 1-2 stay the aggregate's
+    want_b[:, 0] -= 2.0
+    torch.testing.assert_close(new["m.lora_A.weight"].double(), want_a)
+    torch.testing.assert_close(new["m.lora_B.weight"].double(), want_b)
+
+
+def test_redistribute_zero_pad_leaves_ranks_beyond_the_aggregate_zero():
+    agg = {"m.lora_A.weight": torch.tensor([[1.0, 2.0, 3.0, 4.0]]),
+           "m.lora_B.weight": torch.tensor([[5.0], [6.0]])}
+    out = redistribute(agg, {"m": 3}, method="zero-pad", scaling=lambda r: 1.0)
+    assert out["m.lora_A.weight"].tolist() == [[1.0, 2.0, 3.0, 4.0], [0.0] * 4, [0.0] * 4]
+    assert out["m.lora_B.weight"].tolist() == [[5.0, 0.0, 0.0], [6.0, 0.0, 0.0]]
+
+
+def test_redistribute_follows_a_small_reference_and_ignores_an_all_zero_one():
+    # aggregate 2 e1 e1^T (+ nothing): A = e1 (orthonormal), B = 2 e1
+    agg = {"m.lora_A.weight": torch.tensor([[1.0, 0.0]]), "m.lora_B.weight": torch.tensor([[2.0],
+                                                                                         [0.0]])}
+    small = {"m.lora_A.weight": torch.tensor([[-0.5, 0.0]])}  # norm 0.5 < 1, pointing at -e1
+    out = redistribute(agg, {"m": 1}, method="stack", scaling=lambda r: 1.0, reference=small)
+    torch.testing.assert_close(out["m.lora_A.weight"], torch.tensor([[-0.5, 0.0]]))
+    torch.testing.assert_close(out["m.lora_B.weight"], torch.tensor([[-4.0], [0.0]]))  # B A = 2e1e1'
+    zero = {"m.lora_A.weight": torch.zeros(1, 2)}
+    out = redistribute(agg, {"m": 1}, method="stack", scaling=lambda r: 1.0, reference=zero)
+    torch.testing.assert_close(out["m.lora_A.weight"], torch.tensor([[3**-0.5, 0.0]]))  # A_ROW_NORM
+    torch.testing.assert_close(out["m.lora_B.weight"], torch.tensor([[2 * 3**0.5], [0.0]]))

@@ -6,6 +6,7 @@ import torch
 
 from atlasfl.engine import CommLedger, build_experiment
 from atlasfl.engine.executor import make_executor
+from atlasfl.messages import FingerprintSpec, Probe
 from atlasfl.phases.fingerprint import (
     _projection_block,
     compute_fingerprint,
@@ -32,7 +33,8 @@ def test_layers_chosen_by_index_and_gradients_collected(tiny_cfg, model, params)
     assert names and all(n.startswith(f"{num_layers - 1}.") for n in names)
     ledger = CommLedger()
     executor = make_executor(exp, ledger)
-    vectors = [executor.fingerprint(1, cid, cfg.clustering)[0] for cid in exp.clients]
+    spec = FingerprintSpec.from_config(cfg.clustering)
+    vectors = [r.fingerprint for r in executor.run(1, [Probe(c, spec) for c in exp.clients])]
     for v in vectors:
         assert v.shape == (32,) and np.isfinite(v).all()
         assert np.linalg.norm(v) == pytest.approx(1.0, rel=1e-4)  # a gradient was collected

@@ -10,6 +10,7 @@ import torch
 
 from atlasfl.engine import RunDir, build_experiment, run_experiment
 from atlasfl.engine.executor import make_executor
+from atlasfl.messages import FingerprintSpec, ImportanceSpec, Probe, TrainReply
 from atlasfl.engine.ledger import CommLedger
 from atlasfl.errors import AtlasError
 from atlasfl.models.lora import ADAPTER
@@ -18,19 +19,6 @@ from atlasfl.models.lora import ADAPTER
 def _het(tiny_cfg, **extra):
     return tiny_cfg(method="hetlora", **{"model.lora.rslora": True, "ranks.r_max": 12,
                                          "ranks.grouping": "task", **extra})
-
-
-def _recording(exp):
-    seen = []
-    original = exp.strategy.aggregate_round
-
-    def record(state, round_idx, updates):
-        seen.append({u.client_id: (u.num_examples, {k: v.clone() for k, v in u.state.items()})
-                     for u in updates})
-        return original(state, round_idx, updates)
-
-    exp.strategy.aggregate_round = record
-    return seen
 
 
 @pytest.mark.parametrize("utility", ["linear", "spectrum"])
@@ -76,12 +64,13 @@ def test_device_budget_shares_homolora_total_in_proportion_to_memory(tiny_cfg):
 
 
 @pytest.mark.parametrize("method", ["stack", "svd"])
-def test_each_client_holds_the_best_rank_r_approximation_of_its_group_sum(tiny_cfg, method):
+def test_each_client_holds_the_best_rank_r_approximation_of_its_group_sum(tiny_cfg, updates_of,
+                                                                          method):
     exp = build_experiment(_het(tiny_cfg, **{"ranks.aggregation": method,
                                              "data.partition": "dirichlet"}))
-    seen = _recording(exp)
+    seen = updates_of(exp)
     run_experiment(exp)
-    (updates,) = seen
+    updates = {c: (u.num_examples, u.adapter) for c, u in seen[0].items()}
     scaling = exp.strategy.scaling
     for _cid, client in exp.clients.items():
         group = {c: u for c, u in updates.items()
@@ -98,11 +87,11 @@ def test_each_client_holds_the_best_rank_r_approximation_of_its_group_sum(tiny_c
             torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-6)
 
 
-def test_zero_pad_clients_hold_the_first_rows_of_the_padded_mean(tiny_cfg):
+def test_zero_pad_clients_hold_the_first_rows_of_the_padded_mean(tiny_cfg, updates_of):
     exp = build_experiment(_het(tiny_cfg, **{"ranks.aggregation": "zero-pad"}))
-    seen = _recording(exp)
+    seen = updates_of(exp)
     run_experiment(exp)
-    (updates,) = seen
+    updates = {c: (u.num_examples, u.adapter) for c, u in seen[0].items()}
     for _cid, client in exp.clients.items():
         group = [u for c, u in updates.items() if exp.clients[c].task.name == client.task.name]
         total = sum(n for n, _ in group)
@@ -160,11 +149,11 @@ def test_importance_from_the_fingerprint_pass_equals_a_separate_pass(tiny_cfg, k
     executor = make_executor(exp, ledger)
     settings = cfg.clustering
     frozen = {n for n, p in exp.model.named_parameters() if not p.requires_grad}
-    _, together, _ = executor.probe(1, 0, settings, fingerprint=True, importance=True,
-                                    importance_kind=kind, importance_top=5)
-    _, alone, _ = executor.probe(1, 0, settings, fingerprint=False, importance=True,
-                                 importance_samples=settings.samples, importance_kind=kind,
-                                 importance_top=5)
+    importance = ImportanceSpec(kind, settings.samples, 5, settings.batch_size)
+    fingerprint = FingerprintSpec.from_config(settings)
+    (together,) = executor.run(1, [Probe(0, fingerprint, importance)])
+    (alone,) = executor.run(1, [Probe(0, None, importance)])
+    together, alone = together.importance, alone.importance
     assert together.keys() == alone.keys() == set(exp.binder.layers)
     for key in together:
         assert together[key] == pytest.approx(alone[key], rel=1e-4)
@@ -191,22 +180,23 @@ def test_delta_update_adds_the_clients_change_to_the_kept_aggregate(tiny_cfg, me
     seen, states = [], []
     original = exp.strategy.aggregate_round
 
-    def record(state, round_idx, updates):
-        seen.append({u.client_id: (u.num_examples, {k: v.double() for k, v in u.state.items()})
-                     for u in updates})
-        outcome = original(state, round_idx, updates)
-        states.append(outcome.state)
+    def record(state, rnd, replies):
+        outcome = original(state, rnd, replies)
+        if replies and isinstance(replies[0], TrainReply):
+            seen.append({r.client_id: (r.update.num_examples,
+                                       {k: v.double() for k, v in r.update.adapter.items()})
+                         for r in replies})
+            states.append(outcome.state)
         return outcome
 
     exp.strategy.aggregate_round = record
     run_experiment(exp)
-    first, second = states[0].models.adapters, states[1].models.adapters
+    first, second = states[0].groups.adapters, states[1].groups.adapters
     scaling = exp.strategy.scaling
 
     checked = 0
     for group in second:
-        members = {c: u for c, u in seen[1].items() if exp.strategy.group_of(
-            states[0], exp.strategy.clients[c]) == group}
+        members = {c: u for c, u in seen[1].items() if states[0].groups.group(c) == group}
         assert any(len({s[f"{m}.lora_A.weight"].shape[0] for _, s in members.values()}) > 1
                    for m in exp.strategy.model.shapes), "ranks must differ within the group"
         total = sum(n for n, _ in members.values())

@@ -65,15 +65,16 @@ def _rows(path: Path, spec: TaskSpec):
                 yield n, {k: str(v) for k, v in row.items()}
         return
     delimiter = "\t" if spec.format == "tsv" else ","
-    quoting = csv.QUOTE_NONE if spec.format == "tsv" else csv.QUOTE_MINIMAL
     with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+        reader = csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE
+                            if spec.format == "tsv" else csv.QUOTE_MINIMAL)
         if spec.columns is not None:
             header = list(spec.columns)
         else:
-            header = next(reader, None)
-            if header is None:
+            first = next(reader, None)
+            if first is None:
                 raise AtlasError(f"{path} is empty: expected a header row")
+            header = first
         for n, fields in enumerate(reader, start=1 if spec.columns is not None else 2):
             if not fields:
                 continue

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from atlasfl.config import CustomTaskConfig
-from atlasfl.errors import AtlasError, unknown_name
+from atlasfl.errors import AtlasError, choices, unknown_name
+from atlasfl.types import MetricName
 
-METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
+METRICS: tuple[str, ...] = choices(MetricName)
 
 
 @dataclass(frozen=True)

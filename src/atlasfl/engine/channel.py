@@ -1,13 +1,15 @@
-"""Channels carry tensors between server and clients and count them in the ledger.
+"""Channels carry messages between server and clients and count their payloads in the ledger.
 
-The in-process channel copies tensors (so neither side can alias the other's memory, as over a
-network); a network channel (Flower) implements the same two calls.
+The in-process channel copies every tensor of a payload (so neither side can alias the other's
+memory, as over a network) and records its bytes by kind; a network channel (Flower) implements
+the same call.
 """
 
 from __future__ import annotations
 
 from atlasfl.engine.ledger import CommLedger, state_bytes
-from atlasfl.types import AdapterState, ClientId
+from atlasfl.messages import M
+from atlasfl.types import ClientId
 
 
 class InProcessChannel:
@@ -16,16 +18,10 @@ class InProcessChannel:
     def __init__(self, ledger: CommLedger):
         self.ledger = ledger
 
-    def _send(self, round_idx: int, client_id: ClientId, direction: str, state: AdapterState
-              ) -> AdapterState:
-        received = {k: v.detach().clone() for k, v in state.items()}
-        self.ledger.record(round_idx, client_id, direction, state_bytes(received))
-        return received
-
-    def upload(self, round_idx: int, client_id: ClientId, state: AdapterState) -> AdapterState:
-        """Client -> server."""
-        return self._send(round_idx, client_id, "up", state)
-
-    def download(self, round_idx: int, client_id: ClientId, state: AdapterState) -> AdapterState:
-        """Server -> client."""
-        return self._send(round_idx, client_id, "down", state)
+    def send(self, round_idx: int, client_id: ClientId, direction: str, message: M) -> M:
+        """Carry ``message`` ``down`` (server to client) or ``up``; returns what arrives."""
+        received = {kind: {name: t.detach().clone() for name, t in tensors.items()}
+                    for kind, tensors in message.payload().items()}
+        for kind, tensors in received.items():
+            self.ledger.record(round_idx, client_id, direction, kind, state_bytes(tensors))
+        return message.with_payload(received)

@@ -83,7 +83,7 @@ def unflatten_state(obj: Any, tensors: dict[str, Tensor], device: torch.device) 
         if not module.startswith("atlasfl."):
             raise AtlasError(f"checkpoint names class {obj['__dataclass__']!r} outside atlasfl")
         cls = getattr(importlib.import_module(module), name, None)
-        if cls is None or not dataclasses.is_dataclass(cls):
+        if not isinstance(cls, type) or not dataclasses.is_dataclass(cls):
             raise AtlasError(f"checkpoint names unknown state class {obj['__dataclass__']!r}")
         return cls(**{k: unflatten_state(v, tensors, device) for k, v in obj["fields"].items()})
     if "__dict__" in obj:

@@ -1,10 +1,17 @@
-"""Communication ledger: bytes that would cross the network, per round, client and direction."""
+"""Communication ledger: bytes that would cross the network, per round, client, direction, kind.
+
+Kinds are those of ``atlasfl.messages`` (adapter, head, rank_plan, fingerprint, importance, and
+later activations): what a payload's tensors hold. Bytes are numel x element size of every tensor;
+names and message framing are not counted.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
 from atlasfl.types import AdapterState, ClientId
+
+DIRECTIONS = ("up", "down")  # up: client to server
 
 
 def state_bytes(state: AdapterState) -> int:
@@ -16,18 +23,23 @@ class CommLedger:
     """Counts every transfer once; the channel is the only writer."""
 
     def __init__(self) -> None:
-        self._bytes: dict[tuple[int, ClientId, str], int] = defaultdict(int)
+        # (round, client) -> "<direction>_<kind>" -> bytes
+        self._bytes: dict[tuple[int, ClientId], dict[str, int]] = defaultdict(dict)
 
-    def record(self, round_idx: int, client_id: ClientId, direction: str, num_bytes: int) -> None:
-        """Add ``num_bytes`` sent ``up`` (client to server) or ``down``."""
-        if direction not in ("up", "down"):
-            raise ValueError(f"direction {direction!r} not in ('up', 'down')")
-        self._bytes[(round_idx, client_id, direction)] += num_bytes
+    def record(self, round_idx: int, client_id: ClientId, direction: str, kind: str,
+               num_bytes: int) -> None:
+        """Add ``num_bytes`` of ``kind`` sent ``up`` (client to server) or ``down``."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction {direction!r} not in {DIRECTIONS}")
+        entry = self._bytes[(round_idx, client_id)]
+        key = f"{direction}_{kind}"
+        entry[key] = entry.get(key, 0) + num_bytes
 
     def get(self, round_idx: int, client_id: ClientId, direction: str) -> int:
-        """Bytes sent in one round by/to one client in one direction."""
-        return self._bytes.get((round_idx, client_id, direction), 0)
+        """Bytes sent in one round by/to one client in one direction, all kinds."""
+        return sum(n for key, n in self._bytes.get((round_idx, client_id), {}).items()
+                   if key.startswith(direction + "_"))
 
-    def total(self, direction: str) -> int:
-        """All bytes in one direction so far."""
-        return sum(v for (_, _, d), v in self._bytes.items() if d == direction)
+    def kinds(self, round_idx: int, client_id: ClientId) -> dict[str, int]:
+        """Bytes of one round and client by ``<direction>_<kind>`` (``up_adapter``, ...)."""
+        return dict(sorted(self._bytes.get((round_idx, client_id), {}).items()))

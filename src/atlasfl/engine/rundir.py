@@ -1,4 +1,7 @@
-"""The run folder: resolved config, per-round JSONL, summary JSON. All run I/O lives here."""
+"""The run folder: resolved config, per-round JSONL, summary JSON. All run writes live here.
+
+File names and reading a finished run are in ``atlasfl.runfiles`` (shared with the report).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,7 @@ import yaml
 
 from atlasfl.config import ExperimentConfig
 from atlasfl.errors import AtlasError
-
-CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE = "config.yaml", "rounds.jsonl", "summary.json"
-CLIENTS_FILE = "clients.json"  # per-client configuration: device, memory, ranks (Phase 2)
+from atlasfl.runfiles import CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE
 
 
 class RunDir:
@@ -64,16 +65,5 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write the run's summary (atomically: a reader never sees half a file)."""
-        tmp = self.path / (SUMMARY_FILE + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(self.path / SUMMARY_FILE)
+        self.write_json(SUMMARY_FILE, summary)
 
-
-def read_run(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """Read (config, round rows, summary) of a finished run folder."""
-    path = Path(path)
-    if not (path / SUMMARY_FILE).is_file():
-        raise AtlasError(f"{path} is not a finished run folder (no {SUMMARY_FILE})")
-    config = yaml.safe_load((path / CONFIG_FILE).read_text())
-    rows = [json.loads(line) for line in (path / ROUNDS_FILE).read_text().splitlines() if line]
-    return config, rows, json.loads((path / SUMMARY_FILE).read_text())

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from atlasfl.client import ClientState, make_client
+from atlasfl.client import ClientRuntime, ClientState, make_client
 from atlasfl.config import ExperimentConfig
 from atlasfl.data.batching import TokenizedSet, tokenize
 from atlasfl.data.glue import load_task, resolve_data_root
@@ -42,11 +42,14 @@ class Experiment:
     binder: AdapterBinder
     strategy: Strategy
     clients: dict[int, ClientState]
-    test_sets: dict[str, TokenizedSet]
+    runtime: ClientRuntime  # the client side: answers plans for every client of this process
     majority: dict[str, dict[str, float]]  # per task: metrics of predicting the majority class
     data_notes: dict[str, dict[str, int]]  # per task: rows read, dropped, used
-    initial_adapter: dict[str, torch.Tensor]  # the seeded adapter every client starts from
-    initial_heads: dict[int, ClassificationHead]  # the seeded head per number of outputs
+
+    @property
+    def initial_adapter(self) -> dict[str, torch.Tensor]:
+        """The seeded adapter every client starts from."""
+        return self.runtime.initial_adapter
 
 
 def _stable(*parts: object) -> int:
@@ -134,5 +137,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                       {n: sum(p.numel() for p in h.parameters())
                        for n, h in initial_heads.items()})
     strategy = strategy_cls(infos, cfg, facts)
-    return Experiment(cfg, device, backbone, model, binder, strategy, clients, test_sets,
-                      majority, notes, adapter_init, initial_heads)
+    runtime = ClientRuntime(model, binder, cfg.train, cfg.model.lora, cfg.seed, device,
+                            backbone.num_layers, adapter_init, initial_heads, test_sets)
+    return Experiment(cfg, device, backbone, model, binder, strategy, clients, runtime,
+                      majority, notes)

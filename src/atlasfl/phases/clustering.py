@@ -48,11 +48,11 @@ from sklearn.metrics import (
     silhouette_score,
 )
 
-from atlasfl.errors import AtlasError
+from atlasfl.errors import AtlasError, check_choice, choices
+from atlasfl.types import ClusterMethod, Criterion
 
-METHODS = ("kmeans", "spectral")
-CRITERIA = ("silhouette", "davies_bouldin", "calinski_harabasz", "eigengap")
-DEFAULT_CRITERIA = ("silhouette",)
+CRITERIA: tuple[Criterion, ...] = choices(Criterion)  # type: ignore[assignment]
+DEFAULT_CRITERIA: tuple[Criterion, ...] = ("silhouette",)
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,9 @@ class ClusterAssignment:
 
     labels: np.ndarray  # (num_clients,) cluster of each client, 0..k-1
     k: int
-    centroids: np.ndarray  # (k, dim) unit-norm cluster means (in the centred space)
+    # (num_clients, num_clients) cosine similarity of the clients in the geometry they were
+    # clustered in (centred, debiased: ``embed``); Phase 4 builds its client graph from it
+    similarity: np.ndarray
     scores: dict[int, dict[str, float]] = field(default_factory=dict)  # per candidate k
     quality: dict[str, float] = field(default_factory=dict)  # ARI/NMI/purity vs true tasks
     center: np.ndarray | None = None  # (dim,) mean unit fingerprint subtracted; None: none
@@ -118,7 +120,8 @@ def purity(true_labels: np.ndarray, labels: np.ndarray) -> float:
     return total / len(labels)
 
 
-def _fit(unit: np.ndarray, k: int, method: str, seed: int, similarity: np.ndarray) -> np.ndarray:
+def _fit(unit: np.ndarray, k: int, method: ClusterMethod, seed: int, similarity: np.ndarray
+         ) -> np.ndarray:
     if method == "kmeans":
         return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(unit)
     return SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed,
@@ -133,8 +136,8 @@ def signal_fraction(fingerprints: np.ndarray, noise_var: np.ndarray | None) -> n
     return np.maximum(raw - np.asarray(noise_var), 0.01 * raw) / np.maximum(raw, 1e-24)
 
 
-def score_candidates(unit: np.ndarray, k_range: tuple[int, int], *, method: str, seed: int,
-                     criteria: tuple[str, ...]) -> dict[int, dict[str, float]]:
+def score_candidates(unit: np.ndarray, k_range: tuple[int, int], *, method: ClusterMethod,
+                     seed: int, criteria: tuple[Criterion, ...]) -> dict[int, dict[str, float]]:
     """Every criterion for every candidate k, and the mean rank over ``criteria``."""
     similarity = similarity_graph(unit)
     gaps = eigengaps(similarity)
@@ -162,10 +165,10 @@ def score_candidates(unit: np.ndarray, k_range: tuple[int, int], *, method: str,
 
 
 def cluster_fingerprints(fingerprints: np.ndarray, *, k: int | None = None,
-                         k_range: tuple[int, int] | None = None, method: str = "kmeans",
+                         k_range: tuple[int, int] | None = None, method: ClusterMethod = "kmeans",
                          seed: int = 0, true_labels: list | np.ndarray | None = None,
                          center: bool = True, noise_var: np.ndarray | None = None,
-                         criteria: tuple[str, ...] = DEFAULT_CRITERIA, min_signal: float = 0.7
+                         criteria: tuple[Criterion, ...] = DEFAULT_CRITERIA, min_signal: float = 0.7
                          ) -> ClusterAssignment:
     """Group clients by fingerprint; choose k unless given.
 
@@ -182,8 +185,7 @@ def cluster_fingerprints(fingerprints: np.ndarray, *, k: int | None = None,
         min_signal: k is chosen among the clients whose ``signal_fraction`` is at least this
             (all clients when fewer than three qualify); every client is then clustered.
     """
-    if method not in METHODS:
-        raise AtlasError(f"clustering.method = {method!r} is invalid; allowed: kmeans, spectral")
+    check_choice("clustering.method", method, ClusterMethod)
     unknown = sorted(set(criteria) - set(CRITERIA))
     if unknown or not criteria:
         raise AtlasError(f"clustering.criteria = {list(criteria)} is invalid; allowed: a "
@@ -220,24 +222,11 @@ def cluster_fingerprints(fingerprints: np.ndarray, *, k: int | None = None,
               else _fit(unit, chosen, method, seed, similarity_graph(unit)))
     _, labels = np.unique(labels, return_inverse=True)  # consecutive ids, no empty cluster
     chosen = int(labels.max()) + 1
-    space = _normalise(x) if mean is None else _normalise(_normalise(x) - mean)  # as uploaded
-    centroids = _normalise(np.stack([space[labels == c].mean(0) for c in range(chosen)]))
     quality = {}
     if true_labels is not None:
         truth = np.asarray(true_labels)
         quality = {"ari": float(adjusted_rand_score(truth, labels)),
                    "nmi": float(normalized_mutual_info_score(truth, labels)),
                    "purity": float(purity(truth, labels))}
-    return ClusterAssignment(labels, chosen, centroids, scores, quality, mean)
+    return ClusterAssignment(labels, chosen, unit @ unit.T, scores, quality, mean)
 
-
-def assign_to_nearest(fingerprint: np.ndarray, centroids: np.ndarray,
-                      center: np.ndarray | None = None) -> int:
-    """Cluster of a client that joins later: the centroid of highest cosine similarity.
-
-    ``center`` is the clustering's ``ClusterAssignment.center`` (the same centring first).
-    """
-    unit = _normalise(np.asarray(fingerprint, dtype=np.float64)[None, :])
-    if center is not None:
-        unit = _normalise(unit - center)
-    return int(np.argmax(centroids @ unit[0]))

@@ -42,16 +42,15 @@ import math
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from atlasfl.errors import AtlasError
+from atlasfl.errors import AtlasError, check_choice
 from atlasfl.phases.ranks import ImportanceMeter
-
-PARAM_SETS = ("lora", "weights")
-STATISTICS = ("fisher", "gradient")
+from atlasfl.types import FingerprintParams, FingerprintStatistic
 
 
 @dataclass(frozen=True)
@@ -91,9 +90,7 @@ def select_blocks(num_layers: int, last: int) -> tuple[int, ...]:
 def fingerprint_modules(model: nn.Module, num_layers: int, blocks: Iterable[int], *,
                         params: str) -> dict[str, nn.Module]:
     """The layers whose weight gradient forms the fingerprint, by name, in a fixed order."""
-    if params not in PARAM_SETS:
-        raise AtlasError(f"clustering.params = {params!r} is invalid; allowed: "
-                         f"{', '.join(PARAM_SETS)}")
+    check_choice("clustering.params", params, FingerprintParams)
     module_list = transformer_blocks(model, num_layers)
     out: dict[str, nn.Module] = {}
     for i in blocks:
@@ -134,11 +131,11 @@ def per_example_grads(loss_fn, batch: dict[str, Tensor], modules: dict[str, nn.M
     try:
         mean_loss = loss_fn(batch)
         loss = mean_loss * len(batch["labels"])  # a sum over examples, not a mean
-        extra = list(also or {})
-        wanted = [m.weight for m in modules.values()] + [also[k] for k in extra]
+        extra = also if also is not None else {}
+        wanted = [_weight(m) for m in modules.values()] + list(extra.values())
         grads = torch.autograd.grad(loss, wanted)
-        for name, g in zip(extra, grads[len(modules):], strict=True):
-            also[name] = g.detach() / len(batch["labels"])
+        for name, g in zip(list(extra), grads[len(modules):], strict=True):
+            extra[name] = g.detach() / len(batch["labels"])
     finally:
         for handle in handles:
             handle.remove()
@@ -152,6 +149,10 @@ def per_example_grads(loss_fn, batch: dict[str, Tensor], modules: dict[str, nn.M
         else:  # nn.Linear: (out, in)
             out[name] = torch.einsum("bto,bti->boi", g, x)
     return out
+
+
+def _weight(module: nn.Module) -> Tensor:
+    return cast(Tensor, module.weight)
 
 
 _CACHE_LIMIT = 1 << 22  # floats (16 MiB) per cached block; larger blocks are regenerated
@@ -217,14 +218,13 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
         importance: a Phase 2 meter fed the gradients of its tensors from the same backward
             pass; its result is returned as ``importance``.
     """
-    if statistic not in STATISTICS:
-        raise AtlasError(f"clustering.statistic = {statistic!r} is invalid; allowed: "
-                         f"{', '.join(STATISTICS)}")
+    check_choice("clustering.statistic", statistic, FingerprintStatistic)
     num = sum(len(b["labels"]) for b in batches)
     if num == 0:
         raise AtlasError("a client needs at least one example to compute a fingerprint")
     names = list(modules)
-    total = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in modules.items()}
+    total = {name: torch.zeros_like(_weight(m), dtype=torch.float32)
+             for name, m in modules.items()}
     squares = dict.fromkeys(names, 0.0)  # sum over examples of ||statistic||^2, per tensor
     private = torch.zeros(dim, dtype=torch.float64)
     for batch in batches:
@@ -256,7 +256,7 @@ def compute_fingerprint(loss_fn, batches: list, modules: dict[str, nn.Module], *
         noise_var = dim * sigma**2
     return Fingerprint(vector.float().numpy(), num,
                        importance.result() if importance is not None else {}, blocks,
-                       sum(m.weight.numel() for m in modules.values()), sigma, noise_var,
+                       sum(_weight(m).numel() for m in modules.values()), sigma, noise_var,
                        epsilon, delta if epsilon is not None else None)
 
 

@@ -373,7 +373,7 @@ def estimate_memory(dims: ModelDims, lora_modules: Sequence[tuple[int, int, int]
     if arch is None:
         raise unknown_name("model family for the memory model", dims.family, _ARCHS)
     whole = blocks_held is None
-    blocks = dims.num_layers if whole else blocks_held
+    blocks: int = dims.num_layers if blocks_held is None else blocks_held
 
     frozen = dims.embedding_params + blocks * dims.block_params + (dims.final_params if whole
                                                                     else 0)

@@ -36,14 +36,15 @@ import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
-from atlasfl.errors import AtlasError
+from atlasfl.errors import AtlasError, check_choice
+from atlasfl.types import ImportanceKind, RankUtility
 
-UTILITIES = ("linear", "log", "spectrum")
-KINDS = {"linear": "norm", "log": "norm", "spectrum": "spectrum"}  # importance each needs
+KINDS: dict[str, ImportanceKind] = {"linear": "norm", "log": "norm", "spectrum": "spectrum"}
 Importance = dict[str, float | list[float]]  # module path -> a number or a spectrum
 
 
@@ -66,9 +67,8 @@ class ImportanceMeter:
     ``norm``, its frozen weight for ``spectrum`` (which must require grad during the pass).
     """
 
-    def __init__(self, params: Mapping[str, Tensor], kind: str = "norm", top: int = 16):
-        if kind not in set(KINDS.values()):
-            raise AtlasError(f"importance kind {kind!r} is invalid; allowed: norm, spectrum")
+    def __init__(self, params: Mapping[str, Tensor], kind: ImportanceKind = "norm", top: int = 16):
+        check_choice("importance kind", kind, ImportanceKind)
         self.params, self.kind, self.top = dict(params), kind, top
         self._sum: dict[str, float | Tensor] = dict.fromkeys(self.params, 0.0)
         self._batches = 0
@@ -109,7 +109,7 @@ def allocate_ranks(importance: Mapping[str, float | Sequence[float]],
                    shapes: Mapping[str, tuple[int, int]], *,
                    memory_of: Callable[[dict[str, int]], int], budget_bytes: int,
                    param_budget: int | None = None, r_min: int = 1, r_max: int = 16,
-                   utility: str = "linear") -> RankPlan:
+                   utility: RankUtility = "linear") -> RankPlan:
     """Per-module ranks maximising importance-weighted rank under the budgets.
 
     Args:
@@ -125,9 +125,7 @@ def allocate_ranks(importance: Mapping[str, float | Sequence[float]],
         r_max: largest rank of any module.
         utility: ``linear``, ``log`` or ``spectrum``.
     """
-    if utility not in UTILITIES:
-        raise AtlasError(f"ranks.utility = {utility!r} is invalid; allowed: "
-                         f"{', '.join(UTILITIES)}")
+    check_choice("ranks.utility", utility, RankUtility)
     missing = sorted(set(shapes) - set(importance))
     if missing:
         raise AtlasError(f"no importance for modules {missing[:3]}")
@@ -150,14 +148,15 @@ def allocate_ranks(importance: Mapping[str, float | Sequence[float]],
     # memory of one more rank in each module (linear model: the same at every rank)
     step = {m: memory_of({**ranks, m: r_min + 1}) - base for m in shapes}
     if utility == "spectrum":  # the (r+1)-th squared singular value: what one more rank adds
-        spectrum = {m: sorted((max(0.0, float(v)) for v in importance[m]), reverse=True)
-                    for m in shapes}
+        spectrum = {m: sorted((max(0.0, float(v)) for v in cast(Sequence[float], importance[m])),
+                              reverse=True) for m in shapes}
 
         def gain(m: str, r: int) -> float:
             return (spectrum[m][r] if r < len(spectrum[m]) else 0.0) / cost[m]
     else:
-        total_imp = sum(max(0.0, float(importance[m])) for m in shapes) or 1.0
-        weight = {m: max(0.0, float(importance[m])) / total_imp for m in shapes}
+        scalar = {m: max(0.0, float(cast(float, importance[m]))) for m in shapes}
+        total_imp = sum(scalar.values()) or 1.0
+        weight = {m: scalar[m] / total_imp for m in shapes}
 
         def gain(m: str, r: int) -> float:
             marginal = 1.0 if utility == "linear" else math.log((r + 1) / r)

@@ -2,5 +2,6 @@
 
 from atlasfl.report.summary import summarize
 from atlasfl.report.table import format_table
+from atlasfl.runfiles import read_run
 
-__all__ = ["format_table", "summarize"]
+__all__ = ["format_table", "read_run", "summarize"]

@@ -11,12 +11,13 @@ from atlasfl.strategies import (  # noqa: F401 (registers each method)
 from atlasfl.strategies.base import (
     STRATEGIES,
     ClientInfo,
-    ClientUpdate,
+    ModelInfo,
+    RoundInfo,
     RoundOutcome,
     Strategy,
-    TrainPlan,
     get_strategy,
 )
+from atlasfl.strategies.groups import Groups
 
-__all__ = ["STRATEGIES", "ClientInfo", "ClientUpdate", "RoundOutcome", "Strategy", "TrainPlan",
-           "get_strategy"]
+__all__ = ["STRATEGIES", "ClientInfo", "Groups", "ModelInfo", "RoundInfo", "RoundOutcome",
+           "Strategy", "get_strategy"]

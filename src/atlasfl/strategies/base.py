@@ -1,26 +1,50 @@
-"""The strategy interface: hooks called by the one round loop (``atlasfl.engine.simulation``).
+"""The strategy interface: what the one round loop (``atlasfl.engine.simulation``) calls.
 
-A strategy never calls clients. ``configure_round`` says who trains and what they receive first;
-the executor runs the plans; ``aggregate_round`` turns the uploaded updates into new server state
-and the tensors written back into clients' models (each write is a download, counted by the
-channel). Server state is one frozen dataclass holding everything that crosses rounds.
+A round is a sequence of exchanges (``atlasfl.messages``). The loop asks ``configure_round`` for
+the plans of the next exchange (``None``: the round is over), delivers them through an executor and
+hands the typed replies to ``aggregate_round``, which returns the new server state. The loop knows
+no phase: a strategy's ``stages`` name the exchanges of a round (``probe``, ``train``,
+``evaluate``) and the base class dispatches each to its ``configure_<stage>`` and
+``aggregate_<stage>``, like Flower's ``configure_train``/``aggregate_train``. A strategy never calls
+clients, and its server state is one frozen dataclass holding everything that crosses rounds.
+
+What a client receives with a plan is ``download(state, client)``: the parts of its model it does
+not hold yet (rank plan, adapter, head), so a download is counted when a plan reaches a client.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from atlasfl.config import ExperimentConfig
 from atlasfl.errors import unknown_name
-from atlasfl.types import AdapterState, ClientId
+from atlasfl.messages import (
+    Evaluate,
+    EvaluateReply,
+    Model,
+    Probe,
+    ProbeReply,
+    Train,
+    TrainReply,
+)
+from atlasfl.types import ClientId
+
+if TYPE_CHECKING:
+    from atlasfl.messages import Plan, Reply
+    from atlasfl.phases.memory import ModelDims
+
+Stage = Literal["probe", "train", "evaluate"]
+REPLIES: dict[str, type] = {"probe": ProbeReply, "train": TrainReply, "evaluate": EvaluateReply}
 
 
 @dataclass(frozen=True)
 class ClientInfo:
     """What the server may know of a client.
 
-    ``task`` is the TRUE task: only oracle strategies (``fedavg-task``, ``centralized``) read it.
+    ``task`` is the TRUE task: only oracle strategies (``fedavg-task``, ``centralized``, grouping
+    ``task``) read it to decide; clustering reads it only to score itself.
     """
 
     client_id: ClientId
@@ -34,26 +58,19 @@ class ClientInfo:
 class ModelInfo:
     """What the server knows of the shared model: its dimensions and LoRA modules."""
 
-    dims: Any  # atlasfl.phases.memory.ModelDims
+    dims: ModelDims | None  # None: no memory model for this architecture
     shapes: dict[str, tuple[int, int]]  # LoRA module path -> (in_features, out_features)
     head_params: dict[int, int]  # number of outputs -> parameters of such a head
 
 
 @dataclass(frozen=True)
-class TrainPlan:
-    """One client's work this round; ``download`` is written into its model before it trains."""
+class RoundInfo:
+    """Where the loop is: the round, who was sampled, whether it is evaluated, which exchange."""
 
-    client_id: ClientId
-    download: AdapterState | None = None
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """What a client uploaded after training."""
-
-    client_id: ClientId
-    state: AdapterState
-    num_examples: int
+    round_idx: int
+    sampled: tuple[ClientId, ...]
+    evaluate: bool
+    exchange: int = 0  # index into the strategy's stages of this round
 
 
 @dataclass(frozen=True)
@@ -61,62 +78,88 @@ class RoundOutcome:
     """Result of ``aggregate_round``."""
 
     state: Any  # the strategy's frozen server-state dataclass
-    writes: dict[ClientId, AdapterState] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # recorded as server_<name>
+    files: dict[str, Any] = field(default_factory=dict)  # JSON documents for the run folder
+    notices: tuple[str, ...] = ()  # lines the runner shows the user
 
 
 class Strategy:
-    """Base class: every sampled client trains, nothing is sent, nothing aggregated."""
+    """Base class: sampled clients train alone, everyone is evaluated, nothing is aggregated."""
 
     name: ClassVar[str] = ""
-    uploads: ClassVar[bool] = True  # trained clients send their adapter+head to the server
+    uploads: ClassVar[bool] = True  # trained clients send their adapter and head
     pools_data: ClassVar[bool] = False  # one client per task holding all its data (centralized)
 
-    def __init__(self, clients: Sequence[ClientInfo], cfg: Any, model: ModelInfo | None = None):
+    def __init__(self, clients: Sequence[ClientInfo], cfg: ExperimentConfig, model: ModelInfo):
         self.clients = {c.client_id: c for c in clients}
-        self.cfg = cfg  # the ExperimentConfig: a strategy reads its own section
+        self.cfg = cfg
         self.model = model
-
-    def fingerprint_round(self, round_idx: int) -> bool:
-        """Whether clients upload task fingerprints before this round (Phase 1)."""
-        return False
-
-    def observe_fingerprints(self, state: Any, round_idx: int, fingerprints: dict[ClientId, Any],
-                             noise: dict[ClientId, float] | None = None
-                             ) -> tuple[Any, dict[str, float]]:
-        """Turn uploaded fingerprints (and their noise variances) into new server state."""
-        return state, {}
-
-    def importance_round(self, round_idx: int) -> bool:
-        """Whether clients upload module importance before this round (Phase 2)."""
-        return False
-
-    def observe_importance(self, state: Any, round_idx: int,
-                           importance: dict[ClientId, dict[str, Any]]
-                           ) -> tuple[Any, dict[str, float]]:
-        """Turn uploaded module importance into new server state (rank plans)."""
-        return state, {}
-
-    def client_ranks(self, state: Any) -> dict[ClientId, dict[str, int]]:
-        """Per-module ranks each client must hold now (empty: clients keep theirs)."""
-        return {}
-
-    def client_records(self, state: Any) -> dict[str, Any]:
-        """Per-client configuration worth keeping in the run folder (device, memory, ranks)."""
-        return {}
 
     def init(self) -> Any:
         """Initial server state."""
         return None
 
-    def configure_round(self, state: Any, round_idx: int, sampled: Sequence[ClientId]
-                        ) -> list[TrainPlan]:
-        """Who trains this round and what each receives first."""
-        return [TrainPlan(c) for c in sampled]
+    # -- the protocol the loop drives -------------------------------------------------------
 
-    def aggregate_round(self, state: Any, round_idx: int, updates: Sequence[ClientUpdate]
+    def stages(self, rnd: RoundInfo) -> tuple[Stage, ...]:
+        """The exchanges of a round, in order; a function of the round, never of the state."""
+        return ("train", "evaluate") if rnd.evaluate else ("train",)
+
+    def configure_round(self, state: Any, rnd: RoundInfo) -> list[Plan] | None:
+        """Plans of exchange ``rnd.exchange`` (possibly none), or None when the round is over."""
+        stages = self.stages(rnd)
+        if rnd.exchange >= len(stages):
+            return None
+        configure: dict[str, Callable[[Any, RoundInfo], Sequence[Plan]]] = {
+            "probe": self.configure_probe, "train": self.configure_train,
+            "evaluate": self.configure_evaluate}
+        return list(configure[stages[rnd.exchange]](state, rnd))
+
+    def aggregate_round(self, state: Any, rnd: RoundInfo, replies: Sequence[Reply]
                         ) -> RoundOutcome:
-        """New server state and write-backs from this round's updates."""
+        """New server state from the replies of exchange ``rnd.exchange``."""
+        stage = self.stages(rnd)[rnd.exchange]
+        wrong = [r for r in replies if not isinstance(r, REPLIES[stage])]
+        if wrong:  # internal: the executor paired a plan with another kind of reply
+            raise TypeError(f"{stage} exchange got a {type(wrong[0]).__name__}")
+        aggregate: dict[str, Callable[[Any, RoundInfo, Any], RoundOutcome]] = {
+            "probe": self.aggregate_probe, "train": self.aggregate_train,
+            "evaluate": self.aggregate_evaluate}
+        return aggregate[stage](state, rnd, replies)
+
+    # -- one pair per message kind ----------------------------------------------------------
+
+    def download(self, state: Any, client_id: ClientId) -> Model:
+        """What ``client_id`` receives with its next plan: the parts it does not hold yet."""
+        return Model()
+
+    def configure_probe(self, state: Any, rnd: RoundInfo) -> Sequence[Probe]:
+        """Probe plans (fingerprints, importance) of this round."""
+        return []
+
+    def aggregate_probe(self, state: Any, rnd: RoundInfo, replies: Sequence[ProbeReply]
+                        ) -> RoundOutcome:
+        """New server state from fingerprints and importance."""
+        return RoundOutcome(state)
+
+    def configure_train(self, state: Any, rnd: RoundInfo) -> Sequence[Train]:
+        """Every sampled client trains the configured epochs (or steps) from what it receives."""
+        t = self.cfg.train
+        return [Train(c, self.download(state, c), t.local_epochs, t.local_steps, self.uploads)
+                for c in rnd.sampled]
+
+    def aggregate_train(self, state: Any, rnd: RoundInfo, replies: Sequence[TrainReply]
+                        ) -> RoundOutcome:
+        """New server state from the uploaded updates."""
+        return RoundOutcome(state)
+
+    def configure_evaluate(self, state: Any, rnd: RoundInfo) -> Sequence[Evaluate]:
+        """Every client evaluates the model it holds after receiving what it lacks."""
+        return [Evaluate(c, self.download(state, c)) for c in sorted(self.clients)]
+
+    def aggregate_evaluate(self, state: Any, rnd: RoundInfo,
+                           replies: Sequence[EvaluateReply]) -> RoundOutcome:
+        """New server state once clients have evaluated (what they received is theirs now)."""
         return RoundOutcome(state)
 
 
@@ -134,5 +177,3 @@ def get_strategy(name: str) -> type[Strategy]:
     if name not in STRATEGIES:
         raise unknown_name("method", name, STRATEGIES)
     return STRATEGIES[name]
-
-

@@ -1,79 +1,43 @@
-"""``fedavg``: one global adapter over all clients, task-agnostic.
+"""``fedavg``: one adapter over all clients, task-agnostic; and the family of grouped FedAvg.
 
-FedAvg (McMahan et al., arXiv:1602.05629) applied to LoRA adapters and heads. The server does not
-know tasks; a head can only be averaged with heads of the same shape, so heads are shared among
-clients whose label spaces have the same size. The example-weighted mean is written back into
-every client of the group, sampled or not (each write counted as a download).
+FedAvg (McMahan et al., arXiv:1602.05629) applied to LoRA adapters and heads: the server averages
+the uploaded adapters, weighted by examples, within each group (``atlasfl.strategies.groups``):
+here one group of all clients. The server does not know tasks; a head can only be averaged with
+heads of the same shape, so heads are shared among clients whose label spaces have the same size.
+Subclasses change the grouping (``fedavg-task``, ``fedavg-cluster``), the combiner and what each
+client receives (``homolora``/``hetlora``); the round is the same.
+
+A round: a probe exchange when fingerprints are due (grouping ``cluster``: round 1 and every
+``clustering.recluster_every`` rounds), then training, then evaluation when due. A client
+receives its group's latest aggregate with the first plan that reaches it after the group
+changed.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
-from atlasfl.client import HEAD_PREFIX
-from atlasfl.phases.aggregation import weighted_average
-from atlasfl.strategies.base import ClientInfo, ClientUpdate, RoundOutcome, Strategy, register
-from atlasfl.types import AdapterState, ClientId
-
-
-@dataclass(frozen=True)
-class GroupModels:
-    """Latest aggregate per group: ``adapters[group]`` and ``heads[group/head-shape]``."""
-
-    adapters: dict[str, AdapterState] = field(default_factory=dict)
-    heads: dict[str, AdapterState] = field(default_factory=dict)
-
-
-def _split(state: AdapterState) -> tuple[AdapterState, AdapterState]:
-    adapter = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
-    head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
-    return adapter, head
-
-
-def _shape_key(group: str, shape: tuple[int, ...]) -> str:
-    return f"{group}/head{'x'.join(map(str, shape))}"
-
-
-def aggregate_groups(models: GroupModels, clients: dict[ClientId, ClientInfo],
-                     updates: Sequence[ClientUpdate], group_of: Callable[[ClientInfo], str], *,
-                     combine: Callable[[list[AdapterState], list[int], AdapterState | None],
-                                       AdapterState] | None = None,
-                     deliver: Callable[[ClientId, AdapterState], AdapterState] | None = None
-                     ) -> tuple[GroupModels, dict[ClientId, AdapterState]]:
-    """Aggregation within groups: adapters per group, heads per (group, head shape).
-
-    ``combine(states, weights, previous)`` aggregates a group's adapters, given the group's
-    previous aggregate or None (default: FedAvg's weighted mean); ``deliver``
-    turns a group aggregate into what one client receives (default: the aggregate itself; mixed
-    ranks cut it to the client's ranks). Heads are always averaged per shape. Returns the new
-    models and, for every client of a group that trained this round, the tensors to write back.
-    """
-    by_group: dict[str, list[ClientUpdate]] = defaultdict(list)
-    for update in updates:
-        by_group[group_of(clients[update.client_id])].append(update)
-    adapters, heads = dict(models.adapters), dict(models.heads)
-    for group, members in by_group.items():
-        parts = [_split(u.state) for u in members]
-        states, weights = [a for a, _ in parts], [u.num_examples for u in members]
-        adapters[group] = (combine(states, weights, adapters.get(group)) if combine
-                           else weighted_average(states, weights))
-        by_shape: dict[str, list[tuple[AdapterState, int]]] = defaultdict(list)
-        for u, (_, head) in zip(members, parts, strict=True):
-            by_shape[_shape_key(group, clients[u.client_id].head_shape)].append(
-                (head, u.num_examples))
-        for key, items in by_shape.items():
-            heads[key] = weighted_average([h for h, _ in items], [n for _, n in items])
-    writes: dict[ClientId, AdapterState] = {}
-    for cid, info in clients.items():
-        group = group_of(info)
-        if group not in by_group:
-            continue  # nobody of this group trained this round: nothing new to send
-        adapter = deliver(cid, adapters[group]) if deliver else adapters[group]
-        writes[cid] = {**adapter, **heads.get(_shape_key(group, info.head_shape), {})}
-    return GroupModels(adapters, heads), writes
+from atlasfl.messages import (
+    EvaluateReply,
+    FingerprintSpec,
+    ImportanceSpec,
+    Model,
+    Probe,
+    ProbeReply,
+    TrainReply,
+)
+from atlasfl.strategies.base import RoundInfo, RoundOutcome, Stage, Strategy, register
+from atlasfl.strategies.groups import (
+    Combine,
+    Groups,
+    cluster_groups,
+    head_key,
+    initial_members,
+    recluster_due,
+)
+from atlasfl.types import AdapterState, ClientId, Grouping
 
 
 @register
@@ -81,17 +45,110 @@ class FedAvg(Strategy):
     """Example-weighted averaging within groups; here a single group of all clients."""
 
     name = "fedavg"
+    grouping: ClassVar[Grouping] = "global"
+    # True: a client that trained receives its share of the aggregate computed from its own
+    # upload (``deliver``'s reference), kept in the outbox until it is sent
+    personal_delivery: ClassVar[bool] = False
 
-    def group_of(self, client: ClientInfo) -> str:
-        """The aggregation group of a client; subclasses change only this."""
-        return "all"
+    def group_kind(self) -> Grouping:
+        """How clients are grouped (a config key for the rank strategies)."""
+        return self.grouping
 
-    def init(self) -> GroupModels:  # noqa: D102
-        return GroupModels()
+    def init(self) -> Any:  # noqa: D102
+        return self.initial_groups()
 
-    def aggregate_round(self, state: Any, round_idx: int, updates: Sequence[ClientUpdate]
+    def initial_groups(self) -> Groups:
+        """Groups before any fingerprint (cluster groups come with the first probe)."""
+        return Groups(initial_members(self.group_kind(), self.clients))
+
+    # The server state of FedAvg is its Groups; strategies with more state keep them in a field.
+    def groups(self, state: Any) -> Groups:
+        """The groups inside a server state."""
+        return state
+
+    def with_groups(self, state: Any, groups: Groups) -> Any:
+        """The server state with new groups."""
+        return groups
+
+    # -- probe: fingerprints (Phase 1) and importance (Phase 2) ------------------------------
+
+    def stages(self, rnd: RoundInfo) -> tuple[Stage, ...]:  # noqa: D102
+        rest = super().stages(rnd)
+        return ("probe", *rest) if self.probes(rnd.round_idx) else rest
+
+    def probes(self, round_idx: int) -> bool:
+        """Whether clients are probed before training in this round."""
+        return self.fingerprints_due(round_idx) or self.importance_spec(round_idx) is not None
+
+    def fingerprints_due(self, round_idx: int) -> bool:
+        """Whether clusters are (re)computed from fresh fingerprints before this round."""
+        return self.group_kind() == "cluster" and recluster_due(self.cfg, round_idx)
+
+    def importance_spec(self, round_idx: int) -> ImportanceSpec | None:
+        """Module importance asked in this round's probe (Phase 2 strategies)."""
+        return None
+
+    def configure_probe(self, state: Any, rnd: RoundInfo) -> list[Probe]:
+        """Every client probes: a fingerprint when clusters are due, importance when asked."""
+        fingerprint = (FingerprintSpec.from_config(self.cfg.clustering)
+                       if self.fingerprints_due(rnd.round_idx) else None)
+        importance = self.importance_spec(rnd.round_idx)
+        return [Probe(c, fingerprint, importance) for c in sorted(self.clients)]
+
+    def aggregate_probe(self, state: Any, rnd: RoundInfo, replies: Sequence[ProbeReply]
                         ) -> RoundOutcome:
-        """Average adapters per group and heads per (group, head shape); write back."""
-        models, writes = aggregate_groups(state, self.clients, updates, self.group_of)
-        groups = {self.group_of(self.clients[u.client_id]) for u in updates}
-        return RoundOutcome(models, writes, {"groups": float(len(groups))})
+        """Cluster the fingerprints into groups; a new grouping starts new group models."""
+        fingerprints = {r.client_id: (r.fingerprint, r.noise_var) for r in replies
+                        if r.fingerprint is not None}
+        if not fingerprints:
+            return RoundOutcome(state)
+        members, similarity, metrics = cluster_groups(fingerprints, self.clients, self.cfg)
+        groups = self.groups(state).regroup(members, similarity)
+        return RoundOutcome(self.with_groups(state, groups), metrics)
+
+    # -- train and evaluate -----------------------------------------------------------------
+
+    def download(self, state: Any, client_id: ClientId) -> Model:
+        """The group's latest adapter (and head of the client's shape) if the client lacks it."""
+        groups = self.groups(state)
+        if not groups.stale(client_id):
+            return Model()
+        group = groups.group(client_id)
+        adapter = groups.outbox.get(str(client_id))
+        if adapter is None:
+            adapter = self.deliver(state, client_id, groups.adapters[group], None)
+        head = groups.heads.get(head_key(group, self.clients[client_id].head_shape))
+        return Model(adapter=adapter, head=head)
+
+    def deliver(self, state: Any, client_id: ClientId, aggregate: AdapterState,
+                reference: AdapterState | None) -> AdapterState:
+        """A client's adapter from its group's aggregate (FedAvg: the aggregate itself).
+
+        ``reference`` is the client's own upload of the round that made the aggregate, if any.
+        """
+        return aggregate
+
+    def combine(self, state: Any, groups: Groups) -> Combine[str] | None:
+        """How a group's adapters are combined (None: FedAvg's weighted mean)."""
+        return None
+
+    def aggregate_train(self, state: Any, rnd: RoundInfo, replies: Sequence[TrainReply]
+                        ) -> RoundOutcome:
+        """Average adapters per group and heads per (group, head shape)."""
+        groups = self.groups(state).acknowledge(r.client_id for r in replies)
+        updates = [r.update for r in replies if r.update is not None]
+        groups = groups.aggregate(updates, self.clients, rnd.round_idx,
+                                  self.combine(state, groups))
+        if self.personal_delivery:
+            share = {str(u.client_id): self.deliver(state, u.client_id,
+                                                    groups.adapters[groups.group(u.client_id)],
+                                                    u.adapter) for u in updates}
+            groups = dataclasses.replace(groups, outbox={**groups.outbox, **share})
+        metrics = {"groups": float(len({groups.group(u.client_id) for u in updates}))}
+        return RoundOutcome(self.with_groups(state, groups), metrics)
+
+    def aggregate_evaluate(self, state: Any, rnd: RoundInfo,
+                           replies: Sequence[EvaluateReply]) -> RoundOutcome:
+        """The evaluated clients hold what their plans carried."""
+        groups = self.groups(state).acknowledge(r.client_id for r in replies)
+        return RoundOutcome(self.with_groups(state, groups))

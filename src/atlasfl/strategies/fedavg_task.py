@@ -6,7 +6,7 @@ task clustering (``fedavg-cluster``) tries to reach.
 
 from __future__ import annotations
 
-from atlasfl.strategies.base import ClientInfo, register
+from atlasfl.strategies.base import register
 from atlasfl.strategies.fedavg import FedAvg
 
 
@@ -15,6 +15,4 @@ class FedAvgTask(FedAvg):
     """FedAvg with one group per true task."""
 
     name = "fedavg-task"
-
-    def group_of(self, client: ClientInfo) -> str:  # noqa: D102
-        return f"task={client.task}"
+    grouping = "task"

@@ -17,55 +17,82 @@ adds the clients' weighted change to the group's previous aggregate, which the s
 full rank, so the part of it a small client's ranks cut off is not lost each round. Heads
 are averaged per group and head shape. Every client's device, budget, memory estimate and rank
 map are kept in the server state and written to the run folder (``clients.json``).
+
+A client receives its rank map with the first plan that reaches it after planning (none when it
+already holds those ranks, as every ``homolora`` client does from the common initialisation), and
+its share of the group's aggregate cut to its ranks (``redistribute``); a client whose device
+cannot hold the smallest adapter (``ranks.on_infeasible=exclude``) trains and receives nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
+from atlasfl.config import ExperimentConfig
 from atlasfl.devices import known_profiles
 from atlasfl.errors import AtlasError
+from atlasfl.messages import (
+    EvaluateReply,
+    ImportanceSpec,
+    Model,
+    ProbeReply,
+    Reply,
+    Train,
+    TrainReply,
+)
 from atlasfl.models.lora import lora_scaling
 from atlasfl.phases.aggregation import aggregate_mixed, redistribute
-from atlasfl.phases.memory import estimate_memory
+from atlasfl.phases.memory import ModelDims, estimate_memory
 from atlasfl.phases.ranks import Importance, RankPlan, allocate_ranks
-from atlasfl.strategies.base import ClientInfo, ClientUpdate, RoundOutcome, Strategy, register
-from atlasfl.strategies.fedavg import GroupModels, aggregate_groups
-from atlasfl.strategies.fedavg_cluster import cluster_clients, recluster_due
-from atlasfl.types import ClientId
+from atlasfl.runfiles import CLIENTS_FILE
+from atlasfl.strategies.base import ClientInfo, ModelInfo, RoundInfo, RoundOutcome, register
+from atlasfl.strategies.fedavg import FedAvg
+from atlasfl.strategies.groups import Combine, Groups
+from atlasfl.types import AdapterState, ClientId, Grouping
 
 
 @dataclass(frozen=True)
 class RankState:
-    """Server state: group aggregates, every client's ranks and record, the clusters."""
+    """Server state: the groups and their models, every client's ranks and record."""
 
-    models: GroupModels = field(default_factory=GroupModels)
+    groups: Groups = field(default_factory=Groups)
     ranks: dict[str, dict[str, int]] = field(default_factory=dict)  # client -> module -> rank
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # client -> configuration
     excluded: tuple[int, ...] = ()  # clients whose device cannot hold the minimum adapter
-    assignment: dict[str, int] = field(default_factory=dict)  # client -> cluster (grouping)
-    centroids: torch.Tensor | None = None
-    center: torch.Tensor | None = None  # the fingerprints' centring (late joiners)
+    configured: tuple[int, ...] = ()  # clients that acknowledged their rank map
 
 
 @register
-class HomoLoRA(Strategy):
+class HomoLoRA(FedAvg):
     """One LoRA rank for every client and module; mixed-rank aggregation settings apply."""
 
     name = "homolora"
+    personal_delivery = True  # a client that trained keeps its own factor coordinates
 
-    def __init__(self, clients: Sequence[ClientInfo], cfg: Any, model=None):
+    def __init__(self, clients: Sequence[ClientInfo], cfg: ExperimentConfig, model: ModelInfo):
         super().__init__(clients, cfg, model)
-        if model is None or model.dims is None:
+        if model.dims is None:
             raise AtlasError(f"method {self.name} needs a memory model of the architecture; "
                              f"see atlasfl.phases.memory.model_dims for the supported ones")
+        self.dims: ModelDims = model.dims
         profiles = known_profiles(cfg.devices)  # each client reported its profile's name
         self.devices = {cid: profiles[info.device] for cid, info in self.clients.items()}
+        # what every client holds before any rank map: the common initial adapter
+        self.initial_ranks = dict.fromkeys(model.shapes, cfg.model.lora.r)
+
+    def group_kind(self) -> Grouping:  # noqa: D102
+        return self.cfg.ranks.grouping
+
+    def groups(self, state: RankState) -> Groups:  # noqa: D102
+        return state.groups
+
+    def with_groups(self, state: RankState, groups: Groups) -> RankState:  # noqa: D102
+        return dataclasses.replace(state, groups=groups)
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -74,28 +101,27 @@ class HomoLoRA(Strategy):
         lora = self.cfg.model.lora
         return lora_scaling(lora.alpha, rank, rslora=lora.rslora)
 
-    def memory_of(self, client_id: ClientId):
+    def memory_of(self, client_id: ClientId) -> Callable[[dict[str, int]], int]:
         """Map ranks to the memory model's training peak of this client."""
         cfg, info = self.cfg, self.clients[client_id]
         head = self.model.head_params[info.head_shape[0]]
 
         def memory(ranks: dict[str, int]) -> int:
             modules = [(ranks[m], *self.model.shapes[m]) for m in ranks]
-            return estimate_memory(self.model.dims, modules, batch_size=cfg.train.batch_size,
+            return estimate_memory(self.dims, modules, batch_size=cfg.train.batch_size,
                                    seq_len=cfg.data.max_length, head_params=head,
                                    lora_dropout=cfg.model.lora.dropout > 0).total
         return memory
 
     def plan(self, client_id: ClientId, importance: Importance | None) -> RankPlan:
         """This client's ranks: ``model.lora.r`` everywhere, checked against its budget."""
-        rank = self.cfg.model.lora.r
-        ranks = dict.fromkeys(self.model.shapes, rank)
+        ranks = dict(self.initial_ranks)
         memory = self.memory_of(client_id)(ranks)
         budget = self.devices[client_id].memory_bytes
-        params = sum(rank * sum(s) for s in self.model.shapes.values())
+        params = sum(ranks[m] * sum(s) for m, s in self.model.shapes.items())
         return RankPlan(ranks, memory, budget, params, memory <= budget, "fixed")
 
-    def configure(self, state: RankState, importance: dict[ClientId, Importance] | None
+    def configure(self, state: RankState, importance: Mapping[ClientId, Importance] | None
                   ) -> RankState:
         """Plan every client; exclude or refuse those whose device cannot hold the minimum."""
         ranks, records, excluded = {}, {}, []
@@ -117,73 +143,79 @@ class HomoLoRA(Strategy):
                         f"data.max_length, or set ranks.on_infeasible=exclude")
                 excluded.append(cid)
             ranks[str(cid)] = plan.ranks
-        return replace(state, ranks=ranks, records=records, excluded=tuple(excluded))
+        return dataclasses.replace(state, ranks=ranks, records=records,
+                                   excluded=tuple(excluded))
 
     def init(self) -> RankState:  # noqa: D102
-        return self.configure(RankState(), None)
-
-    def client_ranks(self, state: RankState) -> dict[ClientId, dict[str, int]]:  # noqa: D102
-        return {int(c): r for c, r in state.ranks.items() if int(c) not in state.excluded}
-
-    def client_records(self, state: RankState) -> dict[str, Any]:  # noqa: D102
-        return state.records
-
-    # -- Phase 1 (grouping: cluster) --------------------------------------------------------
-
-    def fingerprint_round(self, round_idx: int) -> bool:  # noqa: D102
-        return self.cfg.ranks.grouping == "cluster" and recluster_due(self.cfg, round_idx)
-
-    def observe_fingerprints(self, state: RankState, round_idx: int,
-                             fingerprints: dict[ClientId, np.ndarray],
-                             noise: dict[ClientId, float] | None = None
-                             ) -> tuple[RankState, dict[str, float]]:
-        """Cluster the fingerprints; a new grouping starts new group models."""
-        found, metrics = cluster_clients(self, fingerprints, noise)
-        models = state.models if found.assignment == state.assignment else GroupModels()
-        return replace(state, models=models, assignment=found.assignment,
-                       centroids=found.centroids, center=found.center), metrics
+        return self.configure(RankState(self.initial_groups()), None)
 
     # -- rounds -----------------------------------------------------------------------------
 
-    def group_of(self, state: RankState, info: ClientInfo) -> str:
-        """The aggregation group of a client under ``ranks.grouping``."""
-        grouping = self.cfg.ranks.grouping
-        if grouping == "global":
-            return "all"
-        if grouping == "task":
-            return f"task={info.task}"
-        return f"cluster={state.assignment[str(info.client_id)]}"
+    def aggregate_round(self, state: RankState, rnd: RoundInfo, replies: Sequence[Reply]
+                        ) -> RoundOutcome:
+        """As every strategy; after the first exchange, the run keeps each client's plan."""
+        outcome = super().aggregate_round(state, rnd, replies)
+        if rnd.round_idx != 1 or rnd.exchange != 0:
+            return outcome
+        new: RankState = outcome.state
+        notices = tuple(
+            f"client {cid} excluded: its device {rec['device']} has "
+            f"{rec['budget_bytes'] / 2**20:.0f} MiB, the smallest adapter needs "
+            f"{rec['memory_estimate_bytes'] / 2**20:.0f} MiB"
+            for cid, rec in new.records.items() if not rec["feasible"])
+        return dataclasses.replace(outcome, files={CLIENTS_FILE: new.records}, notices=notices)
 
-    def configure_round(self, state: RankState, round_idx: int, sampled: Sequence[ClientId]):
+    def download(self, state: RankState, client_id: ClientId) -> Model:
+        """Its rank map if it does not hold it, and its share of the group's aggregate."""
+        if client_id in state.excluded:
+            return Model()
+        planned = state.ranks.get(str(client_id))
+        holds = client_id in state.configured or planned == self.initial_ranks
+        return dataclasses.replace(super().download(state, client_id),
+                                   ranks=None if planned is None or holds else planned)
+
+    def configure_train(self, state: RankState, rnd: RoundInfo) -> list[Train]:
         """Every sampled client that its device can hold trains."""
-        return super().configure_round(state, round_idx,
-                                       [c for c in sampled if c not in state.excluded])
+        return [p for p in super().configure_train(state, rnd)
+                if p.client_id not in state.excluded]
 
-    def aggregate_round(self, state: RankState, round_idx: int,
-                        updates: Sequence[ClientUpdate]) -> RoundOutcome:
-        """Mixed-rank aggregation per group; each client receives its own ranks."""
+    def deliver(self, state: RankState, client_id: ClientId, aggregate: AdapterState,
+                reference: AdapterState | None) -> AdapterState:
+        """The aggregate cut to the client's ranks (``redistribute``).
+
+        A client that trained keeps its own factor coordinates (``reference``: its upload).
+        """
+        return redistribute(aggregate, state.ranks[str(client_id)],
+                            method=self.cfg.ranks.aggregation, scaling=self.scaling,
+                            reference=reference)
+
+    def combine(self, state: RankState, groups: Groups) -> Combine[str]:
+        """Mixed-rank aggregation per group (``ranks.aggregation``, ``ranks.update``)."""
         method, delta = self.cfg.ranks.aggregation, self.cfg.ranks.update == "delta"
         # averaging keeps what the largest client can take; the delta update keeps everything
         keep = None if delta else max(max(r.values()) for r in state.ranks.values())
 
-        def combine(states, weights, previous):
+        def combine(group: str, states: list[AdapterState], weights: list[float]
+                    ) -> AdapterState:
             return aggregate_mixed(states, weights, method=method, scaling=self.scaling,
-                                   keep=keep, previous=previous if delta else None)
+                                   keep=keep, previous=groups.adapters.get(group) if delta
+                                   else None)
+        return combine
 
-        uploaded = {u.client_id: u.state for u in updates}
+    def acknowledge_ranks(self, state: RankState, replies: Sequence[Reply]) -> RankState:
+        """Clients that answered a plan hold their rank map (excluded ones never get one)."""
+        done = {r.client_id for r in replies if r.client_id not in state.excluded}
+        return dataclasses.replace(state, configured=tuple(sorted({*state.configured, *done})))
 
-        def deliver(cid, aggregate):
-            # a client that trained keeps its own factor coordinates (see ``redistribute``)
-            return redistribute(aggregate, state.ranks[str(cid)], method=method,
-                                scaling=self.scaling, reference=uploaded.get(cid))
+    def aggregate_train(self, state: RankState, rnd: RoundInfo,
+                        replies: Sequence[TrainReply]) -> RoundOutcome:
+        """Acknowledge the rank maps, then aggregate as FedAvg with the mixed-rank combiner."""
+        return super().aggregate_train(self.acknowledge_ranks(state, replies), rnd, replies)
 
-        models, writes = aggregate_groups(state.models, self.clients, updates,
-                                          lambda info: self.group_of(state, info),
-                                          combine=combine, deliver=deliver)
-        writes = {c: w for c, w in writes.items() if c not in state.excluded}
-        groups = {self.group_of(state, self.clients[u.client_id]) for u in updates}
-        return RoundOutcome(replace(state, models=models), writes,
-                            {"groups": float(len(groups))})
+    def aggregate_evaluate(self, state: RankState, rnd: RoundInfo,
+                           replies: Sequence[EvaluateReply]) -> RoundOutcome:
+        """Acknowledge the rank maps and the models the plans carried."""
+        return super().aggregate_evaluate(self.acknowledge_ranks(state, replies), rnd, replies)
 
 
 @register
@@ -193,20 +225,27 @@ class HetLoRA(HomoLoRA):
     name = "hetlora"
 
     def init(self) -> RankState:  # noqa: D102
-        return RankState()  # planned once importance arrives (before round 1)
+        return RankState(self.initial_groups())  # planned once importance arrives (round 1)
 
-    def importance_round(self, round_idx: int) -> bool:  # noqa: D102
-        return round_idx == 1
+    def importance_spec(self, round_idx: int) -> ImportanceSpec | None:
+        """Every client measures its modules' importance before round 1."""
+        if round_idx != 1:
+            return None
+        return ImportanceSpec.from_config(self.cfg.ranks, self.cfg.clustering.batch_size)
 
-    def observe_importance(self, state: RankState, round_idx: int,
-                           importance: dict[ClientId, Importance]
-                           ) -> tuple[RankState, dict[str, float]]:
-        """Allocate every client's ranks from its importance and its device budget."""
-        state = self.configure(state, importance)
-        ranks = [r for c, m in state.ranks.items() if int(c) not in state.excluded
+    def aggregate_probe(self, state: RankState, rnd: RoundInfo,
+                        replies: Sequence[ProbeReply]) -> RoundOutcome:
+        """Cluster when fingerprints came; allocate every client's ranks from its importance."""
+        outcome = super().aggregate_probe(state, rnd, replies)
+        importance = {r.client_id: r.importance for r in replies if r.importance is not None}
+        if not importance:
+            return outcome
+        new = self.configure(outcome.state, importance)
+        ranks = [r for c, m in new.ranks.items() if int(c) not in new.excluded
                  for r in m.values()]
-        return state, {"excluded_clients": float(len(state.excluded)),
-                       "mean_rank": float(np.mean(ranks)) if ranks else 0.0}
+        return RoundOutcome(new, {**outcome.metrics,
+                                  "excluded_clients": float(len(new.excluded)),
+                                  "mean_rank": float(np.mean(ranks)) if ranks else 0.0})
 
     def plan(self, client_id: ClientId, importance: Importance | None) -> RankPlan:
         """Importance-guided ranks under the device's memory (and the parameter budget)."""

@@ -1,0 +1,102 @@
+"""Local training and evaluation of one client (the whole model on the client)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from atlasfl.client.state import ClientState
+from atlasfl.config import TrainConfig
+from atlasfl.data.batching import TokenizedSet
+from atlasfl.data.metrics import compute_metrics
+from atlasfl.data.tasks import TaskSpec
+from atlasfl.models.head import ClassificationHead
+from atlasfl.models.lora import AdapterBinder
+
+
+def _autocast(device: torch.device, precision: str) -> Any:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward_logits(model: nn.Module, head: ClassificationHead, batch: dict[str, Tensor]) -> Tensor:
+    """Logits of a batch through the shared backbone (as currently bound) and a head."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model(**inputs).last_hidden_state  # (B, T, H)
+    return head(hidden, batch["attention_mask"]).float()  # (B, num_labels)
+
+
+def task_loss(logits: Tensor, labels: Tensor, regression: bool) -> Tensor:
+    """Cross-entropy for classification, mean squared error for regression."""
+    if regression:
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def train_client(model: nn.Module, binder: AdapterBinder, client: ClientState, cfg: TrainConfig,
+                 *, epochs: int, steps: int = 0, generator: torch.Generator,
+                 device: torch.device) -> dict[str, float]:
+    """Train ``epochs`` passes over the client's rows (or ``steps`` > 0 optimizer steps) in place.
+
+    Returns the mean train loss, the optimizer steps, the examples seen and the seconds taken.
+    """
+    binder.bind(client.adapter)
+    model.train()
+    client.head.train()
+    params = [*client.adapter.values(), *client.head.parameters()]
+    start, losses, taken, seen = time.perf_counter(), [], 0, 0
+    target_steps = steps or None
+    for _ in range(epochs if target_steps is None else 10**9):
+        for batch in client.train_set.batches(cfg.batch_size, generator=generator):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with _autocast(device, cfg.precision):
+                logits = forward_logits(model, client.head, batch)
+            loss = task_loss(logits, batch["labels"], client.task.is_regression)
+            client.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            client.optimizer.step()
+            losses.append(loss.detach())
+            taken += 1
+            seen += len(batch["labels"])
+            if target_steps is not None and taken >= target_steps:
+                break
+        if target_steps is not None and taken >= target_steps:
+            break
+    train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+    return {"train_loss": train_loss, "steps": taken, "examples": seen,
+            "train_seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, binder: AdapterBinder, adapter: dict[str, nn.Parameter],
+             head: ClassificationHead, data: TokenizedSet, task: TaskSpec, cfg: TrainConfig, *,
+             device: torch.device) -> dict[str, float]:
+    """Loss and task metrics of one adapter+head on ``data`` (dropout off)."""
+    if len(data) == 0:
+        return {}
+    binder.bind(adapter)
+    model.eval()
+    head.eval()
+    preds, total = [], 0.0
+    for batch in data.batches(cfg.eval_batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with _autocast(device, cfg.precision):
+            logits = forward_logits(model, head, batch)
+        total += float(task_loss(logits, batch["labels"], task.is_regression)) * len(logits)
+        preds.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
+    # batches were length-sorted: put predictions back in row order before scoring
+    order = data.length_order()
+    predictions = np.empty(len(data), dtype=np.float64 if task.is_regression else np.int64)
+    predictions[order] = torch.cat(preds).float().cpu().numpy()
+    out = compute_metrics(task, predictions, data.labels)
+    out["loss"] = total / len(data)
+    return out

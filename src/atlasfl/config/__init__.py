@@ -1,0 +1,37 @@
+"""Experiment configuration: frozen dataclasses mirrored by YAML, with dotted overrides.
+
+``schema`` holds the dataclasses, ``load`` reads YAML and ``--set key=value`` overrides into a
+checked config (choices from their ``Literal`` types, unknown keys refused with close matches),
+``validate`` checks ranges. The resolved config is written into the run folder, so a run can be
+reproduced from it.
+"""
+
+from atlasfl.config.load import (
+    RESUMABLE_KEYS,
+    apply_overrides,
+    experiment_diff,
+    from_dict,
+    from_yaml,
+    set_dotted,
+)
+from atlasfl.config.schema import (
+    ClusteringConfig,
+    CustomTaskConfig,
+    DataConfig,
+    DeviceProfileConfig,
+    DevicesConfig,
+    ExperimentConfig,
+    FederationConfig,
+    LoraSettings,
+    ModelConfig,
+    RanksConfig,
+    SessionConfig,
+    TrainConfig,
+)
+from atlasfl.config.validate import validate
+
+__all__ = ["RESUMABLE_KEYS", "ClusteringConfig", "CustomTaskConfig", "DataConfig",
+           "DeviceProfileConfig", "DevicesConfig", "ExperimentConfig", "FederationConfig",
+           "LoraSettings", "ModelConfig", "RanksConfig", "SessionConfig", "TrainConfig",
+           "apply_overrides", "experiment_diff", "from_dict", "from_yaml", "set_dotted",
+           "validate"]

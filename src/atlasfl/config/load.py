@@ -1,0 +1,176 @@
+"""Reading a config: YAML and dotted overrides into a checked ``ExperimentConfig``.
+
+The loader checks every value against its field's type as it reads it: a choice is a ``Literal``
+from ``atlasfl.types`` (declared once, also what the phases check), so a wrong choice is refused
+naming the key, the value and the allowed values; ``validate`` then checks ranges. Unknown keys
+are errors that list close matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from atlasfl.config.schema import ExperimentConfig
+from atlasfl.config.validate import validate
+from atlasfl.errors import AtlasError
+
+# Keys that may differ between the sessions of one run: where output goes, how it is shown, and
+# how the session runs. Everything else changes the experiment and is refused on resume.
+RESUMABLE_KEYS = ("out", "run_name", "progress", "session.")
+
+
+def experiment_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Keys (dotted) whose values differ between two config dicts, ignoring resumable keys."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        elif a != b and not any(path == k or (k.endswith(".") and path.startswith(k))
+                                for k in RESUMABLE_KEYS):
+            out.append((path, a, b))
+
+    walk(saved, new, "")
+    return out
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _all_dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_dotted_keys(hints[f.name], key + "."))
+    return keys
+
+
+def _unknown_key(path: str) -> AtlasError:
+    close = difflib.get_close_matches(path, _all_dotted_keys(ExperimentConfig), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return AtlasError(f"unknown config key {path!r}{hint}")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool) or value not in allowed:
+            raise AtlasError(f"config key {path!r} = {value!r} is invalid; allowed: "
+                             f"{', '.join(map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise AtlasError(f"config key {path!r} must be a mapping, got {value!r}")
+        return _build(tp, value, path + ".")
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise AtlasError(f"config key {path!r} must be a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise AtlasError(f"config key {path!r} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise AtlasError(f"config key {path!r} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AtlasError(f"config key {path!r} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise AtlasError(f"config key {path!r} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} at {path}")  # internal: a field type we forgot
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    names = _field_names(cls)
+    for key in raw:
+        if key not in names:
+            raise _unknown_key(prefix + str(key))
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], prefix + f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise AtlasError(f"config key {prefix + f.name!r} is required")
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any] | None) -> ExperimentConfig:
+    """Build and validate a config from a nested dict; unknown keys are errors."""
+    cfg = _build(ExperimentConfig, raw or {})
+    validate(cfg)
+    return cfg
+
+
+def from_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a nested dict (validated later by ``from_dict``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AtlasError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise AtlasError(f"config file {path} is not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise AtlasError(f"config file {path} must hold a mapping at the top level")
+    return raw
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key (``train.lr``) in a nested dict, creating sections as needed."""
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _unknown_key(key)
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise AtlasError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in _all_dotted_keys(ExperimentConfig):
+            raise _unknown_key(key)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        set_dotted(raw, key, value)
+    return raw

@@ -1,0 +1,217 @@
+"""The experiment's configuration: frozen dataclasses, one per concern, mirrored by YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from atlasfl.types import (
+    ClusterMethod,
+    Criterion,
+    FileFormat,
+    FingerprintParams,
+    FingerprintStatistic,
+    Grouping,
+    MetricName,
+    MixedMethod,
+    OnInfeasible,
+    Partition,
+    Pooling,
+    Precision,
+    RankBudget,
+    RankUpdate,
+    RankUtility,
+)
+
+
+@dataclass(frozen=True)
+class CustomTaskConfig:
+    """A user-defined task read from local files (TSV, CSV or JSONL)."""
+
+    name: str
+    train: str
+    test: str
+    format: FileFormat = "tsv"
+    text_fields: tuple[str, ...] = ("sentence",)
+    label_field: str = "label"
+    num_labels: int = 2  # 1 = regression
+    label_names: tuple[str, ...] = ()  # raw label values in class order; default "0".."n-1"
+    metric: MetricName = "accuracy"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which tasks, where their files are and how they are split over clients."""
+
+    tasks: tuple[str, ...] = ("sst2", "mrpc", "cola", "qnli")
+    data_dir: str | None = None
+    clients_per_task: int = 3
+    samples: int = 200  # training examples per client, before the validation carve-out
+    eval_samples: int = 500  # test examples per task (GLUE dev split); 0 = all
+    val_fraction: float = 0.1  # of each client's examples, held out for validation
+    partition: Partition = "iid"
+    alpha: float = 0.5  # Dirichlet concentration (partition: dirichlet)
+    max_length: int = 128
+    custom_tasks: tuple[CustomTaskConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter settings (applied through peft)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()  # empty: the architecture family's default
+    rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone, pooling and adapter."""
+
+    name: str = "minilm"
+    pooling: Pooling = "auto"
+    head_dropout: float = 0.1
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client."""
+
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0: this many optimizer steps per round instead of epochs
+    batch_size: int = 16
+    lr: float = 5e-4  # adapter learning rate
+    head_lr: float | None = None  # classification head learning rate; None: same as lr
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    eval_batch_size: int = 64
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The round loop."""
+
+    rounds: int = 5
+    fraction: float = 1.0  # share of clients sampled to train each round
+    eval_every: int = 1  # evaluate every N rounds (and always after the last)
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """Phase 1: gradient fingerprints and task clustering (``fedavg-cluster``, ``atlas``)."""
+
+    samples: int = 128  # examples per client in its fingerprint
+    batch_size: int = 16
+    layers: int = 3  # the last L transformer blocks
+    params: FingerprintParams = "lora"  # LoRA B factors | the frozen target weights
+    statistic: FingerprintStatistic = "fisher"  # squared per-example gradients | the mean
+    dim: int = 256  # projected dimension (the upload is dim x 4 bytes)
+    center: bool = True  # subtract the mean fingerprint before the cosine geometry
+    debias: bool = True  # subtract each fingerprint's uploaded noise variance from its norm
+    criteria: tuple[Criterion, ...] = ("silhouette",)  # which criteria vote on k (mean rank);
+    # all four are recorded for every k
+    min_signal: float = 0.7  # k is chosen among clients whose fingerprint is >= 70% signal
+    method: ClusterMethod = "kmeans"
+    k: int = 0  # 0: choose k; > 0: fixed
+    k_min: int = 2
+    k_max: int = 10
+    recluster_every: int = 0  # re-cluster from fresh fingerprints every R rounds (0: never)
+    epsilon: float = 0.0  # example-level DP budget of each fingerprint; 0: no noise
+    delta: float = 1e-5
+    clip: float = 1.0  # per-example norm bound (with epsilon)
+
+
+@dataclass(frozen=True)
+class DeviceProfileConfig:
+    """A user-defined device profile (``devices.custom``)."""
+
+    name: str
+    memory_gb: float  # memory a training process may use, GiB
+    compute: float = 1.0  # training throughput relative to laptop-8gb
+    uplink_mbps: float = 10.0
+    downlink_mbps: float = 50.0
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """Which device each client runs on (Phase 2). Drawn at random, seeded, never by index."""
+
+    profiles: tuple[str, ...] = ("cpu-2gb", "tablet-4gb", "laptop-8gb", "gpu-16gb")
+    assignment: tuple[str, ...] = ()  # explicit profile per client id; empty: draw from profiles
+    custom: tuple[DeviceProfileConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class RanksConfig:
+    """Phase 2: per-module LoRA ranks under each client's memory; mixed-rank aggregation."""
+
+    aggregation: MixedMethod = "stack"
+    # average: the mean of what the clients hold | delta: previous aggregate + the clients'
+    # weighted change (the server keeps what a client's ranks cut off)
+    update: RankUpdate = "average"
+    grouping: Grouping = "task"
+    r_min: int = 1
+    r_max: int = 16
+    # linear: sum importance x rank | log: sum importance x log(rank) | spectrum: the gradient
+    # energy each module's ranks can follow (clients upload their top r_max singular values)
+    utility: RankUtility = "linear"
+    # parity: <= homolora's LoRA parameters at model.lora.r | device: the federation's total of
+    # those, shared in proportion to device memory | memory: the memory budget only
+    budget: RankBudget = "parity"
+    on_infeasible: OnInfeasible = "error"  # exclude: the client trains nothing
+    samples: int = 64  # importance examples per client when Phase 1 does not run
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How this session runs and saves; may change between sessions of one run."""
+
+    max_rounds: int = 0  # stop after this many rounds in this session (0: run to the end)
+    save_every: int = 1  # checkpoint every N rounds (0: only when stopping or finishing)
+    keep_checkpoints: int = 2  # how many of the latest checkpoints to keep
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines one run."""
+
+    method: str = "fedavg-task"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: str = "runs"
+    run_name: str | None = None
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    ranks: RanksConfig = field(default_factory=RanksConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def replace(self, **dotted: Any) -> ExperimentConfig:
+        """Return a copy with dotted keys replaced, e.g. ``replace(**{"data.samples": 10})``."""
+        from atlasfl.config.load import from_dict, set_dotted
+
+        raw = self.to_dict()
+        for key, value in dotted.items():
+            set_dotted(raw, key, value)
+        return from_dict(raw)
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj

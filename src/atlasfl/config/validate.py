@@ -1,0 +1,78 @@
+"""Range checks of a loaded config (choices are checked by the loader, from their types)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from atlasfl.config.schema import ExperimentConfig
+from atlasfl.errors import AtlasError
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise AtlasError(f"config key {key!r} = {value!r} is invalid; allowed: {allowed}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Check ranges and choices; names (tasks, model, method) are checked by their registries."""
+    d, t, f, m = cfg.data, cfg.train, cfg.federation, cfg.model
+    _check(len(d.tasks) >= 1, "data.tasks", list(d.tasks), "at least one task")
+    _check(len(set(d.tasks)) == len(d.tasks), "data.tasks", list(d.tasks), "no duplicates")
+    _check(d.clients_per_task >= 1, "data.clients_per_task", d.clients_per_task, "an integer >= 1")
+    _check(d.samples >= 1, "data.samples", d.samples, "an integer >= 1")
+    _check(d.eval_samples >= 0, "data.eval_samples", d.eval_samples, "0 (all) or more")
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 <= x < 1")
+    _check(d.alpha > 0, "data.alpha", d.alpha, "a number > 0")
+    _check(d.max_length >= 8, "data.max_length", d.max_length, "an integer >= 8")
+    for i, ct in enumerate(d.custom_tasks):
+        key = f"data.custom_tasks[{i}]"
+        _check(ct.num_labels >= 1, key + ".num_labels", ct.num_labels, "1 (regression) or more")
+        _check(len(ct.text_fields) in (1, 2), key + ".text_fields", ct.text_fields, "1 or 2 names")
+    _check(0.0 <= m.head_dropout < 1.0, "model.head_dropout", m.head_dropout, "0 <= x < 1")
+    _check(m.lora.r >= 1, "model.lora.r", m.lora.r, "an integer >= 1")
+    _check(m.lora.alpha > 0, "model.lora.alpha", m.lora.alpha, "a number > 0")
+    _check(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", m.lora.dropout, "0 <= x < 1")
+    _check(t.local_epochs >= 1, "train.local_epochs", t.local_epochs, "an integer >= 1")
+    _check(t.local_steps >= 0, "train.local_steps", t.local_steps, "0 (use epochs) or more")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _check(t.head_lr is None or t.head_lr > 0, "train.head_lr", t.head_lr, "null or a number > 0")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
+    _check(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "0 (off) or more")
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "an integer >= 1")
+    _check(f.rounds >= 1, "federation.rounds", f.rounds, "an integer >= 1")
+    _check(0.0 < f.fraction <= 1.0, "federation.fraction", f.fraction, "0 < x <= 1")
+    _check(f.eval_every >= 1, "federation.eval_every", f.eval_every, "an integer >= 1")
+    c = cfg.clustering
+    _check(c.samples >= 1, "clustering.samples", c.samples, "an integer >= 1")
+    _check(c.batch_size >= 1, "clustering.batch_size", c.batch_size, "an integer >= 1")
+    _check(c.layers >= 1, "clustering.layers", c.layers, "an integer >= 1")
+    _check(c.dim >= 2, "clustering.dim", c.dim, "an integer >= 2")
+    _check(c.k >= 0, "clustering.k", c.k, "0 (choose) or more")
+    _check(2 <= c.k_min <= c.k_max, "clustering.k_min", (c.k_min, c.k_max),
+           "2 <= k_min <= k_max")
+    _check(c.recluster_every >= 0, "clustering.recluster_every", c.recluster_every,
+           "0 (never) or more")
+    _check(bool(c.criteria), "clustering.criteria", list(c.criteria), "a non-empty list")
+    _check(c.epsilon >= 0, "clustering.epsilon", c.epsilon, "0 (no noise) or > 0")
+    _check(0 < c.delta < 1, "clustering.delta", c.delta, "0 < delta < 1")
+    _check(c.clip > 0, "clustering.clip", c.clip, "a number > 0")
+    _check(0 <= c.min_signal < 1, "clustering.min_signal", c.min_signal, "0 <= min_signal < 1")
+    r = cfg.ranks
+    _check(1 <= r.r_min <= r.r_max <= 256, "ranks.r_min", (r.r_min, r.r_max),
+           "1 <= r_min <= r_max <= 256")
+    _check(r.samples >= 1, "ranks.samples", r.samples, "an integer >= 1")
+    for i, prof in enumerate(cfg.devices.custom):
+        key = f"devices.custom[{i}]"
+        _check(prof.memory_gb > 0, key + ".memory_gb", prof.memory_gb, "a number > 0")
+        _check(prof.compute > 0, key + ".compute", prof.compute, "a number > 0")
+        _check(prof.uplink_mbps > 0 and prof.downlink_mbps > 0, key + ".uplink_mbps",
+               (prof.uplink_mbps, prof.downlink_mbps), "numbers > 0")
+    _check(cfg.session.max_rounds >= 0, "session.max_rounds", cfg.session.max_rounds,
+           "0 (no cap) or more")
+    _check(cfg.session.save_every >= 0, "session.save_every", cfg.session.save_every,
+           "0 (only at the end of a session) or more")
+    _check(cfg.session.keep_checkpoints >= 1, "session.keep_checkpoints",
+           cfg.session.keep_checkpoints, "an integer >= 1")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+           "device", cfg.device, "auto, cpu, cuda, cuda:N")

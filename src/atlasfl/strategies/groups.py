@@ -1,0 +1,174 @@
+"""Groups of clients and the mixing of their updates: where every aggregation is computed.
+
+**Groups.** The server groups its clients globally (one group), by true task (an oracle) or by the
+clusters Phase 1 finds from their fingerprints (``cluster_groups``). ``Groups`` holds all of it in
+one place: each client's group, the clustering's similarity matrix, each group's latest aggregate
+adapter and heads (per head shape: only heads of one label space can be averaged), and which
+aggregate each client holds.
+
+**Mixing.** An aggregation mixes the clients' updates by rows of weights: target t receives
+``combine([u_i for i in row t], [w_ti])``, the combiner normalising the weights. FedAvg within
+groups (McMahan et al., arXiv:1602.05629) is one row per group whose weights are the members'
+example counts (``fedavg_rows``); mixed-rank aggregation changes the combiner, not the rows
+(``atlasfl.phases.aggregation.aggregate_mixed``); Phase 4's Laplacian step is one row per client
+over its neighbours. ``mix`` applies any such rows.
+
+**Delivery.** A group's new aggregate is not pushed to its members: a client receives it with the
+next plan that reaches it (``stale``), and holds it once it has replied to that plan
+(``acknowledge``). A client that is not addressed costs nothing, and a client that never answers
+is sent the model again. ``outbox`` keeps, until delivered, the share of an aggregate computed for
+a client from its own upload (mixed ranks keep a trained client's factor coordinates); it holds
+only clients that trained in their group's latest aggregation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+import torch
+
+from atlasfl.phases.aggregation import weighted_average
+from atlasfl.phases.clustering import cluster_fingerprints
+from atlasfl.types import AdapterState, ClientId, Grouping
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from atlasfl.config import ExperimentConfig
+    from atlasfl.messages import Update
+    from atlasfl.strategies.base import ClientInfo
+
+GLOBAL = "all"
+K = TypeVar("K")
+Rows = dict[K, dict[ClientId, float]]  # target -> client -> weight (normalised by the combiner)
+Combine = Callable[[K, list[AdapterState], list[float]], AdapterState]
+
+
+def initial_members(kind: Grouping, clients: Mapping[ClientId, ClientInfo]) -> dict[str, str]:
+    """Each client's group before any fingerprint: one group, or its true task (an oracle).
+
+    Cluster groups are unknown until Phase 1 (``cluster_groups``): none yet.
+    """
+    if kind == "cluster":
+        return {}
+    return {str(c): GLOBAL if kind == "global" else f"task={info.task}"
+            for c, info in clients.items()}
+
+
+def head_key(group: str, shape: tuple[int, ...]) -> str:
+    """Heads aggregate within a group and a head shape."""
+    return f"{group}/head{'x'.join(map(str, shape))}"
+
+
+def fedavg_rows(targets: Mapping[ClientId, K], updates: Sequence[Update]) -> Rows[K]:
+    """One row per target with an update: each contributing client's example count."""
+    rows: Rows[K] = {}
+    for u in updates:
+        rows.setdefault(targets[u.client_id], {})[u.client_id] = u.num_examples
+    return rows
+
+
+def mix(rows: Rows[K], tensors: Mapping[ClientId, AdapterState],
+        combine: Combine[K] | None = None) -> dict[K, AdapterState]:
+    """Each target's mixture of the clients' tensors (default: FedAvg's weighted mean).
+
+    ``combine(target, states, weights)`` aggregates one row; states and weights follow the row's
+    order (the order updates arrived in), which fixes the floating-point sum.
+    """
+    out: dict[K, AdapterState] = {}
+    for target, row in rows.items():
+        states, weights = [tensors[c] for c in row], list(row.values())
+        out[target] = (combine(target, states, weights) if combine
+                       else weighted_average(states, weights))
+    return out
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The server's groups, their latest models and what each client holds (checkpointed)."""
+
+    members: dict[str, str] = field(default_factory=dict)  # client id (str) -> group
+    # (num_clients, num_clients) cosine similarity of the clients' fingerprints in the geometry
+    # they were clustered in, clients in id order (cluster grouping only)
+    similarity: Tensor | None = None
+    adapters: dict[str, AdapterState] = field(default_factory=dict)  # group -> aggregate
+    heads: dict[str, AdapterState] = field(default_factory=dict)  # head_key -> aggregate
+    versions: dict[str, int] = field(default_factory=dict)  # group -> round of its aggregate
+    held: dict[str, str] = field(default_factory=dict)  # client -> tag of what it holds
+    outbox: dict[str, AdapterState] = field(default_factory=dict)  # client -> its share
+
+    def group(self, client_id: ClientId) -> str:
+        """The group of a client."""
+        return self.members[str(client_id)]
+
+    def tag(self, client_id: ClientId) -> str | None:
+        """``group@round`` of the latest aggregate of a client's group (None: none yet)."""
+        group = self.members.get(str(client_id))
+        version = None if group is None else self.versions.get(group)
+        return None if version is None else f"{group}@{version}"
+
+    def stale(self, client_id: ClientId) -> bool:
+        """Whether a client's group has an aggregate the client does not hold yet."""
+        tag = self.tag(client_id)
+        return tag is not None and self.held.get(str(client_id)) != tag
+
+    def regroup(self, members: dict[str, str], similarity: Tensor | None) -> Groups:
+        """A new grouping; the models start over unless every client kept its group."""
+        if members == self.members:
+            return dataclasses.replace(self, similarity=similarity)
+        return Groups(members, similarity)
+
+    def acknowledge(self, client_ids: Iterable[ClientId]) -> Groups:
+        """These clients replied to a plan: they hold their group's latest aggregate now."""
+        held, outbox = dict(self.held), dict(self.outbox)
+        for cid in client_ids:
+            tag = self.tag(cid)
+            if tag is not None:
+                held[str(cid)] = tag
+                outbox.pop(str(cid), None)
+        return dataclasses.replace(self, held=held, outbox=outbox)
+
+    def aggregate(self, updates: Sequence[Update], clients: Mapping[ClientId, ClientInfo],
+                  round_idx: int, combine: Combine[str] | None = None) -> Groups:
+        """Mix the updates within each group (adapters) and each (group, head shape) (heads)."""
+        groups = {u.client_id: self.group(u.client_id) for u in updates}
+        adapters = mix(fedavg_rows(groups, updates), {u.client_id: u.adapter for u in updates},
+                       combine)
+        heads = mix(fedavg_rows({c: head_key(g, clients[c].head_shape)
+                                 for c, g in groups.items()}, updates),
+                    {u.client_id: u.head for u in updates})
+        outbox = {c: a for c, a in self.outbox.items() if self.members[c] not in adapters}
+        return dataclasses.replace(
+            self, adapters={**self.adapters, **adapters}, heads={**self.heads, **heads},
+            versions={**self.versions, **dict.fromkeys(adapters, round_idx)}, outbox=outbox)
+
+
+def recluster_due(cfg: ExperimentConfig, round_idx: int) -> bool:
+    """Round 1, and every ``clustering.recluster_every`` rounds after it when set."""
+    every = cfg.clustering.recluster_every
+    return round_idx == 1 or bool(every and (round_idx - 1) % every == 0)
+
+
+def cluster_groups(fingerprints: Mapping[ClientId, tuple[np.ndarray, float]],
+                   clients: Mapping[ClientId, ClientInfo], cfg: ExperimentConfig
+                   ) -> tuple[dict[str, str], Tensor, dict[str, float]]:
+    """Phase 1's server step: groups from fingerprints (and their noise variances).
+
+    Returns each client's group, the clients' similarity matrix (id order) and the metrics
+    (k, and ARI/NMI/purity against the true tasks, which are read only to score).
+    """
+    c = cfg.clustering
+    ids = sorted(fingerprints)
+    result = cluster_fingerprints(
+        np.stack([fingerprints[i][0] for i in ids]), k=c.k or None,
+        k_range=(c.k_min, c.k_max), method=c.method, seed=cfg.seed,
+        true_labels=[clients[i].task for i in ids], center=c.center,
+        noise_var=np.array([fingerprints[i][1] for i in ids]) if c.debias else None,
+        criteria=tuple(c.criteria), min_signal=c.min_signal)
+    members = {str(i): f"cluster={int(label)}" for i, label in zip(ids, result.labels,
+                                                                      strict=True)}
+    return members, torch.from_numpy(result.similarity), {"k": float(result.k), **result.quality}

@@ -1,0 +1,131 @@
+"""Whole runs on tiny models, checked against values recomputed by hand from what they left."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import pearsonr, spearmanr
+
+from atlasfl.client import forward_logits
+from atlasfl.config import from_dict, from_yaml
+from atlasfl.data.tasks import resolve_tasks
+from atlasfl.engine import build_experiment, run_experiment
+from atlasfl.models.registry import PRESETS
+from atlasfl.strategies import get_strategy
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def _predict(exp, client, data):
+    """The client's model on ``data``, one row at a time, in row order."""
+    exp.binder.bind(client.adapter)
+    exp.model.eval()
+    client.head.eval()
+    with torch.no_grad():
+        return np.array([forward_logits(exp.model, client.head, data.collate([i]))
+                         .squeeze().item() for i in range(len(data))])
+
+
+def test_regression_task_is_trained_with_mse_and_scored_by_correlation(tiny_cfg):
+    exp = build_experiment(tiny_cfg(method="fedavg-task", **{"data.tasks": ["stsb", "cola"],
+                                                             "federation.rounds": 2}))
+    summary = run_experiment(exp).summary
+    assert summary["tasks"]["stsb"]["metric_name"] == "pearson"
+    assert "accuracy" not in summary["tasks"]["stsb"]
+    for row in summary["clients"]:
+        client = exp.clients[row["client"]]
+        if client.task.name != "stsb":
+            continue
+        assert tuple(client.head.out.weight.shape) == (1, client.head.out.in_features)
+        test = exp.runtime.test_sets["stsb"]
+        preds = _predict(exp, client, test)
+        assert row["pearson"] == pytest.approx(pearsonr(preds, test.labels)[0], abs=1e-5)
+        assert row["spearman"] == pytest.approx(spearmanr(preds, test.labels)[0], abs=1e-5)
+        assert row["eval_loss"] == pytest.approx(np.mean((preds - test.labels) ** 2), rel=1e-4)
+
+
+def test_local_steps_replace_epochs_and_cross_epoch_boundaries(tiny_cfg):
+    # 18 training rows per client, batch 8: an epoch is 3 steps; 5 steps run into the second
+    exp = build_experiment(tiny_cfg(method="local", **{"train.local_steps": 5,
+                                                       "train.local_epochs": 4,
+                                                       "federation.rounds": 2}))
+    assert {c.num_examples for c in exp.clients.values()} == {18}
+    run_experiment(exp)
+    for client in exp.clients.values():
+        (state,) = {id(p): s for p, s in client.optimizer.state.items()
+                    if p is next(iter(client.adapter.values()))}.values()
+        assert int(state["step"]) == 2 * 5  # two rounds of five optimizer steps
+    exp = build_experiment(tiny_cfg(method="local", **{"train.local_epochs": 2}))
+    rows = run_experiment(exp).summary["clients"]
+    assert all(r["steps"] == 2 * 3 for r in rows)  # epochs when local_steps is 0
+
+
+def test_head_lr_moves_the_head_on_its_own_rate(tiny_cfg):
+    def head_change(head_lr):
+        exp = build_experiment(tiny_cfg(method="local", **{"train.head_lr": head_lr}))
+        before = {c: cl.head.out.weight.detach().clone() for c, cl in exp.clients.items()}
+        run_experiment(exp)
+        groups = exp.clients[0].optimizer.param_groups
+        assert [g["lr"] for g in groups] == [0.01, head_lr or 0.01]
+        return max(float((cl.head.out.weight.detach() - before[c]).abs().max())
+                   for c, cl in exp.clients.items())
+
+    assert head_change(1e-9) < 1e-7  # AdamW moves a weight by about lr per step
+    assert head_change(None) > 1e-3  # head_lr null: the adapter's lr
+
+
+@pytest.mark.parametrize("grouping", ["global", "cluster"])
+def test_rank_strategies_aggregate_within_the_configured_groups(tiny_cfg, updates_of, grouping):
+    cfg = tiny_cfg(method="homolora", **{"ranks.grouping": grouping, "clustering.k": 2,
+                                         "clustering.samples": 8, "clustering.dim": 32,
+                                         "data.partition": "dirichlet"})
+    exp = build_experiment(cfg)
+    seen = updates_of(exp)
+    outcome = run_experiment(exp)
+    members = outcome.state.groups.members
+    assert len(set(members.values())) == (1 if grouping == "global" else 2)
+    (updates,) = seen
+    r = cfg.model.lora.r
+    scaling = exp.strategy.scaling(r)
+    module = next(iter(exp.strategy.model.shapes))
+    a, b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+    for cid, client in exp.clients.items():
+        group = [u for c, u in updates.items() if members[str(c)] == members[str(cid)]]
+        total = sum(u.num_examples for u in group)
+        mean = sum(u.num_examples / total * scaling * u.adapter[b].double()
+                   @ u.adapter[a].double() for u in group)
+        u_, s_, vh = torch.linalg.svd(mean)  # its group's mean update, cut to rank r
+        want = u_[:, :r] @ torch.diag(s_[:r]) @ vh[:r]
+        got = scaling * client.adapter[b].double() @ client.adapter[a].double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_recluster_every_round_uploads_fresh_fingerprints_each_time(tiny_cfg, tmp_path):
+    from atlasfl.engine import RunDir
+    from atlasfl.runfiles import read_run
+
+    cfg = tiny_cfg(method="fedavg-cluster", out=str(tmp_path), run_name="re", **{
+        "clustering.recluster_every": 2, "clustering.samples": 8, "clustering.dim": 16,
+        "federation.rounds": 3, "data.tasks": ["cola", "mrpc", "rte"]})
+    exp = build_experiment(cfg)
+    run_experiment(exp, RunDir.create(cfg))
+    _, rows, _ = read_run(tmp_path / "re")
+    fingerprint = {r["round"] for r in rows if r.get("bytes_up_fingerprint") == 17 * 4}
+    assert fingerprint == {1, 3}  # rounds 1 and 1 + 2
+    assert all(r.get("bytes_up_fingerprint", 0) == 0 for r in rows if r["round"] == 2)
+    assert {r["round"] for r in rows if "server_k" in r} == {1, 3}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_names_what_exists(path):
+    cfg = from_dict(from_yaml(path))
+    get_strategy(cfg.method)
+    resolve_tasks(cfg.data.tasks, cfg.data.custom_tasks)
+    assert cfg.model.name in PRESETS
+
+
+def test_the_shipped_configs_are_the_ones_tested():
+    assert {p.name for p in CONFIGS} >= {"quick.yaml", "paper.yaml"}

@@ -1,0 +1,103 @@
+"""The grouping-and-mixing component by hand: rows of weights, group aggregates, delivery."""
+
+import pytest
+import torch
+
+from atlasfl.messages import Update
+from atlasfl.strategies.base import ClientInfo
+from atlasfl.strategies.groups import (
+    Groups,
+    fedavg_rows,
+    head_key,
+    initial_members,
+    mix,
+    recluster_due,
+)
+
+CLIENTS = {0: ClientInfo(0, "sst2", 10, (2, 8)), 1: ClientInfo(1, "sst2", 30, (2, 8)),
+           2: ClientInfo(2, "stsb", 20, (1, 8)), 3: ClientInfo(3, "rte", 40, (2, 8))}
+
+
+def _update(cid, value, n=None):
+    return Update(cid, {"w": torch.full((2,), float(value))}, {"b": torch.tensor([float(value)])},
+                  CLIENTS[cid].num_examples if n is None else n)
+
+
+def test_initial_members_by_grouping():
+    assert initial_members("global", CLIENTS) == dict.fromkeys(["0", "1", "2", "3"], "all")
+    assert initial_members("task", CLIENTS) == {"0": "task=sst2", "1": "task=sst2",
+                                                "2": "task=stsb", "3": "task=rte"}
+    assert initial_members("cluster", CLIENTS) == {}  # known after the first fingerprints
+
+
+def test_fedavg_rows_are_example_counts_per_target_in_arrival_order():
+    updates = [_update(3, 0), _update(0, 0), _update(1, 0)]
+    rows = fedavg_rows({0: "a", 1: "a", 3: "b"}, updates)
+    assert rows == {"b": {3: 40}, "a": {0: 10, 1: 30}}
+    assert list(rows["a"]) == [0, 1]
+
+
+def test_mix_is_the_weighted_mean_of_each_row_and_takes_any_matrix():
+    tensors = {0: {"w": torch.tensor([1.0, 0.0])}, 1: {"w": torch.tensor([3.0, 4.0])}}
+    out = mix({"g": {0: 1.0, 1: 3.0}, "h": {1: 2.0}}, tensors)
+    assert torch.allclose(out["g"]["w"], torch.tensor([2.5, 3.0]))  # (1*1 + 3*3) / 4, 12/4
+    assert torch.equal(out["h"]["w"], tensors[1]["w"])
+    # a Laplacian-like matrix: one row per client over itself and its neighbour
+    personal = mix({0: {0: 0.75, 1: 0.25}, 1: {0: 0.5, 1: 0.5}}, tensors)
+    assert torch.allclose(personal[0]["w"], torch.tensor([1.5, 1.0]))
+    assert torch.allclose(personal[1]["w"], torch.tensor([2.0, 2.0]))
+    seen = []
+    mix({"g": {1: 1.0, 0: 2.0}}, tensors, lambda t, s, w: seen.append((t, s, w)) or s[0])
+    assert seen == [("g", [tensors[1], tensors[0]], [1.0, 2.0])]
+
+
+def test_aggregate_averages_adapters_per_group_and_heads_per_group_and_shape():
+    groups = Groups({"0": "all", "1": "all", "2": "all", "3": "all"})
+    updates = [_update(0, 1), _update(1, 5), _update(2, 7), _update(3, 2)]
+    new = groups.aggregate(updates, CLIENTS, round_idx=3)
+    want = (10 * 1 + 30 * 5 + 20 * 7 + 40 * 2) / 100
+    assert torch.allclose(new.adapters["all"]["w"], torch.full((2,), want))
+    two = (10 * 1 + 30 * 5 + 40 * 2) / 80  # the three heads of shape (2, 8)
+    assert torch.allclose(new.heads[head_key("all", (2, 8))]["b"], torch.tensor([two]))
+    assert torch.equal(new.heads[head_key("all", (1, 8))]["b"], torch.tensor([7.0]))
+    assert new.versions == {"all": 3}
+    assert groups.adapters == {}  # frozen: the old state is untouched
+
+
+def test_a_client_is_stale_until_it_acknowledges_the_latest_aggregate():
+    groups = Groups({"0": "task=sst2", "1": "task=sst2", "3": "task=rte"})
+    assert not groups.stale(0)  # no aggregate yet: nothing to send
+    groups = groups.aggregate([_update(0, 1)], CLIENTS, round_idx=1)
+    assert groups.stale(0) and groups.stale(1) and not groups.stale(3)
+    groups = groups.acknowledge([0])
+    assert not groups.stale(0) and groups.stale(1)
+    assert groups.held == {"0": "task=sst2@1"}
+    groups = groups.aggregate([_update(1, 2)], CLIENTS, round_idx=2)
+    assert groups.stale(0) and groups.tag(0) == "task=sst2@2"
+
+
+def test_outbox_shares_are_dropped_when_the_group_aggregates_again_or_on_delivery():
+    groups = Groups({"0": "all", "1": "all"}, outbox={"0": {"w": torch.zeros(1)}})
+    groups = groups.aggregate([_update(1, 1)], CLIENTS, round_idx=4)
+    assert groups.outbox == {}  # superseded by the new aggregate
+    groups = Groups({"0": "all", "1": "all"}).aggregate([_update(1, 1)], CLIENTS, round_idx=4)
+    groups = Groups(**{**vars(groups), "outbox": {"1": {"w": torch.ones(1)}}})
+    assert set(groups.acknowledge([1]).outbox) == set()
+    assert set(groups.acknowledge([0]).outbox) == {"1"}
+
+
+def test_regroup_keeps_models_only_when_nobody_moved():
+    groups = Groups({"0": "cluster=0", "1": "cluster=1"}).aggregate(
+        [_update(0, 1), _update(1, 2)], CLIENTS, round_idx=1)
+    sim = torch.eye(2)
+    same = groups.regroup({"0": "cluster=0", "1": "cluster=1"}, sim)
+    assert same.adapters.keys() == {"cluster=0", "cluster=1"} and same.similarity is sim
+    moved = groups.regroup({"0": "cluster=0", "1": "cluster=0"}, sim)
+    assert moved.adapters == {} and moved.versions == {} and not moved.stale(0)
+
+
+@pytest.mark.parametrize("every, due", [(0, [1]), (1, [1, 2, 3, 4, 5]), (2, [1, 3, 5]),
+                                        (3, [1, 4])])
+def test_recluster_due(tiny_cfg, every, due):
+    cfg = tiny_cfg(**{"clustering.recluster_every": every})
+    assert [r for r in range(1, 6) if recluster_due(cfg, r)] == due
