@@ -33,11 +33,14 @@ lint: install
 	$(BIN)/mypy src
 
 # Mutation testing of the modules in pyproject's [tool.mutmut] only_mutate, against tests/phases
-# and tests/data; results accumulate in mutants/ (delete it for a run from scratch). One child by
-# default, with one thread each; MUTMUT_CHILDREN=4 on a machine with cores to spare. Inside
-# mutants/ the shared GLUE folder is not found beside the checkout, so it is passed explicitly.
+# and tests/data (bench/results/mutation.md). Always from scratch: mutmut keeps a verdict until the
+# mutated function changes, so after new tests an incremental run would still list the mutants
+# they kill. One child by default, one thread each (MUTMUT_CHILDREN=4 where cores are spare).
+# Inside mutants/ the shared GLUE folder is not found beside the checkout: it is passed explicitly.
+# Afterwards `$(BIN)/mutmut show <name>` prints a mutant's diff.
 MUTMUT_CHILDREN ?= 1
 mutation: install
+	rm -rf mutants
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ATLASFL_DATA=$${ATLASFL_DATA:-$(abspath ../shared/data/glue)} \
 		$(BIN)/mutmut run --max-children $(MUTMUT_CHILDREN)
 	$(BIN)/python bench/mutation_score.py

@@ -3,7 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atlasfl.data.partition import partition
+from atlasfl.data.glue import Examples
+from atlasfl.data.partition import _class_ids, _dirichlet, drop_test_overlap, partition
 from atlasfl.errors import AtlasError
 
 
@@ -56,3 +57,79 @@ def test_dirichlet_small_alpha_skews_labels():
 def test_bad_client_count_is_refused():
     with pytest.raises(AtlasError, match="clients_per_task = 0"):
         partition(np.zeros(10, dtype=int), 0, 5)
+
+
+def test_regression_scores_are_binned_into_quintiles():
+    # quantiles of 0..9 at 20/40/60/80%: 1.8, 3.6, 5.4, 7.2 -> two scores per bin
+    assert _class_ids(np.arange(10, dtype=np.float32)).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert _class_ids(np.array([2, 0, 1])).tolist() == [2, 0, 1]  # classes stay as they are
+
+
+def test_train_rows_whose_text_is_in_the_test_split_are_dropped():
+    train = Examples([("a ",), ("b",), ("c", "d")], np.array([0, 1, 0]))
+    test = Examples([(" a",), ("c", "d ")], np.array([1, 1]))
+    kept, dropped = drop_test_overlap(train, test)
+    assert kept.texts == [("b",)] and kept.labels.tolist() == [1] and dropped == 2
+
+
+def test_partition_errors_name_the_problem():
+    with pytest.raises(AtlasError, match=r"^3 training rows cannot be split over 4 clients$"):
+        partition(np.zeros(3, dtype=int), 4, 5)
+    with pytest.raises(AtlasError, match=r"^partition scheme = 'skew' is invalid; allowed: "
+                                         r"iid, dirichlet$"):
+        partition(np.zeros(10, dtype=int), 2, 5, scheme="skew")
+
+
+@pytest.mark.parametrize("rows, fraction, num_val", [
+    (1, 0.9, 0),  # one row stays a training row whatever the fraction
+    (5, 0.0, 0),  # no fraction, no validation rows
+    (2, 0.1, 1),  # round(0.2) = 0, but a positive fraction holds out at least one row
+    (10, 0.04, 1),  # round(0.4) = 0: one row, not more
+    (10, 0.26, 3),  # round(2.6) = 3
+])
+def test_validation_rows_per_client(rows, fraction, num_val):
+    splits = partition(np.zeros(3 * rows, dtype=int), 3, rows, val_fraction=fraction, seed=1)
+    assert [(len(s.train_idx), len(s.val_idx)) for s in splits] == [(rows - num_val, num_val)] * 3
+
+
+def test_no_validation_rows_by_default():
+    splits = partition(np.zeros(20, dtype=int), 2, 10, seed=0)
+    assert [(len(s.train_idx), len(s.val_idx)) for s in splits] == [(10, 0)] * 2
+
+
+@pytest.mark.parametrize("rows, fraction", [(2, 0.9), (2, 0.75), (4, 0.99)])
+def test_a_client_keeps_at_least_one_training_row(rows, fraction):
+    # round(fraction * rows) == rows would hold out every row
+    splits = partition(np.zeros(2 * rows, dtype=int), 2, rows, val_fraction=fraction, seed=0)
+    assert [(len(s.train_idx), len(s.val_idx)) for s in splits] == [(1, rows - 1)] * 2
+
+
+def test_dirichlet_defaults_are_alpha_one_half_and_seed_zero():
+    labels = np.arange(200) % 2
+    default = partition(labels, 2, 50, scheme="dirichlet")
+    explicit = partition(labels, 2, 50, scheme="dirichlet", alpha=0.5, seed=0)
+    assert all(np.array_equal(a.train_idx, b.train_idx)
+               for a, b in zip(default, explicit, strict=True))
+
+
+class _Shares:
+    """A generator stand-in whose Dirichlet draws are fixed shares."""
+
+    def __init__(self, shares):
+        self.shares, self.alphas = np.asarray(shares), []
+
+    def dirichlet(self, alpha):
+        self.alphas.append(alpha.tolist())
+        return self.shares
+
+
+def test_dirichlet_needs_two_rows_per_client_and_gives_up_after_100_draws():
+    rng = _Shares([1 / 3, 2 / 3])  # 2 and 4 of 6 rows: exactly the minimum
+    parts = _dirichlet(np.arange(6), np.zeros(6, dtype=int), 2, 0.5, rng)
+    assert [len(p) for p in parts] == [2, 4] and len(rng.alphas) == 1
+    rng = _Shares([1 / 6, 5 / 6])  # one row for the first client, every time
+    with pytest.raises(AtlasError, match=r"^Dirichlet partition with alpha=0.5 left a client with "
+                                         r"fewer than 2 rows in 100 draws; raise data.alpha or "
+                                         r"data.samples$"):
+        _dirichlet(np.arange(6), np.zeros(6, dtype=int), 2, 0.5, rng)
+    assert len(rng.alphas) == 100

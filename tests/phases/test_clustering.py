@@ -194,6 +194,18 @@ def test_kmeans_finds_the_least_squares_split_and_spectral_the_normalised_cut():
     assert kmeans.scores == {}  # k was given: nothing was scored
 
 
+def test_the_seed_decides_between_tied_partitions_and_defaults_to_zero():
+    # four clients on a square: {0, 1 | 2, 3} and {1, 2 | 3, 0} have the same within-cluster
+    # sum of squares (2), so only k-means' seeded initialisation picks one
+    angles = np.deg2rad([0, 90, 180, 270])
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    first = cluster_fingerprints(x, k=2, seed=0).labels
+    assert all(_same_partition(cluster_fingerprints(x, k=2, seed=0).labels, first)
+               for _ in range(15))
+    assert _same_partition(cluster_fingerprints(x, k=2).labels, first)  # default seed 0
+    assert not _same_partition(cluster_fingerprints(x, k=2, seed=1).labels, first)
+
+
 def test_scores_of_a_candidate_match_the_formulas():
     x = np.random.default_rng(55).normal(size=(6, 3))
     s = _centred_cosine(x)
@@ -290,6 +302,14 @@ def test_two_clients_share_one_cluster_and_the_centre_is_their_mean_unit_vector(
         assert result.k == 1 and result.labels.tolist() == [0, 0]
         np.testing.assert_allclose(result.center, [0.3, 0.9], rtol=0, atol=1e-15)
         assert result.quality == {}
+
+
+def test_spectral_clustering_copes_with_a_client_unlike_every_other():
+    # centred, client 3 has negative cosine with everyone: no edge in max(0, cos) at all
+    x = np.array([[1.0, 0.1, 0.0], [1.0, 0.0, 0.1], [1.0, 0.05, 0.05], [0.0, 0.0, 1.0]])
+    result = cluster_fingerprints(x, k=2, method="spectral")
+    assert (result.similarity[3, :3] < 0).all()
+    assert _same_partition(result.labels, np.array([0, 0, 0, 1]))
 
 
 def test_noise_variance_is_subtracted_before_the_clients_are_compared():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -166,3 +169,159 @@ def test_explicit_and_custom_profiles():
         assign_devices([0, 1, 2], cfg, seed=0)
     with pytest.raises(AtlasError, match="unknown device profile"):
         assign_devices([0], DevicesConfig(assignment=("phone",)), seed=0)
+
+
+# -- allocations small enough to work out by hand (or by brute force over every rank vector) -----
+
+
+def _plan(importance, shapes, **kw):
+    kw.setdefault("memory_of", lambda ranks: 0)
+    kw.setdefault("budget_bytes", 1)
+    return allocate_ranks(importance, shapes, **kw)
+
+
+def test_ranks_default_to_one_through_sixteen():
+    shapes = {"a": (2, 2)}
+    plan = _plan({"a": 1.0}, shapes, budget_bytes=10**9)
+    assert plan.ranks == {"a": 16} and plan.limited_by == "r_max"
+    # a budget equal to the memory at r_min is feasible and leaves no room to grow
+    plan = _plan({"a": 1.0}, shapes, memory_of=lambda r: 10 * r["a"], budget_bytes=10)
+    assert (plan.ranks, plan.feasible, plan.limited_by) == ({"a": 1}, True, "memory")
+    assert (plan.memory_bytes, plan.budget_bytes, plan.params) == (10, 10, 4)
+
+
+def test_memory_budget_is_filled_exactly():
+    # base 1020 bytes at rank 1 + 1, 10 bytes per extra rank: 1050 bytes buy exactly three ranks,
+    # all for the module of more importance per parameter (a: 1/2 per 4 params, b: 1/2 per 6)
+    shapes = {"a": (2, 2), "b": (3, 3)}
+    plan = _plan({"a": 1.0, "b": 1.0}, shapes, memory_of=lambda r: 1000 + 10 * sum(r.values()),
+                 budget_bytes=1050)
+    assert plan.ranks == {"a": 4, "b": 1}
+    assert (plan.memory_bytes, plan.budget_bytes, plan.params) == (1050, 1050, 4 * 4 + 6)
+    assert plan.feasible is True and plan.limited_by == "memory"
+
+
+def test_parameter_budget_reports_what_binds():
+    shapes = {"a": (2, 2), "b": (3, 3)}  # 4 and 6 parameters per rank
+    # r_min = 2 everywhere needs 20 parameters: 19 is infeasible, 20 is exactly enough
+    plan = _plan({"a": 1.0, "b": 1.0}, shapes, budget_bytes=10**9, param_budget=19, r_min=2)
+    assert (plan.ranks, plan.feasible, plan.limited_by) == ({"a": 2, "b": 2}, False, "parameters")
+    assert (plan.memory_bytes, plan.budget_bytes, plan.params) == (0, 10**9, 20)
+    plan = _plan({"a": 1.0, "b": 1.0}, shapes, budget_bytes=10**9, param_budget=20, r_min=2)
+    assert (plan.ranks, plan.feasible, plan.limited_by) == ({"a": 2, "b": 2}, True, "parameters")
+    # memory exactly at the budget is no shortage: the parameters are what binds
+    plan = _plan({"a": 1.0}, {"a": (2, 2)}, memory_of=lambda r: 4, budget_bytes=4,
+                 param_budget=3)
+    assert (plan.feasible, plan.limited_by) == (False, "parameters")
+    # memory short at r_min: reported as memory even with a parameter budget to spare
+    plan = _plan({"a": 1.0}, {"a": (2, 2)}, memory_of=lambda r: 5, budget_bytes=4,
+                 param_budget=100)
+    assert (plan.feasible, plan.limited_by, plan.budget_bytes) == (False, "memory", 4)
+
+
+def test_a_module_that_cannot_grow_does_not_stop_the_others():
+    shapes = {"a": (8, 8), "b": (1, 1)}  # a: 16 parameters per rank, more important; b: 2
+    # parameters: 18 at rank 1, a budget of 24 leaves room for three ranks of b but none of a
+    plan = _plan({"a": 10.0, "b": 1.0}, shapes, budget_bytes=10**9, param_budget=24)
+    assert plan.ranks == {"a": 1, "b": 4} and plan.limited_by == "parameters"
+    # memory: a's rank costs 100 bytes, b's 1; 3 bytes to spare buy three ranks of b
+    plan = _plan({"a": 10.0, "b": 1.0}, shapes, budget_bytes=3,
+                 memory_of=lambda r: 100 * (r["a"] - 1) + (r["b"] - 1))
+    assert plan.ranks == {"a": 1, "b": 4} and plan.limited_by == "memory"
+
+
+def test_the_first_budget_that_binds_is_the_one_reported():
+    shapes = {"a": (8, 8), "b": (1, 1)}
+    # a (tried first) exceeds the parameters, then b exceeds the memory: "parameters"
+    plan = _plan({"a": 10.0, "b": 1.0}, shapes, param_budget=20, budget_bytes=0,
+                 memory_of=lambda r: 5 * (r["b"] - 1))
+    assert plan.ranks == {"a": 1, "b": 1} and plan.limited_by == "parameters"
+    # a exceeds the memory, then b exceeds the parameters: "memory"
+    plan = _plan({"a": 10.0, "b": 1.0}, shapes, param_budget=18, budget_bytes=0,
+                 memory_of=lambda r: 5 * (r["a"] - 1))
+    assert plan.ranks == {"a": 1, "b": 1} and plan.limited_by == "memory"
+
+
+def _brute_force(importance, shapes, param_budget, r_max, utility):
+    best, best_value = None, -1.0
+    names = sorted(shapes)
+    for ranks in itertools.product(range(1, r_max + 1), repeat=len(names)):
+        if sum(r * sum(shapes[m]) for r, m in zip(ranks, names, strict=True)) > param_budget:
+            continue
+        value = sum(importance[m] * (math.log(r) if utility == "log" else r)
+                    for r, m in zip(ranks, names, strict=True))
+        if value > best_value + 1e-12:
+            best, best_value = dict(zip(names, ranks, strict=True)), value
+    return best
+
+
+@pytest.mark.parametrize("utility", ["linear", "log"])
+def test_allocation_maximises_the_utility_found_by_brute_force(utility):
+    # the same cost per rank, importance 3 : 1; four extra ranks to give. log: 3 log 4 + log 2 is
+    # the best split of six ranks (4, 2); linear: every extra rank to a (5, 1)
+    shapes, importance = {"a": (4, 4), "b": (4, 4)}, {"a": 3.0, "b": 1.0}
+    plan = _plan(importance, shapes, budget_bytes=10**9, param_budget=6 * 8, r_max=8,
+                 utility=utility)
+    assert plan.ranks == _brute_force(importance, shapes, 6 * 8, 8, utility)
+    assert plan.ranks == ({"a": 4, "b": 2} if utility == "log" else {"a": 5, "b": 1})
+
+
+def test_linear_utility_buys_importance_per_parameter():
+    # a: importance 1 for 2 parameters per rank; b: importance 2 for 8: a's rank is the better buy
+    plan = _plan({"a": 1.0, "b": 2.0}, {"a": (1, 1), "b": (4, 4)}, budget_bytes=10**9,
+                 param_budget=18, r_max=2)
+    assert plan.ranks == {"a": 2, "b": 1} and plan.limited_by == "parameters"
+
+
+def test_importance_below_one_is_compared_as_it_is():
+    plan = _plan({"a": 0.2, "b": 0.6}, {"a": (2, 2), "b": (2, 2)}, budget_bytes=10**9,
+                 param_budget=12)
+    assert plan.ranks == {"a": 1, "b": 2}
+
+
+def test_zero_importance_everywhere_still_spends_the_budget():
+    plan = _plan({"a": 0.0, "b": 0.0}, {"a": (2, 2), "b": (2, 2)}, budget_bytes=10**9,
+                 param_budget=16, r_max=4)
+    assert sum(plan.ranks.values()) == 4 and plan.params == 16
+
+
+def test_spectrum_is_sorted_and_ends_where_the_gradient_has_no_more_directions():
+    # a has one direction only: its second rank adds nothing; b's 0.5 is worth more
+    plan = _plan({"a": [1.0], "b": [1.0, 0.5, 0.25]}, {"a": (2, 2), "b": (2, 2)},
+                 budget_bytes=10**9, param_budget=12, utility="spectrum")
+    assert plan.ranks == {"a": 1, "b": 2}
+    # the values may come in any order: b's second largest (0.3) beats a's (0.2)
+    plan = _plan({"a": [0.2, 0.9], "b": [0.1, 0.3, 0.8]}, {"a": (2, 2), "b": (2, 2)},
+                 budget_bytes=10**9, param_budget=12, utility="spectrum")
+    assert plan.ranks == {"a": 1, "b": 2}
+
+
+def test_allocation_errors_name_the_setting_and_what_is_wrong():
+    kw = {"memory_of": lambda r: 0, "budget_bytes": 1}
+    with pytest.raises(AtlasError, match=r"^ranks\.utility = 'cubic' is invalid"):
+        allocate_ranks({"m": 1.0}, {"m": (4, 4)}, utility="cubic", **kw)
+    with pytest.raises(AtlasError, match=r"^no importance for modules \['a', 'b', 'c'\]$"):
+        allocate_ranks({}, dict.fromkeys("abcd", (4, 4)), **kw)
+    with pytest.raises(AtlasError, match=r"module 'm' has float$"):
+        allocate_ranks({"m": 1.0}, {"m": (4, 4)}, utility="spectrum", **kw)
+
+
+def test_importance_meter_by_hand():
+    # two batches of gradients for two tensors: norm = mean squared norm, spectrum = squared
+    # singular values of the mean gradient, padded to ``top`` (16 by default)
+    grads = [{"u": torch.tensor([[1.0, 2.0]]), "v": torch.tensor([[3.0]])},
+             {"u": torch.tensor([[3.0, 0.0]]), "v": torch.tensor([[1.0]])}]
+    params = {"u": torch.zeros(1, 2), "v": torch.zeros(1, 1)}
+    norm, spectrum = ImportanceMeter(params, "norm"), ImportanceMeter(params, "spectrum")
+    for g in grads:
+        norm.add(g)
+        spectrum.add(g)
+    assert norm.result() == pytest.approx({"u": 7.0, "v": 5.0})  # (5 + 9) / 2, (9 + 1) / 2
+    out = spectrum.result()  # mean gradients (2, 1) and (2): 5 and 4
+    assert out["u"] == pytest.approx([5.0] + [0.0] * 15)
+    assert out["v"] == pytest.approx([4.0] + [0.0] * 15)
+    with pytest.raises(AtlasError, match=r"^importance kind = 'fisher' is invalid"):
+        ImportanceMeter(params, "fisher")
+    with pytest.raises(AtlasError, match=r"^a client needs at least one example to compute "
+                                         r"module importance$"):
+        ImportanceMeter(params).result()

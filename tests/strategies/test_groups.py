@@ -1,12 +1,15 @@
 """The grouping-and-mixing component by hand: rows of weights, group aggregates, delivery."""
 
+import numpy as np
 import pytest
 import torch
 
 from atlasfl.messages import Update
+from atlasfl.phases.clustering import cluster_fingerprints
 from atlasfl.strategies.base import ClientInfo
 from atlasfl.strategies.groups import (
     Groups,
+    cluster_groups,
     fedavg_rows,
     head_key,
     initial_members,
@@ -101,3 +104,90 @@ def test_regroup_keeps_models_only_when_nobody_moved():
 def test_recluster_due(tiny_cfg, every, due):
     cfg = tiny_cfg(**{"clustering.recluster_every": every})
     assert [r for r in range(1, 6) if recluster_due(cfg, r)] == due
+
+
+def test_head_keys_name_the_group_and_the_shape():
+    assert head_key("task=sst2", (2, 384)) == "task=sst2/head2x384"
+    assert head_key("all", (1,)) == "all/head1"
+
+
+def test_aggregate_uses_the_combiner_it_is_given_per_group():
+    groups = Groups({"0": "a", "1": "a", "3": "b"})
+    seen = []
+
+    def combine(group, states, weights):
+        seen.append((group, weights))
+        return {"w": sum(s["w"] for s in states)}  # a plain sum, not a mean
+
+    new = groups.aggregate([_update(0, 1), _update(3, 2), _update(1, 3)], CLIENTS, 7, combine)
+    assert seen == [("a", [10, 30]), ("b", [40])]
+    assert torch.equal(new.adapters["a"]["w"], torch.full((2,), 4.0))
+    assert torch.equal(new.adapters["b"]["w"], torch.full((2,), 2.0))
+    # heads are always averaged (only their group and shape differ)
+    assert torch.allclose(new.heads[head_key("a", (2, 8))]["b"], torch.tensor([2.5]))
+
+
+def test_regroup_to_new_members_keeps_the_new_similarity():
+    sim = torch.tensor([[1.0, 0.2], [0.2, 1.0]])
+    moved = Groups({"0": "cluster=0", "1": "cluster=1"}).regroup({"0": "c", "1": "c"}, sim)
+    assert moved.members == {"0": "c", "1": "c"} and moved.similarity is sim
+
+
+def _planted(seed=0, per=3, dim=16, centers=2):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(centers, dim))
+    return np.concatenate([c + 0.05 * rng.normal(size=(per, dim)) for c in centers])
+
+
+def test_cluster_groups_names_clusters_and_returns_the_clustering_geometry(tiny_cfg):
+    x = _planted()
+    infos = {i: ClientInfo(i, "sst2" if i < 3 else "rte", 10, (2, 8)) for i in range(6)}
+    cfg = tiny_cfg(**{"clustering.k": 0})
+    shuffled = {i: (x[i].astype(np.float32), 0.0) for i in (4, 0, 5, 2, 1, 3)}
+    members, similarity, metrics = cluster_groups(shuffled, infos, cfg)
+    assert sorted(members) == [str(i) for i in range(6)]
+    assert all(m.startswith("cluster=") for m in members.values())
+    assert members["0"] == members["1"] == members["2"] != members["3"] == members["4"]
+    assert metrics == {"k": 2.0, "ari": 1.0, "nmi": 1.0, "purity": 1.0}
+    want = cluster_fingerprints(x.astype(np.float32), seed=cfg.seed, noise_var=np.zeros(6))
+    assert similarity.dtype == torch.float64
+    np.testing.assert_allclose(similarity.numpy(), want.similarity)  # rows in client-id order
+
+
+def test_cluster_groups_passes_k_and_the_noise_variances_as_configured(tiny_cfg):
+    x = _planted(seed=1, per=2, centers=3)
+    infos = {i: ClientInfo(i, "t", 10, (2, 8)) for i in range(6)}
+    noisy = {i: (x[i], float(i) * 0.02 * (x[i] ** 2).sum()) for i in range(6)}
+    assert cluster_groups(noisy, infos, tiny_cfg())[2]["k"] == 3.0  # chosen
+    members, _, metrics = cluster_groups(noisy, infos, tiny_cfg(**{"clustering.k": 2}))
+    assert metrics["k"] == 2.0 and len(set(members.values())) == 2
+    _, debiased, _ = cluster_groups(noisy, infos, tiny_cfg())
+    _, raw, _ = cluster_groups(noisy, infos, tiny_cfg(**{"clustering.debias": False}))
+    noise = np.array([noisy[i][1] for i in range(6)])
+    np.testing.assert_allclose(debiased.numpy(),
+                               cluster_fingerprints(x, noise_var=noise).similarity)
+    np.testing.assert_allclose(raw.numpy(), cluster_fingerprints(x).similarity)
+    assert not np.allclose(debiased.numpy(), raw.numpy())
+
+
+def test_cluster_groups_forwards_every_clustering_setting(tiny_cfg, monkeypatch):
+    import atlasfl.strategies.groups as groups_module
+
+    seen = {}
+
+    def spy(fingerprints, **kwargs):
+        seen.update(kwargs)
+        return cluster_fingerprints(fingerprints, **kwargs)
+
+    monkeypatch.setattr(groups_module, "cluster_fingerprints", spy)
+    x = _planted(seed=2, per=3, centers=2)
+    infos = {i: ClientInfo(i, f"t{i % 2}", 10, (2, 8)) for i in range(6)}
+    cfg = tiny_cfg(seed=5, **{"clustering.k_min": 3, "clustering.k_max": 4,
+                              "clustering.method": "spectral", "clustering.center": False,
+                              "clustering.criteria": ["eigengap", "silhouette"],
+                              "clustering.min_signal": 0.25})
+    cluster_groups({i: (x[i], 0.5) for i in range(6)}, infos, cfg)
+    assert seen.pop("noise_var").tolist() == [0.5] * 6
+    assert seen == {"k": None, "k_range": (3, 4), "method": "spectral", "seed": 5,
+                    "true_labels": ["t0", "t1", "t0", "t1", "t0", "t1"], "center": False,
+                    "criteria": ("eigengap", "silhouette"), "min_signal": 0.25}

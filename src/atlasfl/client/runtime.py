@@ -73,13 +73,13 @@ class ClientRuntime:
 
     def handle(self, client: ClientState, plan: PlanT, round_idx: int) -> Reply:
         """Answer one plan for ``client`` in round ``round_idx``."""
-        gen = torch.Generator().manual_seed(client_seed(self.seed, round_idx, client.client_id))
+        seed = client_seed(self.seed, round_idx, client.client_id)
         match plan:
-            case Probe():
-                return probe_client(self, client, plan, gen)
+            case Probe():  # the seed draws the probe's examples (and DP noise)
+                return probe_client(self, client, plan, torch.Generator().manual_seed(seed))
             case Train():
                 self.receive(client, plan.model)
-                return self.train_round(client, plan, round_idx, gen)
+                return self.train_round(client, plan, seed)
             case Evaluate():
                 self.receive(client, plan.model)
                 return self.evaluate_round(client)
@@ -95,12 +95,15 @@ class ClientRuntime:
         if model.head is not None:
             client.load_head(model.head)
 
-    def train_round(self, client: ClientState, plan: Train, round_idx: int,
-                    generator: torch.Generator) -> TrainReply:
-        """Local training; the update is the client's adapter and head (if it uploads)."""
-        torch.manual_seed(client_seed(self.seed, round_idx, client.client_id))  # dropout
+    def train_round(self, client: ClientState, plan: Train, seed: int) -> TrainReply:
+        """Local training; the update is the client's adapter and head (if it uploads).
+
+        ``seed`` (per run, round and client) fixes the batch order and the dropout masks.
+        """
+        torch.manual_seed(seed)  # dropout
         metrics = train_client(self.model, self.binder, client, self.train, epochs=plan.epochs,
-                               steps=plan.steps, generator=generator, device=self.device)
+                               steps=plan.steps, generator=torch.Generator().manual_seed(seed),
+                               device=self.device)
         update = (Update(client.client_id, client.adapter_state(), client.head_state(),
                          client.num_examples) if plan.upload else None)
         record = {"trained": True, "train_loss": metrics["train_loss"], "steps": metrics["steps"]}

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from atlasfl.data.glue import Examples
-from atlasfl.errors import AtlasError
+from atlasfl.errors import AtlasError, check_choice
+from atlasfl.types import Partition
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def _class_ids(labels: np.ndarray, num_bins: int = 5) -> np.ndarray:
     return labels
 
 
-def partition(labels: np.ndarray, num_clients: int, samples: int, *, scheme: str = "iid",
+def partition(labels: np.ndarray, num_clients: int, samples: int, *, scheme: Partition = "iid",
               alpha: float = 0.5, val_fraction: float = 0.0, seed: int | list[int] = 0
               ) -> list[ClientSplit]:
     """Give each of ``num_clients`` clients disjoint rows of one task.
@@ -57,6 +58,7 @@ def partition(labels: np.ndarray, num_clients: int, samples: int, *, scheme: str
     """
     if num_clients < 1:
         raise AtlasError(f"clients_per_task = {num_clients} is invalid; allowed: >= 1")
+    check_choice("partition scheme", scheme, Partition)
     rng = np.random.default_rng(seed)
     per_client = min(samples, len(labels) // num_clients)
     if per_client < 1:
@@ -64,16 +66,14 @@ def partition(labels: np.ndarray, num_clients: int, samples: int, *, scheme: str
     pool = rng.permutation(len(labels))[: per_client * num_clients]
     if scheme == "iid":
         parts = np.split(pool, num_clients)
-    elif scheme == "dirichlet":
-        parts = _dirichlet(pool, _class_ids(labels)[pool], num_clients, alpha, rng)
     else:
-        raise AtlasError(f"partition scheme {scheme!r} is invalid; allowed: iid, dirichlet")
+        parts = _dirichlet(pool, _class_ids(labels)[pool], num_clients, alpha, rng)
     out = []
     for part in parts:
         part = rng.permutation(part)
-        num_val = int(round(val_fraction * len(part))) if len(part) > 1 else 0
-        if val_fraction > 0 and len(part) > 1:
-            num_val = max(1, num_val)
+        # a positive fraction holds out at least one row; every client keeps one to train on
+        num_val = (min(max(1, round(val_fraction * len(part))), len(part) - 1)
+                   if val_fraction > 0 else 0)
         out.append(ClientSplit(np.sort(part[num_val:]), np.sort(part[:num_val])))
     return out
 

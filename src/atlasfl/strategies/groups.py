@@ -108,8 +108,9 @@ class Groups:
     def tag(self, client_id: ClientId) -> str | None:
         """``group@round`` of the latest aggregate of a client's group (None: none yet)."""
         group = self.members.get(str(client_id))
-        version = None if group is None else self.versions.get(group)
-        return None if version is None else f"{group}@{version}"
+        if group is None or group not in self.versions:
+            return None
+        return f"{group}@{self.versions[group]}"
 
     def stale(self, client_id: ClientId) -> bool:
         """Whether a client's group has an aggregate the client does not hold yet."""
