@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from atlasfl.types import ImportanceKind
 
 Payload: TypeAlias = "dict[str, dict[str, Tensor]]"  # kind -> name -> tensor
-KINDS = ("adapter", "head", "rank_plan", "fingerprint", "importance")
 
 
 class Message(Protocol):
