@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, TypeVar
 import numpy as np
 import torch
 
+from atlasfl.phases.ranks import KINDS
 from atlasfl.types import AdapterState, ClientId, FingerprintParams, FingerprintStatistic
 
 if TYPE_CHECKING:
@@ -129,8 +130,6 @@ class ImportanceSpec:
     @classmethod
     def from_config(cls, ranks: RanksConfig, batch_size: int) -> ImportanceSpec:
         """The client-side part of the rank settings."""
-        from atlasfl.phases.ranks import KINDS
-
         return cls(KINDS[ranks.utility], ranks.samples, ranks.r_max, batch_size)
 
 

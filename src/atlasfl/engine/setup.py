@@ -36,15 +36,28 @@ class Experiment:
     """A ready-to-run experiment: one shared model, the clients, their test sets."""
 
     cfg: ExperimentConfig
-    device: torch.device
     backbone: Backbone
-    model: nn.Module  # the backbone with LoRA layers injected (shared by all clients)
-    binder: AdapterBinder
     strategy: Strategy
     clients: dict[int, ClientState]
-    runtime: ClientRuntime  # the client side: answers plans for every client of this process
+    # the client side: the shared model, binder, device and seeded start of every client here
+    runtime: ClientRuntime
     majority: dict[str, dict[str, float]]  # per task: metrics of predicting the majority class
     data_notes: dict[str, dict[str, int]]  # per task: rows read, dropped, used
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model and every client's tensors live."""
+        return self.runtime.device
+
+    @property
+    def model(self) -> nn.Module:
+        """The backbone with LoRA layers injected, shared by all clients."""
+        return self.runtime.model
+
+    @property
+    def binder(self) -> AdapterBinder:
+        """Points the shared model's LoRA layers at one client's tensors."""
+        return self.runtime.binder
 
     @property
     def initial_adapter(self) -> dict[str, torch.Tensor]:
@@ -139,5 +152,4 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     strategy = strategy_cls(infos, cfg, facts)
     runtime = ClientRuntime(model, binder, cfg.train, cfg.model.lora, cfg.seed, device,
                             backbone.num_layers, adapter_init, initial_heads, test_sets)
-    return Experiment(cfg, device, backbone, model, binder, strategy, clients, runtime,
-                      majority, notes)
+    return Experiment(cfg, backbone, strategy, clients, runtime, majority, notes)
