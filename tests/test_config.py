@@ -16,6 +16,11 @@ def test_unknown_key_names_it_and_close_matches():
         apply_overrides({}, ["trian.lr=0.1"])
 
 
+def test_split_cut_is_auto_or_an_integer():
+    assert from_dict({}).split.fixed_cut is None
+    assert from_dict({"split": {"cut": 3}}).split.fixed_cut == 3
+
+
 def test_overrides_parse_yaml_values():
     raw = apply_overrides({}, ["train.lr=0.01", "data.tasks=[sst2, rte]", "train.head_lr=null"])
     cfg = from_dict(raw)
@@ -30,6 +35,13 @@ def test_overrides_parse_yaml_values():
     ({"train": {"lr": "fast"}}, "train.lr' must be a number"),
     ({"federation": {"fraction": 0}}, "federation.fraction"),
     ({"ranks": {"update": "sum"}}, "ranks.update' = 'sum' is invalid; allowed: average, delta"),
+    ({"split": {"cut": "half"}}, "split.cut' = 'half' is invalid; allowed: auto or an integer"),
+    ({"split": {"cut": 0}}, r"split.cut' = '0' is invalid; allowed: auto or an integer >= "
+                            r"split.min_cut = 1"),
+    ({"split": {"mode": "y-shape"}}, "split.mode' = 'y-shape' is invalid; allowed: vanilla, "
+                                     "u-shape"),
+    ({"split": {"activation_dtype": "int8"}}, "allowed: fp32, fp16, bf16"),
+    ({"split": {"tail": 0}}, "split.tail' = 0 is invalid; allowed: an integer >= 1"),
 ])
 def test_bad_values_name_field_value_and_allowed(raw, message):
     with pytest.raises(AtlasError, match=message):

@@ -33,7 +33,13 @@ import numpy as np
 import torch
 
 from atlasfl.phases.ranks import KINDS
-from atlasfl.types import AdapterState, ClientId, FingerprintParams, FingerprintStatistic
+from atlasfl.types import (
+    ActivationDtype,
+    AdapterState,
+    ClientId,
+    FingerprintParams,
+    FingerprintStatistic,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -133,6 +139,29 @@ class ImportanceSpec:
         return cls(KINDS[ranks.utility], ranks.samples, ranks.r_max, batch_size)
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    """How a client trains split (Phase 3): where it cuts, and which server model it talks to.
+
+    The client runs the embeddings and blocks ``0 .. cut - 1``; the server the blocks up to
+    ``num_layers - tail``; with ``tail`` > 0 (U-shape) the client runs the last ``tail`` blocks,
+    the head and the loss too. ``server_model`` names the server-side model (the client's
+    group) and ``version`` the round of its latest aggregate.
+    """
+
+    cut: int
+    tail: int  # 0: vanilla SplitLoRA (the server holds the head, the loss and the labels)
+    activation_dtype: ActivationDtype
+    server_model: str
+    outputs: int  # the head the server uses (vanilla): its number of outputs; 1 = regression
+    version: int = 0
+
+    @property
+    def u_shape(self) -> bool:
+        """Whether labels and logits stay on the client."""
+        return self.tail > 0
+
+
 # -- plans (server -> client) ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -161,6 +190,7 @@ class Train:
     epochs: int = 1
     steps: int = 0
     upload: bool = True
+    split: SplitPlan | None = None  # None: the client trains the whole model
 
     def payload(self) -> Payload:  # noqa: D102
         return self.model.payload()
@@ -176,6 +206,7 @@ class Evaluate:
     kind: ClassVar[str] = "evaluate"
     client_id: ClientId
     model: Model = field(default_factory=Model)
+    split: SplitPlan | None = None  # None: the client evaluates the whole model
 
     def payload(self) -> Payload:  # noqa: D102
         return self.model.payload()
@@ -243,13 +274,16 @@ class TrainReply:
     def payload(self) -> Payload:  # noqa: D102
         if self.update is None:
             return {}
-        return {"adapter": self.update.adapter, "head": self.update.head}
+        out: Payload = {"adapter": self.update.adapter}
+        if self.update.head:  # a vanilla split client's head is on the server
+            out["head"] = self.update.head
+        return out
 
     def with_payload(self, payload: Payload) -> TrainReply:  # noqa: D102
         if self.update is None:
             return self
         return dataclasses.replace(self, update=dataclasses.replace(
-            self.update, adapter=payload["adapter"], head=payload["head"]))
+            self.update, adapter=payload["adapter"], head=payload.get("head", {})))
 
 
 @dataclass(frozen=True)
@@ -269,3 +303,73 @@ class EvaluateReply:
 
 
 Reply: TypeAlias = "ProbeReply | TrainReply | EvaluateReply"
+
+
+# -- split learning: per batch, within a Train or Evaluate exchange ---------------------------
+
+@dataclass(frozen=True)
+class Activations:
+    """Hidden states crossing a cut (either way), with the mask and, in vanilla, the labels.
+
+    Kinds: ``activations`` (hidden states and attention mask) and ``labels`` while training;
+    ``eval_activations`` while evaluating (no labels cross then).
+    """
+
+    client_id: ClientId
+    hidden: Tensor  # (B, T, H) in the plan's activation dtype
+    attention_mask: Tensor | None = None  # (B, T), sent with the client's first cut
+    labels: Tensor | None = None  # (B,), vanilla training only
+    evaluating: bool = False
+
+    def payload(self) -> Payload:  # noqa: D102
+        kind = "eval_activations" if self.evaluating else "activations"
+        tensors = {"hidden": self.hidden}
+        if self.attention_mask is not None:
+            tensors["attention_mask"] = self.attention_mask
+        out: Payload = {kind: tensors}
+        if self.labels is not None:
+            out["labels"] = {"labels": self.labels}
+        return out
+
+    def with_payload(self, payload: Payload) -> Activations:  # noqa: D102
+        tensors = payload["eval_activations" if self.evaluating else "activations"]
+        labels = payload.get("labels")
+        return dataclasses.replace(self, hidden=tensors["hidden"],
+                                   attention_mask=tensors.get("attention_mask"),
+                                   labels=None if labels is None else labels["labels"])
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """The loss gradient at a cut (kind ``activation_grads``); from the server, the loss too."""
+
+    client_id: ClientId
+    grad: Tensor  # (B, T, H) in the plan's activation dtype
+    loss: Tensor | None = None  # () vanilla: the server computed it
+
+    def payload(self) -> Payload:  # noqa: D102
+        tensors = {"grad": self.grad}
+        if self.loss is not None:
+            tensors["loss"] = self.loss
+        return {"activation_grads": tensors}
+
+    def with_payload(self, payload: Payload) -> Gradients:  # noqa: D102
+        tensors = payload["activation_grads"]
+        return dataclasses.replace(self, grad=tensors["grad"], loss=tensors.get("loss"))
+
+
+@dataclass(frozen=True)
+class Logits:
+    """Vanilla split evaluation: the server's logits for the client to score (``eval_logits``)."""
+
+    client_id: ClientId
+    logits: Tensor  # (B, num_labels)
+
+    def payload(self) -> Payload:  # noqa: D102
+        return {"eval_logits": {"logits": self.logits}}
+
+    def with_payload(self, payload: Payload) -> Logits:  # noqa: D102
+        return dataclasses.replace(self, logits=payload["eval_logits"]["logits"])
+
+
+SplitMessage: TypeAlias = "Activations | Gradients | Logits"

@@ -39,3 +39,8 @@ RankUtility = Literal["linear", "log", "spectrum"]
 ImportanceKind = Literal["norm", "spectrum"]
 RankBudget = Literal["parity", "device", "memory"]
 OnInfeasible = Literal["error", "exclude"]
+
+# -- Phase 3: split learning ---------------------------------------------------------------
+SplitWhen = Literal["never", "always", "auto"]  # auto: only clients that cannot hold the model
+SplitMode = Literal["vanilla", "u-shape"]
+ActivationDtype = Literal["fp32", "fp16", "bf16"]

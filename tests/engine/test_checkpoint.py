@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from atlasfl.cli import main
@@ -40,11 +41,14 @@ def _assert_same_tensors(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("method", ["local", "fedavg", "fedavg-task", "fedavg-cluster",
-                                    "centralized", "homolora", "hetlora", "hetlora:delta"])
+@pytest.mark.parametrize("method", [
+    "local", "fedavg", "fedavg-task", "fedavg-cluster", "centralized", "homolora", "hetlora",
+    "hetlora:ranks.update=delta", "splitlora:split.cut=1",
+    "splitlora:split.mode=u-shape,split.min_cut=0", "hetlora:split.enabled=always"])
 def test_six_rounds_equal_three_plus_resumed_three(tiny_cfg, tmp_path, method):
-    method, _, update = method.partition(":")  # hetlora:delta sets ranks.update=delta
-    extra = {"ranks.update": update} if update else {}
+    method, _, settings = method.partition(":")  # then key=value,... overrides
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=") for kv in settings.split(","))
+             } if settings else {}
     cfg = tiny_cfg(method=method, out=str(tmp_path), **extra, **{"federation.rounds": 6,
                                                       "federation.fraction": 0.75,
                                                       "federation.eval_every": 2})
@@ -64,6 +68,10 @@ def test_six_rounds_equal_three_plus_resumed_three(tiny_cfg, tmp_path, method):
     assert rest.completed_rounds == 6
 
     _assert_same_tensors(_client_tensors(straight), _client_tensors(second))
+    # the server state too (group models; split: the server-side adapters and their moments)
+    server_a, server_b = {}, {}
+    assert ckpt.flatten_state(full.state, server_a) == ckpt.flatten_state(rest.state, server_b)
+    _assert_same_tensors(server_a, server_b)
     history_a = load_checkpoint(straight_run.path).meta["history"]
     history_b = load_checkpoint(split_run.path).meta["history"]
     assert _strip_timing(history_a) == _strip_timing(history_b)

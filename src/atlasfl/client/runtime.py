@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel
 
 from atlasfl.client.probe import probe_client
+from atlasfl.client.split import Link, client_modules, evaluate_split, train_split_client
 from atlasfl.client.state import ClientState
 from atlasfl.client.training import evaluate, train_client
 from atlasfl.config import LoraSettings, TrainConfig
@@ -28,6 +29,7 @@ from atlasfl.messages import (
     Model,
     Probe,
     Reply,
+    SplitPlan,
     Train,
     TrainReply,
     Update,
@@ -71,18 +73,22 @@ class ClientRuntime:
     # split is scored once per distinct (task, model), keyed by a digest of the tensors.
     _test_cache: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
 
-    def handle(self, client: ClientState, plan: PlanT, round_idx: int) -> Reply:
-        """Answer one plan for ``client`` in round ``round_idx``."""
+    def handle(self, client: ClientState, plan: PlanT, round_idx: int,
+               link: Link | None = None) -> Reply:
+        """Answer one plan for ``client`` in round ``round_idx``.
+
+        ``link`` reaches the server's half of split learning when the plan splits the model.
+        """
         seed = client_seed(self.seed, round_idx, client.client_id)
         match plan:
             case Probe():  # the seed draws the probe's examples (and DP noise)
                 return probe_client(self, client, plan, torch.Generator().manual_seed(seed))
             case Train():
                 self.receive(client, plan.model)
-                return self.train_round(client, plan, seed)
+                return self.train_round(client, plan, seed, link)
             case Evaluate():
                 self.receive(client, plan.model)
-                return self.evaluate_round(client)
+                return self.evaluate_round(client, plan.split, link)
         raise TypeError(f"no handler for {type(plan).__name__}")  # internal: a new plan type
 
     def receive(self, client: ClientState, model: Model) -> None:
@@ -95,31 +101,63 @@ class ClientRuntime:
         if model.head is not None:
             client.load_head(model.head)
 
-    def train_round(self, client: ClientState, plan: Train, seed: int) -> TrainReply:
-        """Local training; the update is the client's adapter and head (if it uploads).
+    def train_round(self, client: ClientState, plan: Train, seed: int,
+                    link: Link | None = None) -> TrainReply:
+        """Local training; the update is what the client trained (if it uploads).
 
-        ``seed`` (per run, round and client) fixes the batch order and the dropout masks.
+        ``seed`` (per run, round and client) fixes the batch order and the dropout masks. A
+        split client (``plan.split``) trains across the cut through ``link`` and uploads only
+        the modules of its own blocks (and its head in U-shape; the server holds it in vanilla).
         """
         torch.manual_seed(seed)  # dropout
-        metrics = train_client(self.model, self.binder, client, self.train, epochs=plan.epochs,
-                               steps=plan.steps, generator=torch.Generator().manual_seed(seed),
-                               device=self.device)
-        update = (Update(client.client_id, client.adapter_state(), client.head_state(),
-                         client.num_examples) if plan.upload else None)
-        record = {"trained": True, "train_loss": metrics["train_loss"], "steps": metrics["steps"]}
+        gen = torch.Generator().manual_seed(seed)
+        split = plan.split
+        if split is None:
+            metrics = train_client(self.model, self.binder, client, self.train,
+                                   epochs=plan.epochs, steps=plan.steps, generator=gen,
+                                   device=self.device)
+        else:
+            if link is None:  # internal: the executor opened no link
+                raise RuntimeError(f"client {client.client_id} trains split without a link")
+            metrics = train_split_client(self.model, self.binder, client, self.train, split,
+                                         link, num_layers=self.num_layers, epochs=plan.epochs,
+                                         steps=plan.steps, generator=gen, device=self.device)
+        update = None
+        if plan.upload:
+            own = client_modules(set(client.ranks()), self.num_layers, split)
+            adapter = {k: v for k, v in client.adapter_state().items()
+                       if k.rsplit(".lora_", 1)[0] in own}
+            head = client.head_state() if split is None or split.u_shape else {}
+            update = Update(client.client_id, adapter, head, client.num_examples)
+        record = {"trained": True, "train_loss": metrics["train_loss"], "steps": metrics["steps"],
+                  **({"cut": split.cut} if split is not None else {})}
         return TrainReply(client.client_id, update, record, metrics["train_seconds"])
 
-    def evaluate_round(self, client: ClientState) -> EvaluateReply:
-        """The client's own model on its task's test split (and its validation split)."""
+    def evaluate_round(self, client: ClientState, split: SplitPlan | None = None,
+                       link: Link | None = None) -> EvaluateReply:
+        """The client's own model on its task's test split (and its validation split).
+
+        Split: the model is the client's part and the server model ``split`` names, evaluated
+        across the cut through ``link``; the cache key names that server model's version.
+        """
         start = time.perf_counter()
-        args = (self.model, self.binder, client.adapter, client.head)
-        key = (client.task.name, _digest(client.adapter_state(), client.head_state()))
+
+        def run(data: TokenizedSet) -> dict[str, float]:
+            if split is None:
+                return evaluate(self.model, self.binder, client.adapter, client.head, data,
+                                client.task, self.train, device=self.device)
+            if link is None:  # internal: the executor opened no link
+                raise RuntimeError(f"client {client.client_id} evaluates split without a link")
+            return evaluate_split(self.model, self.binder, client, data, split, link,
+                                  self.train, num_layers=self.num_layers, device=self.device)
+
+        key = (client.task.name, _digest(client.adapter_state(), client.head_state())
+               + ("" if split is None else f"/{split}"))
         if key not in self._test_cache:
-            self._test_cache[key] = evaluate(*args, self.test_sets[client.task.name],
-                                             client.task, self.train, device=self.device)
+            self._test_cache[key] = run(self.test_sets[client.task.name])
         test = self._test_cache[key]
         out = {f"eval_{k}" if k == "loss" else k: v for k, v in test.items()}
         if len(client.val_set):
-            val = evaluate(*args, client.val_set, client.task, self.train, device=self.device)
+            val = run(client.val_set)
             out["val_loss"], out["val_metric"] = val["loss"], val["metric"]
         return EvaluateReply(client.client_id, out, time.perf_counter() - start)

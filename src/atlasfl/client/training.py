@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,8 @@ from atlasfl.models.head import ClassificationHead
 from atlasfl.models.lora import AdapterBinder
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 autocast when ``train.precision`` asks for it (or ``auto`` on CUDA), else nothing."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -50,28 +52,42 @@ def train_client(model: nn.Module, binder: AdapterBinder, client: ClientState, c
     binder.bind(client.adapter)
     model.train()
     client.head.train()
-    params = [*client.adapter.values(), *client.head.parameters()]
+
+    def step(batch: dict[str, Tensor]) -> Tensor:
+        with autocast(device, cfg.precision):
+            logits = forward_logits(model, client.head, batch)
+        loss = task_loss(logits, batch["labels"], client.task.is_regression)
+        loss.backward()
+        return loss.detach()
+    return run_steps(client, cfg, step, [*client.adapter.values(), *client.head.parameters()],
+                     epochs=epochs, steps=steps, generator=generator, device=device)
+
+
+def run_steps(client: ClientState, cfg: TrainConfig, step: Callable[[dict[str, Tensor]], Tensor],
+              params: list[nn.Parameter], *, epochs: int, steps: int,
+              generator: torch.Generator, device: torch.device) -> dict[str, float]:
+    """The local loop over the client's batches, for ``epochs`` passes or ``steps`` > 0 steps.
+
+    Per batch: ``step`` (forward and backward, returns the loss), clipping of ``params``, an
+    optimizer step. Returns what ``train_client`` returns.
+    """
     start, losses, taken, seen = time.perf_counter(), [], 0, 0
     target_steps = steps or None
     for _ in range(epochs if target_steps is None else 10**9):
         for batch in client.train_set.batches(cfg.batch_size, generator=generator):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with _autocast(device, cfg.precision):
-                logits = forward_logits(model, client.head, batch)
-            loss = task_loss(logits, batch["labels"], client.task.is_regression)
             client.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.append(step(batch))
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             client.optimizer.step()
-            losses.append(loss.detach())
             taken += 1
             seen += len(batch["labels"])
             if target_steps is not None and taken >= target_steps:
                 break
         if target_steps is not None and taken >= target_steps:
             break
-    train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+    train_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
     return {"train_loss": train_loss, "steps": taken, "examples": seen,
             "train_seconds": time.perf_counter() - start}
 
@@ -86,11 +102,20 @@ def evaluate(model: nn.Module, binder: AdapterBinder, adapter: dict[str, nn.Para
     binder.bind(adapter)
     model.eval()
     head.eval()
+
+    def logits_of(batch: dict[str, Tensor]) -> Tensor:
+        with autocast(device, cfg.precision):
+            return forward_logits(model, head, batch)
+    return score(logits_of, data, task, cfg, device=device)
+
+
+def score(logits_of: Callable[[dict[str, Tensor]], Tensor], data: TokenizedSet, task: TaskSpec,
+          cfg: TrainConfig, *, device: torch.device) -> dict[str, float]:
+    """Mean loss and task metrics of the logits ``logits_of`` gives each batch of ``data``."""
     preds, total = [], 0.0
     for batch in data.batches(cfg.eval_batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(device, cfg.precision):
-            logits = forward_logits(model, head, batch)
+        logits = logits_of(batch)
         total += float(task_loss(logits, batch["labels"], task.is_regression)) * len(logits)
         preds.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
     # batches were length-sorted: put predictions back in row order before scoring

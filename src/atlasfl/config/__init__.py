@@ -25,6 +25,7 @@ from atlasfl.config.schema import (
     LoraSettings,
     ModelConfig,
     RanksConfig,
+    SplitConfig,
     SessionConfig,
     TrainConfig,
 )
@@ -32,6 +33,7 @@ from atlasfl.config.validate import validate
 
 __all__ = ["RESUMABLE_KEYS", "ClusteringConfig", "CustomTaskConfig", "DataConfig",
            "DeviceProfileConfig", "DevicesConfig", "ExperimentConfig", "FederationConfig",
-           "LoraSettings", "ModelConfig", "RanksConfig", "SessionConfig", "TrainConfig",
+           "LoraSettings", "ModelConfig", "RanksConfig", "SessionConfig", "SplitConfig",
+           "TrainConfig",
            "apply_overrides", "experiment_diff", "from_dict", "from_yaml", "set_dotted",
            "validate"]

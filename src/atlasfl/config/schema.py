@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atlasfl.types import (
+    ActivationDtype,
     ClusterMethod,
     Criterion,
     FileFormat,
@@ -22,6 +23,8 @@ from atlasfl.types import (
     RankBudget,
     RankUpdate,
     RankUtility,
+    SplitMode,
+    SplitWhen,
 )
 
 
@@ -168,6 +171,25 @@ class RanksConfig:
 
 
 @dataclass(frozen=True)
+class SplitConfig:
+    """Phase 3: split learning (``splitlora``; ``homolora``/``hetlora`` with ``enabled``)."""
+
+    # never | always: every client | auto: only clients whose device cannot hold the model
+    enabled: SplitWhen = "never"
+    mode: SplitMode = "vanilla"  # u-shape: the last ``tail`` blocks, head, loss stay on the client
+    cut: str = "auto"  # blocks the client keeps first: an integer, or auto (fits, least time)
+    tail: int = 1  # u-shape: blocks at the end the client keeps
+    min_cut: int = 1  # privacy floor: shallow activations are easier to invert
+    activation_dtype: ActivationDtype = "fp32"  # what crosses the network each batch
+    server_compute: float = 20.0  # the server's throughput relative to laptop-8gb (auto cut)
+
+    @property
+    def fixed_cut(self) -> int | None:
+        """The configured cut, or None for auto."""
+        return None if self.cut == "auto" else int(self.cut)
+
+
+@dataclass(frozen=True)
 class SessionConfig:
     """How this session runs and saves; may change between sessions of one run."""
 
@@ -193,6 +215,7 @@ class ExperimentConfig:
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     ranks: RanksConfig = field(default_factory=RanksConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
 
     def to_dict(self) -> dict[str, Any]:

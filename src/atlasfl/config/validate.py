@@ -62,6 +62,14 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(1 <= r.r_min <= r.r_max <= 256, "ranks.r_min", (r.r_min, r.r_max),
            "1 <= r_min <= r_max <= 256")
     _check(r.samples >= 1, "ranks.samples", r.samples, "an integer >= 1")
+    sp = cfg.split
+    _check(sp.cut == "auto" or (sp.cut.isdigit() and int(sp.cut) >= 0), "split.cut", sp.cut,
+           "auto or an integer >= 0 (blocks the client keeps)")
+    _check(sp.tail >= 1, "split.tail", sp.tail, "an integer >= 1")
+    _check(sp.min_cut >= 0, "split.min_cut", sp.min_cut, "an integer >= 0")
+    _check(sp.fixed_cut is None or sp.fixed_cut >= sp.min_cut, "split.cut", sp.cut,
+           f"auto or an integer >= split.min_cut = {sp.min_cut}")
+    _check(sp.server_compute > 0, "split.server_compute", sp.server_compute, "a number > 0")
     for i, prof in enumerate(cfg.devices.custom):
         key = f"devices.custom[{i}]"
         _check(prof.memory_gb > 0, key + ".memory_gb", prof.memory_gb, "a number > 0")

@@ -49,24 +49,37 @@ class Snapshot:
 
 # -- generic (un)flattening of server-state dataclasses -------------------------------------
 
-def flatten_state(obj: Any, tensors: dict[str, Tensor], prefix: str = "server") -> Any:
-    """Replace every tensor in a nested dataclass/dict/list by a reference; collect tensors."""
+def flatten_state(obj: Any, tensors: dict[str, Tensor], prefix: str = "server",
+                  seen: set[int] | None = None) -> Any:
+    """Replace every tensor in a nested dataclass/dict/list by a reference; collect tensors.
+
+    A tensor whose memory another collected tensor already uses (one aggregate held in two
+    places of the state) is stored as a copy: safetensors refuses shared memory.
+    """
+    if seen is None:
+        seen = {t.untyped_storage().data_ptr() for t in tensors.values()}
     if isinstance(obj, Tensor):
         key = f"{prefix}/{len(tensors)}"
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensor = obj.detach().cpu().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensor = tensor.clone()
+            ptr = tensor.untyped_storage().data_ptr()
+        seen.add(ptr)
+        tensors[key] = tensor
         return {"__tensor__": key}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         cls = type(obj)
         return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}",
-                "fields": {f.name: flatten_state(getattr(obj, f.name), tensors, prefix)
+                "fields": {f.name: flatten_state(getattr(obj, f.name), tensors, prefix, seen)
                            for f in dataclasses.fields(obj)}}
     if isinstance(obj, dict):
         if not all(isinstance(k, str) for k in obj):
             raise TypeError(f"server state dict keys must be str, got {list(obj)[:3]}")
-        return {"__dict__": {k: flatten_state(v, tensors, prefix) for k, v in obj.items()}}
+        return {"__dict__": {k: flatten_state(v, tensors, prefix, seen) for k, v in obj.items()}}
     if isinstance(obj, (list, tuple)):
         return {"__tuple__" if isinstance(obj, tuple) else "__list__":
-                [flatten_state(v, tensors, prefix) for v in obj]}
+                [flatten_state(v, tensors, prefix, seen) for v in obj]}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot checkpoint server state of type {type(obj).__name__}")

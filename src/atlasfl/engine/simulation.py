@@ -170,14 +170,20 @@ def run_exchange(executor: Executor, strategy: Strategy, state: Any, rnd: RoundI
                  stop: Callable[[], bool] | None = None) -> Exchange | None:
     """Exchange ``rnd.exchange`` of a round: configure, deliver, collect, aggregate.
 
+    When plans split the model, the server's half of split learning holds the strategy's
+    server-side models during the exchange and hands them back in ``rnd.served``.
+
     Returns None when the strategy's round has no such exchange. ``on_reply`` sees each reply as
     it arrives; when ``stop()`` turns true the exchange is abandoned before aggregation.
     """
     plans = strategy.configure_round(state, rnd)
     if plans is None:
         return None
+    server = None
+    if any(getattr(p, "split", None) is not None for p in plans):
+        server = executor.split_server(strategy.server_models(state))
     replies: list[Reply] = []
-    for reply in executor.run(rnd.round_idx, plans):
+    for reply in executor.run(rnd.round_idx, plans, server):
         if stop is not None and stop():
             return Exchange(plans, replies, None)
         if on_reply is not None:
@@ -185,6 +191,8 @@ def run_exchange(executor: Executor, strategy: Strategy, state: Any, rnd: RoundI
         replies.append(reply)
     if stop is not None and stop():
         return Exchange(plans, replies, None)
+    if server is not None:
+        rnd = dataclasses.replace(rnd, served=server.snapshot())
     start = time.perf_counter()
     outcome = strategy.aggregate_round(state, rnd, replies)
     return Exchange(plans, replies, outcome, time.perf_counter() - start)

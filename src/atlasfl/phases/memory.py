@@ -330,7 +330,8 @@ def _lora_input_elements(dims: ModelDims, arch: _Arch, modules: Sequence[tuple[i
 def estimate_memory(dims: ModelDims, lora_modules: Sequence[tuple[int, int, int]], *,
                     batch_size: int, seq_len: int, blocks_held: int | None = None,
                     param_bytes: int = 4, act_bytes: int = 4, lora_dropout: bool = False,
-                    head_params: int = 0, optimizer: str = "adamw") -> MemoryEstimate:
+                    head_params: int = 0, optimizer: str = "adamw", final: bool | None = None
+                    ) -> MemoryEstimate:
     """Estimate the peak memory of one client's LoRA training step (formula: module docstring).
 
     Args:
@@ -346,6 +347,7 @@ def estimate_memory(dims: ModelDims, lora_modules: Sequence[tuple[int, int, int]
         lora_dropout: whether the LoRA modules apply dropout to their inputs.
         head_params: trainable parameters of a client-side head (trained like LoRA).
         optimizer: ``adamw`` / ``adam`` (two fp32 states per trainable parameter) or ``sgd``.
+        final: it holds the final norm/pooler (U-shape split); ``None``: with the whole model.
 
     Returns:
         The estimate by component, in bytes.
@@ -372,11 +374,10 @@ def estimate_memory(dims: ModelDims, lora_modules: Sequence[tuple[int, int, int]
     arch = _ARCHS.get(dims.family)
     if arch is None:
         raise unknown_name("model family for the memory model", dims.family, _ARCHS)
-    whole = blocks_held is None
+    whole = blocks_held is None if final is None else final
     blocks: int = dims.num_layers if blocks_held is None else blocks_held
 
-    frozen = dims.embedding_params + blocks * dims.block_params + (dims.final_params if whole
-                                                                    else 0)
+    frozen = dims.embedding_params + blocks * dims.block_params + dims.final_params * whole
     trainable = sum(r * (fan_in + fan_out) for r, fan_in, fan_out in lora_modules) + head_params
 
     b, t, h, i = batch_size, seq_len, dims.hidden, dims.intermediate

@@ -5,8 +5,10 @@ from atlasfl.strategies import (  # noqa: F401 (registers each method)
     fedavg,
     fedavg_cluster,
     fedavg_task,
+    hetlora,
     local,
     mixed_rank,
+    splitlora,
 )
 from atlasfl.strategies.base import (
     STRATEGIES,

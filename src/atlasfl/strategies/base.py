@@ -32,6 +32,7 @@ from atlasfl.messages import (
 from atlasfl.types import ClientId
 
 if TYPE_CHECKING:
+    from atlasfl.strategies.split import ServerModel
     from atlasfl.messages import Plan, Reply
     from atlasfl.phases.memory import ModelDims
 
@@ -71,6 +72,8 @@ class RoundInfo:
     sampled: tuple[ClientId, ...]
     evaluate: bool
     exchange: int = 0  # index into the strategy's stages of this round
+    # the server-side split models after the exchange (``server_models`` trained); None: no split
+    served: dict[str, ServerModel] | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,10 @@ class Strategy:
     def download(self, state: Any, client_id: ClientId) -> Model:
         """What ``client_id`` receives with its next plan: the parts it does not hold yet."""
         return Model()
+
+    def server_models(self, state: Any) -> dict[str, ServerModel]:
+        """The server-side models split clients train with (``atlasfl.engine.split_server``)."""
+        return {}
 
     def configure_probe(self, state: Any, rnd: RoundInfo) -> Sequence[Probe]:
         """Probe plans (fingerprints, importance) of this round."""

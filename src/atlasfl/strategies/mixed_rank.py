@@ -1,27 +1,30 @@
-"""``homolora`` and ``hetlora``: LoRA adapters of one rank, or of per-client per-module ranks.
+"""``homolora``, and what every LoRA strategy with per-client ranks or cuts shares.
 
 ``homolora`` is the baseline: every client trains rank ``model.lora.r`` in every module.
-``hetlora`` gives each client the per-module ranks Phase 2 allocates (``atlasfl.phases.ranks``):
-before round 1 every client uploads its importance per LoRA module (one number, or with
-``ranks.utility=spectrum`` the top ``r_max`` squared singular values of the module's gradient;
-from the same gradient pass as its Phase 1 fingerprint when clustering runs), the server sizes
-each client's ranks to its device's memory budget (``atlasfl.phases.memory``) and sends the
-rank map; the client builds its adapter through peft's ``rank_pattern``.
+``hetlora`` (``atlasfl.strategies.hetlora``) gives each client per-module ranks from Phase 2;
+``splitlora`` (``atlasfl.strategies.splitlora``) splits every client. This module holds what they
+share: each client's device, budget, memory estimate, rank map and cut, kept in the server state
+and written to the run folder (``clients.json``), and the mixed-rank aggregation.
 
-Both aggregate within groups (``ranks.grouping``: one global group, the true task — an oracle —
+Aggregation is within groups (``ranks.grouping``: one global group, the true task — an oracle —
 or the clusters Phase 1 finds) with ``ranks.aggregation``: ``zero-pad`` (HetLoRA,
 arXiv:2401.06432), ``stack`` (FLoRA stacking, arXiv:2409.05976, exact, then truncated SVD to each
 client's ranks) or ``svd`` (FlexLoRA, arXiv:2402.11505), see ``atlasfl.phases.aggregation``.
 ``ranks.update``: ``average`` aggregates what the clients hold, as those papers do; ``delta``
 adds the clients' weighted change to the group's previous aggregate, which the server keeps at
 full rank, so the part of it a small client's ranks cut off is not lost each round. Heads
-are averaged per group and head shape. Every client's device, budget, memory estimate and rank
-map are kept in the server state and written to the run folder (``clients.json``).
+are averaged per group and head shape.
 
 A client receives its rank map with the first plan that reaches it after planning (none when it
 already holds those ranks, as every ``homolora`` client does from the common initialisation), and
 its share of the group's aggregate cut to its ranks (``redistribute``); a client whose device
 cannot hold the smallest adapter (``ranks.on_infeasible=exclude``) trains and receives nothing.
+
+**Split learning** (Phase 3, ``split.enabled``: ``always``, or ``auto`` for the clients whose
+device cannot hold the whole model): a split client gets a cut (``atlasfl.phases.split``) and
+ranks for the modules of its own blocks under the memory of its client part; it trains across
+the cut with its group's server model (``atlasfl.engine.split_server``), uploads only its own
+modules and receives only those (``atlasfl.strategies.split`` merges them with the server's).
 """
 
 from __future__ import annotations
@@ -31,28 +34,37 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 from atlasfl.config import ExperimentConfig
 from atlasfl.devices import known_profiles
 from atlasfl.errors import AtlasError
 from atlasfl.messages import (
+    Evaluate,
     EvaluateReply,
-    ImportanceSpec,
     Model,
-    ProbeReply,
     Reply,
+    SplitPlan,
     Train,
     TrainReply,
 )
 from atlasfl.models.lora import lora_scaling
 from atlasfl.phases.aggregation import aggregate_mixed, redistribute
+from atlasfl.models.split import client_side
 from atlasfl.phases.memory import ModelDims, estimate_memory
-from atlasfl.phases.ranks import Importance, RankPlan, allocate_ranks
+from atlasfl.phases.ranks import Importance, RankPlan
+from atlasfl.phases.split import CutOption, split_memory
 from atlasfl.runfiles import CLIENTS_FILE
 from atlasfl.strategies.base import ClientInfo, ModelInfo, RoundInfo, RoundOutcome, register
 from atlasfl.strategies.fedavg import FedAvg
 from atlasfl.strategies.groups import Combine, Groups
+from atlasfl.strategies.split import (
+    ACT_BYTES,
+    ServerModel,
+    complete_update,
+    plan_cut,
+    refresh_server,
+    split_record,
+)
 from atlasfl.types import AdapterState, ClientId, Grouping
 
 
@@ -65,6 +77,8 @@ class RankState:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # client -> configuration
     excluded: tuple[int, ...] = ()  # clients whose device cannot hold the minimum adapter
     configured: tuple[int, ...] = ()  # clients that acknowledged their rank map
+    cuts: dict[str, tuple[int, int]] = field(default_factory=dict)  # split client -> (cut, tail)
+    server: dict[str, ServerModel] = field(default_factory=dict)  # group -> server-side model
 
 
 @register
@@ -101,38 +115,90 @@ class HomoLoRA(FedAvg):
         lora = self.cfg.model.lora
         return lora_scaling(lora.alpha, rank, rslora=lora.rslora)
 
-    def memory_of(self, client_id: ClientId) -> Callable[[dict[str, int]], int]:
-        """Map ranks to the memory model's training peak of this client."""
+    def memory_of(self, client_id: ClientId, cut: tuple[int, int] | None = None
+                  ) -> Callable[[dict[str, int]], int]:
+        """Map ranks to the memory model's training peak of this client.
+
+        ``cut`` = (cut, tail): the client part of a split client (``phases.split``); only the
+        ranks of its own modules count.
+        """
         cfg, info = self.cfg, self.clients[client_id]
         head = self.model.head_params[info.head_shape[0]]
 
         def memory(ranks: dict[str, int]) -> int:
+            if cut is not None:
+                return split_memory(self.dims, self.modules(ranks, cut), cut=cut[0],
+                                    tail=cut[1], batch_size=cfg.train.batch_size,
+                                    seq_len=cfg.data.max_length, head_params=head,
+                                    act_bytes=ACT_BYTES[cfg.split.activation_dtype],
+                                    lora_dropout=cfg.model.lora.dropout > 0)
             modules = [(ranks[m], *self.model.shapes[m]) for m in ranks]
             return estimate_memory(self.dims, modules, batch_size=cfg.train.batch_size,
                                    seq_len=cfg.data.max_length, head_params=head,
                                    lora_dropout=cfg.model.lora.dropout > 0).total
         return memory
 
-    def plan(self, client_id: ClientId, importance: Importance | None) -> RankPlan:
+    def modules(self, ranks: dict[str, int], cut: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """(rank, in, out) of the modules a client split at ``cut`` = (cut, tail) trains."""
+        return [(ranks[m], *self.model.shapes[m]) for m in ranks
+                if client_side(m, self.dims.num_layers, *cut)]
+
+    def plan(self, client_id: ClientId, importance: Importance | None,
+             cut: tuple[int, int] | None = None) -> RankPlan:
         """This client's ranks: ``model.lora.r`` everywhere, checked against its budget."""
         ranks = dict(self.initial_ranks)
-        memory = self.memory_of(client_id)(ranks)
+        memory = self.memory_of(client_id, cut)(ranks)
         budget = self.devices[client_id].memory_bytes
-        params = sum(ranks[m] * sum(s) for m, s in self.model.shapes.items())
+        own = ranks if cut is None else {m: r for m, r in ranks.items()
+                                         if client_side(m, self.dims.num_layers, *cut)}
+        params = sum(r * sum(self.model.shapes[m]) for m, r in own.items())
         return RankPlan(ranks, memory, budget, params, memory <= budget, "fixed")
+
+    def smallest_ranks(self) -> dict[str, int]:
+        """The least adapter a client may get (what decides whether a cut fits)."""
+        return dict(self.initial_ranks)
+
+    def split_when(self) -> str:
+        """``split.enabled``: never, always, or auto (only clients the model does not fit)."""
+        return self.cfg.split.enabled
+
+    def choose_split(self, client_id: ClientId) -> tuple[CutOption | None, list[CutOption]]:
+        """The cut of a split client (``split.cut``, or the fitting one of least time)."""
+        smallest = self.smallest_ranks()
+        return plan_cut(self.dims, self.devices[client_id], self.cfg,
+                        lambda cut: self.memory_of(client_id, cut)(smallest))
 
     def configure(self, state: RankState, importance: Mapping[ClientId, Importance] | None
                   ) -> RankState:
-        """Plan every client; exclude or refuse those whose device cannot hold the minimum."""
-        ranks, records, excluded = {}, {}, []
+        """Plan every client; exclude or refuse those whose device cannot hold the minimum.
+
+        With split learning (``split.enabled``) a client that is split (every client, or with
+        ``auto`` those whose device cannot hold the whole model) gets a cut first, then ranks
+        for the modules of its own blocks under its budget.
+        """
+        ranks, records, excluded, cuts = {}, {}, [], {}
         for cid in sorted(self.clients):
-            plan = self.plan(cid, importance[cid] if importance else None)
+            imp = importance[cid] if importance else None
+            choice: CutOption | None = None
+            options: list[CutOption] = []
+            when = self.split_when()
+            if when == "always" or (when == "auto" and not self.plan(cid, imp).feasible):
+                choice, options = self.choose_split(cid)
+            cut = None if choice is None else (choice.cut, choice.tail)
+            if cut is None and options:  # no cut fits: the smallest client part decides
+                best = min(options, key=lambda o: o.memory_bytes)
+                cut = (best.cut, best.tail)
+            plan = self.plan(cid, imp, cut)
             device = self.devices[cid]
             records[str(cid)] = {
                 "task": self.clients[cid].task, "device": device.name,
                 "budget_bytes": plan.budget_bytes, "memory_estimate_bytes": plan.memory_bytes,
                 "lora_params": plan.params, "feasible": plan.feasible,
-                "limited_by": plan.limited_by, "ranks": plan.ranks}
+                "limited_by": plan.limited_by, "ranks": plan.ranks,
+                "split": None if cut is None else split_record(cut, choice, options,
+                                                               self.cfg.split)}
+            if cut is not None and plan.feasible:
+                cuts[str(cid)] = cut
             if not plan.feasible:
                 if self.cfg.ranks.on_infeasible == "error":
                     need = plan.memory_bytes / 2**20
@@ -140,11 +206,12 @@ class HomoLoRA(FedAvg):
                         f"client {cid} on device {device.name} needs {need:.0f} MiB for its "
                         f"smallest adapter, its budget is "
                         f"{plan.budget_bytes / 2**20:.0f} MiB; lower train.batch_size or "
-                        f"data.max_length, or set ranks.on_infeasible=exclude")
+                        f"data.max_length, set split.enabled=auto, or set "
+                        f"ranks.on_infeasible=exclude")
                 excluded.append(cid)
             ranks[str(cid)] = plan.ranks
         return dataclasses.replace(state, ranks=ranks, records=records,
-                                   excluded=tuple(excluded))
+                                   excluded=tuple(excluded), cuts=cuts)
 
     def init(self) -> RankState:  # noqa: D102
         return self.configure(RankState(self.initial_groups()), None)
@@ -166,18 +233,47 @@ class HomoLoRA(FedAvg):
         return dataclasses.replace(outcome, files={CLIENTS_FILE: new.records}, notices=notices)
 
     def download(self, state: RankState, client_id: ClientId) -> Model:
-        """Its rank map if it does not hold it, and its share of the group's aggregate."""
+        """Its rank map if it does not hold it, and its share of the group's aggregate.
+
+        A split client receives only the modules of its own blocks, and no head in vanilla
+        mode (the server holds it): the client part never receives server weights.
+        """
         if client_id in state.excluded:
             return Model()
         planned = state.ranks.get(str(client_id))
         holds = client_id in state.configured or planned == self.initial_ranks
-        return dataclasses.replace(super().download(state, client_id),
-                                   ranks=None if planned is None or holds else planned)
+        model = dataclasses.replace(super().download(state, client_id),
+                                    ranks=None if planned is None or holds else planned)
+        cut = state.cuts.get(str(client_id))
+        if cut is None or model.adapter is None:
+            return model
+        own = {k: v for k, v in model.adapter.items()
+               if client_side(k.rsplit(".lora_", 1)[0], self.dims.num_layers, *cut)}
+        return dataclasses.replace(model, adapter=own, head=model.head if cut[1] else None)
+
+    def split_plan(self, state: RankState, client_id: ClientId) -> SplitPlan | None:
+        """How a client trains and evaluates across its cut (None: it is not split)."""
+        cut = state.cuts.get(str(client_id))
+        if cut is None:
+            return None
+        group = state.groups.group(client_id)
+        return SplitPlan(cut[0], cut[1], self.cfg.split.activation_dtype, group,
+                         self.clients[client_id].head_shape[0],
+                         state.groups.versions.get(group, 0))
+
+    def server_models(self, state: RankState) -> dict[str, ServerModel]:  # noqa: D102
+        return state.server
 
     def configure_train(self, state: RankState, rnd: RoundInfo) -> list[Train]:
-        """Every sampled client that its device can hold trains."""
-        return [p for p in super().configure_train(state, rnd)
+        """Every sampled client that its device can hold trains (across its cut, if split)."""
+        return [dataclasses.replace(p, split=self.split_plan(state, p.client_id))
+                for p in super().configure_train(state, rnd)
                 if p.client_id not in state.excluded]
+
+    def configure_evaluate(self, state: RankState, rnd: RoundInfo) -> list[Evaluate]:
+        """Every client evaluates (a split client across its cut)."""
+        return [dataclasses.replace(p, split=self.split_plan(state, p.client_id))
+                for p in super().configure_evaluate(state, rnd)]
 
     def deliver(self, state: RankState, client_id: ClientId, aggregate: AdapterState,
                 reference: AdapterState | None) -> AdapterState:
@@ -209,68 +305,30 @@ class HomoLoRA(FedAvg):
 
     def aggregate_train(self, state: RankState, rnd: RoundInfo,
                         replies: Sequence[TrainReply]) -> RoundOutcome:
-        """Acknowledge the rank maps, then aggregate as FedAvg with the mixed-rank combiner."""
-        return super().aggregate_train(self.acknowledge_ranks(state, replies), rnd, replies)
+        """Acknowledge the rank maps, then aggregate as FedAvg with the mixed-rank combiner.
+
+        Split clients: each trained client contributes, per module, the copy trained on its
+        data (its own upload, or for the modules past its cut its group's server model), so
+        every module of a group is the example-weighted mix of all its copies
+        (``complete_update``); the server model then takes its share of the new aggregate.
+        """
+        state = self.acknowledge_ranks(state, replies)
+        if rnd.served is None:
+            return super().aggregate_train(state, rnd, replies)
+        served = rnd.served
+        completed = [dataclasses.replace(r, update=complete_update(
+            r.update, served.get(state.groups.group(r.client_id)),
+            state.cuts.get(str(r.client_id)), self.dims.num_layers,
+            self.clients[r.client_id].head_shape[0]))
+            if r.update is not None else r for r in replies]
+        outcome = super().aggregate_train(state, rnd, completed)
+        new: RankState = outcome.state
+        server = refresh_server(served, new.groups, lambda aggregate, reference: redistribute(
+            aggregate, self.initial_ranks, method=self.cfg.ranks.aggregation,
+            scaling=self.scaling, reference=reference), hidden=self.dims.hidden)
+        return dataclasses.replace(outcome, state=dataclasses.replace(new, server=server))
 
     def aggregate_evaluate(self, state: RankState, rnd: RoundInfo,
                            replies: Sequence[EvaluateReply]) -> RoundOutcome:
         """Acknowledge the rank maps and the models the plans carried."""
         return super().aggregate_evaluate(self.acknowledge_ranks(state, replies), rnd, replies)
-
-
-@register
-class HetLoRA(HomoLoRA):
-    """Per-client, per-module ranks from importance under each device's memory budget."""
-
-    name = "hetlora"
-
-    def init(self) -> RankState:  # noqa: D102
-        return RankState(self.initial_groups())  # planned once importance arrives (round 1)
-
-    def importance_spec(self, round_idx: int) -> ImportanceSpec | None:
-        """Every client measures its modules' importance before round 1."""
-        if round_idx != 1:
-            return None
-        return ImportanceSpec.from_config(self.cfg.ranks, self.cfg.clustering.batch_size)
-
-    def aggregate_probe(self, state: RankState, rnd: RoundInfo,
-                        replies: Sequence[ProbeReply]) -> RoundOutcome:
-        """Cluster when fingerprints came; allocate every client's ranks from its importance."""
-        outcome = super().aggregate_probe(state, rnd, replies)
-        importance = {r.client_id: r.importance for r in replies if r.importance is not None}
-        if not importance:
-            return outcome
-        new = self.configure(outcome.state, importance)
-        ranks = [r for c, m in new.ranks.items() if int(c) not in new.excluded
-                 for r in m.values()]
-        return RoundOutcome(new, {**outcome.metrics,
-                                  "excluded_clients": float(len(new.excluded)),
-                                  "mean_rank": float(np.mean(ranks)) if ranks else 0.0})
-
-    def plan(self, client_id: ClientId, importance: Importance | None) -> RankPlan:
-        """Importance-guided ranks under the device's memory (and the parameter budget)."""
-        if importance is None:
-            raise AtlasError("hetlora needs every client's module importance before planning")
-        r = self.cfg.ranks
-        return allocate_ranks(importance, self.model.shapes, memory_of=self.memory_of(client_id),
-                              budget_bytes=self.devices[client_id].memory_bytes,
-                              param_budget=self.param_budget(client_id), r_min=r.r_min,
-                              r_max=r.r_max, utility=r.utility)
-
-    def param_budget(self, client_id: ClientId) -> int | None:
-        """LoRA parameters this client may train under ``ranks.budget`` (None: no limit).
-
-        ``parity``: homolora's count at ``model.lora.r``, for every client. ``device``: the same
-        total over the federation, shared in proportion to the clients' device memory (HetLoRA's
-        setting of device-dependent ranks at the upload of homolora), at least r_min everywhere.
-        """
-        budget = self.cfg.ranks.budget
-        per_rank = sum(sum(s) for s in self.model.shapes.values())  # parameters of rank 1
-        parity = self.cfg.model.lora.r * per_rank
-        if budget == "parity":
-            return parity
-        if budget == "device":
-            memory = {c: d.memory_bytes for c, d in self.devices.items()}
-            share = int(parity * len(memory) * memory[client_id] / sum(memory.values()))
-            return max(share, self.cfg.ranks.r_min * per_rank)
-        return None
