@@ -23,8 +23,9 @@ Four parts, each printed as a table and appended as JSON lines to ``bench/result
                  average accuracy over ALL clients (an excluded client scores its untrained
                  adapter), bytes per round by kind.
 ``quick``        configs/quick.yaml with ``homolora`` and ``split.enabled=always`` (a server
-                 model per task, cut chosen per device), fp32 vs fp16 activations, seeds 0-2:
-                 bytes per round by kind and accuracy.
+                 model per task, cut chosen per device; ``zero-pad``, which at equal ranks is
+                 FedAvg of the factors), fp32 vs fp16 activations, seeds 0-2: bytes per round by
+                 kind and accuracy.
 
     python bench/split.py steps
     python bench/split.py memory [--models minilm smollm2-135m]
@@ -320,7 +321,8 @@ def quick(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for dtype in args.dtypes:
             got = _run({"method": "homolora", "split.enabled": "always",
-                        "split.activation_dtype": dtype, "seed": seed}, config)
+                        "ranks.aggregation": "zero-pad", "split.activation_dtype": dtype,
+                        "seed": seed}, config)
             s = got["summary"]
             row = {"seed": seed, "dtype": dtype, "avg_accuracy": s["average"]["accuracy"],
                    "avg_metric": s["average"]["metric"],

@@ -16,10 +16,16 @@ a config; its reply likewise). Who sends what::
 each is sent only when the client does not hold it yet, so a download is counted when a plan
 reaches the client, never for clients the server does not address.
 
+A split client (``Train.split``, Phase 3) also exchanges per-batch messages with the server's
+half of the model during its plan: ``Activations`` (hidden states at a cut, the attention mask
+and, vanilla only, the labels), ``Gradients`` (the loss gradient at a cut) and, when a vanilla
+client evaluates, ``Logits``.
+
 What crosses the network is each message's ``payload``: tensors grouped by kind (``adapter``,
-``head``, ``rank_plan``, ``fingerprint``, ``importance``), each under its own name (module paths
-travel as keys, never rebuilt from an order). The channel copies payloads and counts their bytes
-per kind (``atlasfl.engine.channel``). A reply's ``record`` (metrics for the run's rows) and
+``head``, ``rank_plan``, ``fingerprint``, ``importance``; split: ``activations``, ``labels``,
+``activation_grads``, ``eval_activations``, ``eval_logits``), each under its own name (module
+paths travel as keys, never rebuilt from an order). The channel copies payloads and counts their
+bytes per kind (``atlasfl.engine.channel``). A reply's ``record`` (metrics for the run's rows) and
 ``seconds`` are scalars and are not counted.
 """
 

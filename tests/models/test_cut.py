@@ -176,3 +176,57 @@ def test_block_of_and_client_side_read_the_module_path():
     # 6 blocks, cut 2, tail 1: blocks 0, 1 and 5 are the client's
     assert [client_side(f"layers.{i}.q_proj", 6, 2, 1) for i in range(6)] == [
         True, True, False, False, False, True]
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "qwen2", "gpt2", "llama", "bert"])
+def test_every_family_composes_at_every_cut_without_family_code(family):
+    import transformers
+
+    configs = {
+        "bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+        "distilbert": transformers.DistilBertConfig, "gpt2": transformers.GPT2Config,
+        "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+    small = {"vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 3,
+             "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 64}
+    if family in ("llama", "qwen2"):
+        small["num_key_value_heads"] = 1
+    if family == "distilbert":
+        small = {"vocab_size": 60, "dim": 16, "n_layers": 3, "n_heads": 2, "hidden_dim": 24,
+                 "max_position_embeddings": 64}
+    if family == "gpt2":
+        small = {"vocab_size": 60, "n_embd": 16, "n_layer": 3, "n_head": 2, "n_positions": 64}
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(configs[family](**small)).eval()
+    ids = torch.randint(3, 60, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        full = model(**batch).last_hidden_state
+        for cut in range(0, 3):
+            for stop in range(cut + 1, 4):
+                front = run_blocks(model, 3, 0, cut, batch=batch)
+                middle = run_blocks(model, 3, cut, stop, hidden=front, attention_mask=mask)
+                out = (middle if stop == 3 else
+                       run_blocks(model, 3, stop, 3, hidden=middle, attention_mask=mask))
+                assert torch.allclose(out, full, atol=1e-5), (family, cut, stop)
+
+
+def test_the_server_refuses_messages_out_of_protocol():
+    from atlasfl.messages import Activations, Gradients
+
+    s = Setup("tiny-bert")
+    server = SplitServer(s.model, s.binder, num_layers=s.num_layers, train=s.train,
+                         initial_adapter=s.binder.initial_state(), initial_heads={2: s.head},
+                         device=torch.device("cpu"), models={})
+    hidden = torch.zeros(4, s.batch["input_ids"].shape[1], s.backbone.hidden_size)
+    server.open(0, SplitPlan(1, 0, "fp32", "all", 2))
+    with pytest.raises(AtlasError, match="client 0: vanilla split training needs the labels"):
+        server.handle(0, Activations(0, hidden, s.batch["attention_mask"]))
+    with pytest.raises(AtlasError, match="client 0: activations without an attention mask"):
+        server.handle(0, Activations(0, hidden, None, s.batch["labels"]))
+    server.open(1, SplitPlan(0, 1, "fp32", "all", 2))
+    with pytest.raises(AtlasError, match="client 1: a gradient without activations before it"):
+        server.handle(1, Gradients(1, hidden))
+    server.handle(1, Activations(1, hidden, s.batch["attention_mask"]))
+    with pytest.raises(AtlasError, match="client 1: new activations before its gradient"):
+        server.handle(1, Activations(1, hidden, s.batch["attention_mask"]))

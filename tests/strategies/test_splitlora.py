@@ -167,3 +167,33 @@ def test_server_optimizer_moments_carry_over_rounds(tiny_cfg):
     for key in server_keys:  # one AdamW step per batch of every client, in both rounds
         assert int(moments[f"adapter/{key}/step"]) == history_steps
     assert int(moments["head/2/out.weight/step"]) == history_steps
+
+
+def test_server_models_follow_their_group_also_in_rounds_without_split_clients(tiny_cfg):
+    # seed 5: client 0 (cola) is the weak one; round 4 samples clients 1 (cola, whole) and 2
+    base = {"ranks.on_infeasible": "exclude", "seed": 5, "split.min_cut": 0,
+            "devices.profiles": ["weak", "gpu-16gb"]}
+    memory_gb = _weak_device(tiny_cfg, base)
+    cfg = tiny_cfg(method="homolora", **base, **{
+        "devices.custom": [{"name": "weak", "memory_gb": memory_gb}], "split.enabled": "auto",
+        "ranks.aggregation": "zero-pad", "federation.rounds": 4, "federation.fraction": 0.5})
+    exp = build_experiment(cfg)
+    outcome = run_experiment(exp)
+    state = outcome.state
+    assert list(state.cuts) == ["0"]
+    last = [r for r in outcome.summary["clients"] if r.get("steps")]
+    assert [r["client"] for r in last] == [1, 2]  # the split client did not train last
+    groups = {state.groups.group(int(c)) for c in state.cuts}
+    assert set(state.server) == groups
+    for group in groups:  # zero-pad at equal ranks: the server model IS the group aggregate
+        aggregate = state.groups.adapters[group]
+        for key, value in state.server[group].adapter.items():
+            assert torch.equal(value, aggregate[key]), (group, key)
+
+
+def test_a_cut_past_the_model_is_refused_naming_the_key(tiny_cfg):
+    from atlasfl.errors import AtlasError
+
+    with pytest.raises(AtlasError, match=r"split.cut = 2 leaves the server no block of 2 "
+                                         r"\(tail 0\); allowed: auto or 0..1"):
+        run_experiment(build_experiment(_split_cfg(tiny_cfg, **{"split.cut": "2"})))

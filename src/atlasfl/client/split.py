@@ -20,6 +20,7 @@ forwards.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -33,6 +34,7 @@ from atlasfl.models.lora import AdapterBinder
 from atlasfl.models.split import client_side, run_blocks
 
 Link = Callable[[SplitMessage], SplitMessage]  # to the server and back
+R = TypeVar("R", Activations, Gradients, Logits)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -44,7 +46,7 @@ def client_modules(modules: list[str] | set[str], num_layers: int, plan: SplitPl
     return {m for m in modules if client_side(m, num_layers, plan.cut, plan.tail)}
 
 
-def _expect(reply: SplitMessage, kind: type) -> SplitMessage:
+def _expect(reply: SplitMessage, kind: type[R]) -> R:
     if not isinstance(reply, kind):  # internal: the server answered another message
         raise TypeError(f"split server answered {type(reply).__name__}, expected {kind.__name__}")
     return reply
@@ -67,11 +69,10 @@ def split_step(model: torch.nn.Module, binder: AdapterBinder, client: ClientStat
     reply = link(Activations(client.client_id, front.detach().to(dtype), mask, labels))
     if not plan.u_shape:
         grads = _expect(reply, Gradients)
-        assert isinstance(grads, Gradients) and grads.loss is not None
+        assert grads.loss is not None  # the vanilla server computes the loss
         _backward(front, grads.grad)
         return grads.loss.detach()
     back = _expect(reply, Activations)
-    assert isinstance(back, Activations)
     middle = back.hidden.to(device, torch.float32).requires_grad_()
     binder.bind(client.adapter)  # the server bound its adapter on the shared model
     with autocast(device, precision):
@@ -82,7 +83,6 @@ def split_step(model: torch.nn.Module, binder: AdapterBinder, client: ClientStat
     loss.backward()
     assert middle.grad is not None
     grads = _expect(link(Gradients(client.client_id, middle.grad.to(dtype))), Gradients)
-    assert isinstance(grads, Gradients)
     _backward(front, grads.grad)
     return loss.detach()
 
@@ -134,11 +134,8 @@ def evaluate_split(model: torch.nn.Module, binder: AdapterBinder, client: Client
             front = run_blocks(model, num_layers, 0, plan.cut, batch=batch)
         reply = link(Activations(client.client_id, front.to(dtype), mask, evaluating=True))
         if not plan.u_shape:
-            out = _expect(reply, Logits)
-            assert isinstance(out, Logits)
-            return out.logits.to(device).float()
+            return _expect(reply, Logits).logits.to(device).float()
         back = _expect(reply, Activations)
-        assert isinstance(back, Activations)
         binder.bind(client.adapter)
         with autocast(device, cfg.precision):
             hidden = run_blocks(model, num_layers, num_layers - plan.tail, num_layers,

@@ -1,7 +1,8 @@
 """Communication ledger: bytes that would cross the network, per round, client, direction, kind.
 
 Kinds are those of ``atlasfl.messages`` (adapter, head, rank_plan, fingerprint, importance, and
-later activations): what a payload's tensors hold. Bytes are numel x element size of every tensor;
+for split learning activations, labels, activation_grads, eval_activations, eval_logits): what a
+payload's tensors hold. Bytes are numel x element size of every tensor;
 names and message framing are not counted.
 """
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from atlasfl.client.split import DTYPES
 from atlasfl.client.training import autocast, task_loss
 from atlasfl.config import TrainConfig
+from atlasfl.errors import AtlasError
 from atlasfl.messages import Activations, Gradients, Logits, SplitMessage, SplitPlan
 from atlasfl.models.head import ClassificationHead
 from atlasfl.models.lora import AdapterBinder
@@ -127,9 +128,9 @@ class SplitServer:
         self.binder.bind(part.adapter)
         mask = message.attention_mask
         if mask is None:  # a client must send the mask with the first cut
-            raise ValueError(f"client {client_id}: activations without an attention mask")
+            raise AtlasError(f"client {client_id}: activations without an attention mask")
         if plan.u_shape and client_id in self.pending:
-            raise ValueError(f"client {client_id}: new activations before its gradient")
+            raise AtlasError(f"client {client_id}: new activations before its gradient")
         hidden = message.hidden.to(self.device, torch.float32).requires_grad_(training)
         stop = self.num_layers - plan.tail
         with torch.set_grad_enabled(training), autocast(self.device, self.train.precision):
@@ -146,7 +147,7 @@ class SplitServer:
         if not training:
             return Logits(client_id, logits.detach())
         if message.labels is None:
-            raise ValueError(f"client {client_id}: vanilla split training needs the labels")
+            raise AtlasError(f"client {client_id}: vanilla split training needs the labels")
         loss = task_loss(logits, message.labels.to(self.device), plan.outputs == 1)
         self._zero(part)
         loss.backward()
@@ -157,7 +158,7 @@ class SplitServer:
     def _backward(self, client_id: ClientId, part: _Part, message: Gradients,
                   dtype: torch.dtype) -> Gradients:
         if client_id not in self.pending:
-            raise ValueError(f"client {client_id}: a gradient without activations before it")
+            raise AtlasError(f"client {client_id}: a gradient without activations before it")
         hidden, out = self.pending.pop(client_id)
         self._zero(part)
         out.float().backward(message.grad.to(self.device, out.dtype))

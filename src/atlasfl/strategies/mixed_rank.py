@@ -313,9 +313,11 @@ class HomoLoRA(FedAvg):
         (``complete_update``); the server model then takes its share of the new aggregate.
         """
         state = self.acknowledge_ranks(state, replies)
-        if rnd.served is None:
+        if not state.cuts:
             return super().aggregate_train(state, rnd, replies)
-        served = rnd.served
+        # the server models as the exchange left them (as they were, when no split client
+        # trained in it: a hybrid group may still have moved through its whole-model clients)
+        served = {**state.server, **(rnd.served or {})}
         completed = [dataclasses.replace(r, update=complete_update(
             r.update, served.get(state.groups.group(r.client_id)),
             state.cuts.get(str(r.client_id)), self.dims.num_layers,
@@ -323,9 +325,13 @@ class HomoLoRA(FedAvg):
             if r.update is not None else r for r in replies]
         outcome = super().aggregate_train(state, rnd, completed)
         new: RankState = outcome.state
-        server = refresh_server(served, new.groups, lambda aggregate, reference: redistribute(
-            aggregate, self.initial_ranks, method=self.cfg.ranks.aggregation,
-            scaling=self.scaling, reference=reference), hidden=self.dims.hidden)
+        heads: dict[str, set[int]] = {}  # group -> outputs of its vanilla split clients
+        for c, (_, tail) in new.cuts.items():
+            heads.setdefault(new.groups.group(int(c)), set()).update(
+                [] if tail else [self.clients[int(c)].head_shape[0]])
+        server = refresh_server(served, new.groups, heads, lambda aggregate, reference: (
+            redistribute(aggregate, self.initial_ranks, method=self.cfg.ranks.aggregation,
+                         scaling=self.scaling, reference=reference)), hidden=self.dims.hidden)
         return dataclasses.replace(outcome, state=dataclasses.replace(new, server=server))
 
     def aggregate_evaluate(self, state: RankState, rnd: RoundInfo,

@@ -76,6 +76,10 @@ def plan_cut(dims: ModelDims, device: DeviceProfile, cfg: ExperimentConfig,
     if top < sp.min_cut:
         raise AtlasError(f"split.min_cut = {sp.min_cut} leaves no cut in a model of "
                          f"{dims.num_layers} blocks with tail {tail}; allowed: 0..{max(top, 0)}")
+    if sp.fixed_cut is not None and sp.fixed_cut > top:
+        raise AtlasError(f"split.cut = {sp.fixed_cut} leaves the server no block of "
+                         f"{dims.num_layers} (tail {tail}); allowed: auto or "
+                         f"{sp.min_cut}..{top}")
     cuts = [sp.fixed_cut] if sp.fixed_cut is not None else list(range(sp.min_cut, top + 1))
     options = cut_options(
         dims, cuts, tail=tail, memory_of=lambda c: memory_of((c, tail)),
@@ -95,22 +99,26 @@ def split_record(cut: tuple[int, int], choice: CutOption | None, options: list[C
             "options": [o.as_dict() for o in options]}
 
 
-def refresh_server(served: dict[str, ServerModel], groups: Groups,
+def refresh_server(served: dict[str, ServerModel], groups: Groups, heads: dict[str, set[int]],
                    share: Callable[[AdapterState, AdapterState | None], AdapterState], *,
                    hidden: int) -> dict[str, ServerModel]:
-    """The server models after a round: each takes its group's new aggregate.
+    """The server models after a round: each group with split clients takes its new aggregate.
 
-    ``share(aggregate, reference)`` cuts an aggregate to the server model's ranks (keeping
-    the coordinates of ``reference``, its adapter before); vanilla heads take the group's
-    merged head of their shape. Moments are kept.
+    ``heads`` maps each such group to the outputs of its vanilla split clients.
+    ``share(aggregate, reference)`` cuts an aggregate to the server model's ranks (keeping the
+    coordinates of ``reference``, its adapter before); the heads take the group's merged head
+    of their shape. Moments are kept. A group without a server model yet gets one; models of
+    groups that no longer exist (a new clustering) are dropped.
     """
-    out = dict(served)
-    for group, model in served.items():
+    out = {}
+    for group, outputs in heads.items():
+        model = served.get(group, ServerModel())
         if group not in groups.adapters:
+            out[group] = model
             continue
-        heads = {n: groups.heads[key] for n in model.heads
-                 if (key := head_key(group, (int(n), hidden))) in groups.heads}
+        merged = {str(n): groups.heads[key] for n in outputs | {int(n) for n in model.heads}
+                  if (key := head_key(group, (n, hidden))) in groups.heads}
         out[group] = dataclasses.replace(
             model, adapter=share(groups.adapters[group], model.adapter or None),
-            heads={**model.heads, **heads})
+            heads={**model.heads, **merged})
     return out
