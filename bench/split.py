@@ -1,6 +1,11 @@
 """Phase 3 figures: split step time, client-part memory per cut, participation, activation bytes.
 
-Four parts, each printed as a table and appended as JSON lines to ``bench/results/``:
+Five parts, each printed (all but ``equivalence`` also appended as JSON lines to
+``bench/results/``):
+
+``equivalence``  The largest relative error of a split step's loss and gradients against the
+                 unsplit step, at every cut, both modes (the test's setup; the test asserts
+                 <= 1e-5).
 
 ``steps``        In-process split step time over the unsplit step, all-MiniLM-L6-v2, batch 16,
                  length 128 (every token real), vanilla and U-shape. A and B alternate in one
@@ -28,6 +33,7 @@ Four parts, each printed as a table and appended as JSON lines to ``bench/result
                  kind and accuracy.
 
     python bench/split.py steps
+    python bench/split.py equivalence
     python bench/split.py memory [--models minilm smollm2-135m]
     python bench/split.py participation
     python bench/split.py quick --seeds 0 1 2
@@ -163,6 +169,33 @@ def steps(args: argparse.Namespace) -> None:
                                       "median_ratio": ratio, "ratios": ratios,
                                       "unsplit_s": a_times, "split_s": b_times,
                                       "cpu_over_wall": load})
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+def equivalence(args: argparse.Namespace) -> None:
+    """The largest relative error of the split step against the unsplit one, per model/mode.
+
+    Uses the test's setup (``tests/models/test_cut.py``): the real protocol, a padded batch,
+    every cut; the test asserts <= 1e-5, this prints what is observed.
+    """
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "models"))
+    from test_cut import Setup, _relative
+
+    for name in args.models:
+        setup = Setup(name)
+        loss, grads = setup.unsplit()
+        for tail in (0, 1):
+            worst_loss = worst_grad = 0.0
+            cuts = range(0, setup.num_layers - tail)
+            for cut in cuts:
+                split_loss, split_grads = setup.split(cut, tail)
+                worst_loss = max(worst_loss, abs(split_loss - loss) / abs(loss))
+                worst_grad = max(worst_grad, max(_relative(split_grads[k], g)
+                                                 for k, g in grads.items()))
+            print(f"{name:<11}{'u-shape' if tail else 'vanilla':<9} cuts {cuts.start}.."
+                  f"{cuts.stop - 1}, {len(grads)} gradients: max relative error of the loss "
+                  f"{worst_loss:.1e}, of a gradient {worst_grad:.1e}", flush=True)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -349,6 +382,9 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="fp32")
+    p = sub.add_parser("equivalence")
+    p.add_argument("--models", nargs="+",
+                   default=["tiny-bert", "tiny-gpt2", "tiny-llama", "minilm"])
     p = sub.add_parser("memory")
     p.add_argument("--models", nargs="+", default=["minilm", "smollm2-135m"])
     p.add_argument("--cuts", type=int, nargs="*", default=[])
@@ -368,8 +404,8 @@ def main() -> None:
     if args.part == "memory-child":
         print(json.dumps(memory_child(args)))
         return
-    {"steps": steps, "memory": memory, "participation": participation, "quick": quick}[
-        args.part](args)
+    {"steps": steps, "equivalence": equivalence, "memory": memory,
+     "participation": participation, "quick": quick}[args.part](args)
 
 
 if __name__ == "__main__":
