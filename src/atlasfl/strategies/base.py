@@ -32,9 +32,9 @@ from atlasfl.messages import (
 from atlasfl.types import ClientId
 
 if TYPE_CHECKING:
-    from atlasfl.strategies.split import ServerModel
     from atlasfl.messages import Plan, Reply
     from atlasfl.phases.memory import ModelDims
+    from atlasfl.strategies.split import ServerModel
 
 Stage = Literal["probe", "train", "evaluate"]
 REPLIES: dict[str, type] = {"probe": ProbeReply, "train": TrainReply, "evaluate": EvaluateReply}
