@@ -44,3 +44,7 @@ OnInfeasible = Literal["error", "exclude"]
 SplitWhen = Literal["never", "always", "auto"]  # auto: only clients that cannot hold the model
 SplitMode = Literal["vanilla", "u-shape"]
 ActivationDtype = Literal["fp32", "fp16", "bf16"]
+
+# -- Phase 4: Laplacian personalisation ----------------------------------------------------
+GraphKind = Literal["rbf", "knn"]
+LaplacianSpace = Literal["factors", "product"]

@@ -1,0 +1,172 @@
+"""Phase 4: Laplacian personalisation (MIRA) over distinct client models.
+
+MIRA (Elbakary et al., "MIRA: A Method of Federated Multi-Task Learning for Large Language
+Models", arXiv:2410.15524) regularises each client's model toward its neighbours' on a graph of
+clients: the server step is one gradient step on the graph penalty (lambda / 2) sum_kl a_kl
+||W_k - W_l||^2, i.e. for every client k::
+
+    W_k <- W_k - eta * lambda * sum_l a_kl (W_k - W_l)            (L = D - A, W <- W - eta lam L W)
+
+on each client's OWN trained model (never on copies already averaged into one). With lambda = 0
+every client keeps its model (``local``); on a complete graph with unit weights and
+eta * lambda = 1/N every client gets the mean of the N models (FedAvg within the group), so
+lambda interpolates between local training and ``fedavg-cluster``.
+
+**The graph** (``client_graph``) is built in the geometry the clustering measured the
+fingerprints in (Phase 1's centred, debiased cosine similarity ``S``): for unit vectors the
+squared distance is ``d2 = 2 - 2 S``, so ``rbf`` weights are ``exp(-d2 / (2 sigma^2))`` with
+sigma^2 the median off-diagonal d2 (the median heuristic), and ``knn`` keeps each client's k most
+similar clients (weights max(0, S), symmetrised). Edges join clients of one cluster; with
+``cross_weight`` > 0 each client is also joined to its ``k`` nearest clients of other clusters,
+at that fraction of their weight, so related tasks help each other a little.
+
+**The space** of the step (``space``): ``factors`` applies it to the A and B factors and the
+head separately; all clients start from one shared initialisation (the common seeded A, B = 0),
+so their factors stay comparable, as MIRA's formulation on the LoRA parameters implies. That
+needs equal ranks. ``product`` applies it to each module's update s B A and re-factorises each
+client's result to its own ranks by truncated SVD (the best rank-r approximation), which is how
+mixed ranks pass through; the factors of the product are split as ``redistribute`` splits them
+(the client keeps its own coordinates). ``factors`` is the default: it is MIRA's step and it is
+exact; ``product`` is the choice when ranks differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from atlasfl.errors import AtlasError, check_choice
+from atlasfl.phases.aggregation import redistribute
+from atlasfl.types import AdapterState, GraphKind, LaplacianSpace
+
+
+@dataclass(frozen=True)
+class ClientGraph:
+    """Result of ``client_graph``: the weighted client graph and its Laplacian."""
+
+    adjacency: np.ndarray  # (num_clients, num_clients) symmetric, >= 0, zero diagonal
+    laplacian: np.ndarray  # (num_clients, num_clients) D - A
+    bandwidth: float  # sigma^2 of the RBF kernel (0.0 for knn)
+
+
+def client_graph(similarity: np.ndarray, labels: Sequence[int] | None = None, *,
+                 kind: GraphKind = "rbf", k: int = 3, cross_weight: float = 0.0
+                 ) -> ClientGraph:
+    """The client graph from the clustering's similarity matrix (see the module docstring).
+
+    Args:
+        similarity: (N, N) cosine similarity of the clients' fingerprints.
+        labels: each client's cluster; None puts every client in one cluster.
+        kind: ``rbf`` (median-distance bandwidth) or ``knn`` (the ``k`` most similar).
+        k: neighbours per client for ``knn`` and for the edges across clusters.
+        cross_weight: weight factor of edges across clusters (0: none).
+    """
+    check_choice("laplacian.graph", kind, GraphKind)
+    s = np.asarray(similarity, dtype=np.float64)
+    n = len(s)
+    if s.shape != (n, n) or not np.allclose(s, s.T, atol=1e-8):
+        raise AtlasError(f"similarity must be a symmetric square matrix, got shape {s.shape}")
+    if k < 1:
+        raise AtlasError(f"laplacian.k = {k} is invalid; allowed: an integer >= 1")
+    if cross_weight < 0:
+        raise AtlasError(f"laplacian.cross_weight = {cross_weight} is invalid; allowed: >= 0")
+    lab = np.zeros(n, dtype=int) if labels is None else np.asarray(labels)
+    off = ~np.eye(n, dtype=bool)
+    d2 = np.clip(2.0 - 2.0 * s, 0.0, None)  # squared distance of unit vectors
+    if kind == "rbf":
+        sigma2 = float(np.median(d2[off])) if n > 1 else 1.0
+        sigma2 = sigma2 if sigma2 > 0 else 1.0
+        weights = np.exp(-d2 / (2.0 * sigma2))
+    else:
+        sigma2 = 0.0
+        weights = _knn(np.clip(s, 0.0, None), k)
+    same = lab[:, None] == lab[None, :]
+    adjacency = np.where(same & off, weights, 0.0)
+    if cross_weight > 0:
+        across = np.where(~same, weights, 0.0)
+        adjacency = adjacency + cross_weight * _knn(across, k)
+    adjacency = (adjacency + adjacency.T) / 2.0
+    laplacian = np.diag(adjacency.sum(1)) - adjacency
+    return ClientGraph(adjacency, laplacian, sigma2)
+
+
+def _knn(weights: np.ndarray, k: int) -> np.ndarray:
+    """Keep, for each row, its k largest off-diagonal positive weights; symmetrise by max."""
+    n = len(weights)
+    keep = np.zeros_like(weights)
+    for i in range(n):
+        row = weights[i].copy()
+        row[i] = -np.inf
+        for j in np.argsort(-row, kind="stable")[:k]:
+            if row[j] > 0:
+                keep[i, j] = weights[i, j]
+    return np.maximum(keep, keep.T)
+
+
+def laplacian_step(states: Sequence[AdapterState], adjacency: np.ndarray, *, eta: float,
+                   lam: float, space: LaplacianSpace = "factors",
+                   scaling: Callable[[int], float] | None = None) -> list[AdapterState]:
+    """One MIRA step on the clients' own models: W_k - eta lam sum_l a_kl (W_k - W_l).
+
+    Args:
+        states: each client's tensors (adapter factors ``<module>.lora_A/B.weight``, and any
+            other tensor such as a head's, stepped as it is), in the order of ``adjacency``.
+        adjacency: (N, N) symmetric non-negative weights (``client_graph``).
+        eta: the step size.
+        lam: the strength of the graph penalty (0 returns the states unchanged).
+        space: ``factors`` (every tensor as it is; equal shapes needed) or ``product`` (each
+            module's s B A, re-factorised to the client's own rank; needs ``scaling``).
+        scaling: the LoRA scaling of a rank, for ``product``.
+
+    Returns:
+        New states; the inputs are not modified.
+    """
+    check_choice("laplacian.space", space, LaplacianSpace)
+    a = np.asarray(adjacency, dtype=np.float64)
+    n = len(states)
+    if a.shape != (n, n):
+        raise AtlasError(f"adjacency of shape {a.shape} for {n} client models")
+    if eta < 0 or lam < 0:
+        raise AtlasError(f"laplacian eta = {eta} and lam = {lam} must both be >= 0")
+    if lam == 0 or n == 0:
+        return [{key: t.clone() for key, t in s.items()} for s in states]
+    mix = torch.from_numpy(np.eye(n) - eta * lam * (np.diag(a.sum(1)) - a))  # (N, N) I - e l L
+    modules = sorted({key.removesuffix(".lora_A.weight") for key in states[0]
+                      if key.endswith(".lora_A.weight")}) if space == "product" else []
+    factored = {f"{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
+    out: list[AdapterState] = [{} for _ in states]
+    for key in states[0]:
+        if key in factored:
+            continue
+        if any(s[key].shape != states[0][key].shape for s in states):
+            raise AtlasError(f"client models hold {key!r} in different shapes; use "
+                             "laplacian.space=product for mixed ranks")
+        stacked = torch.stack([s[key].double() for s in states])  # (N, ...)
+        moved = torch.tensordot(mix, stacked, dims=1)
+        for i, s in enumerate(states):
+            out[i][key] = moved[i].to(s[key].dtype)
+    if modules:
+        if scaling is None:
+            raise AtlasError("laplacian.space=product needs the LoRA scaling of a rank")
+        _product_step(states, mix, modules, scaling, out)
+    return out
+
+
+def _product_step(states: Sequence[AdapterState], mix: torch.Tensor, modules: list[str],
+                  scaling: Callable[[int], float], out: list[AdapterState]) -> None:
+    for m in modules:
+        a_key, b_key = f"{m}.lora_A.weight", f"{m}.lora_B.weight"
+        products = torch.stack([scaling(s[a_key].shape[0]) * s[b_key].double()
+                                @ s[a_key].double() for s in states])  # (N, out, in)
+        moved = torch.tensordot(mix, products, dims=1)
+        for i, s in enumerate(states):
+            u, sv, vh = torch.linalg.svd(moved[i], full_matrices=False)
+            rank = s[a_key].shape[0]
+            factors = {a_key: vh[:rank], b_key: u[:, :rank] * sv[:rank]}  # B @ A = the update
+            mine = redistribute(factors, {m: rank}, method="svd", scaling=scaling,
+                                reference={a_key: s[a_key]})
+            out[i][a_key] = mine[a_key].to(s[a_key].dtype)
+            out[i][b_key] = mine[b_key].to(s[b_key].dtype)

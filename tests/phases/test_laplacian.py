@@ -1,0 +1,121 @@
+"""Phase 4: the client graph and MIRA's Laplacian step, checked by hand and by property."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+from atlasfl.errors import AtlasError
+from atlasfl.phases.laplacian import client_graph, laplacian_step
+
+
+def _similarity(vectors: np.ndarray) -> np.ndarray:
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return unit @ unit.T
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 8), st.integers(0, 10_000), st.sampled_from(["rbf", "knn"]),
+       st.floats(0.0, 2.0), st.integers(1, 4))
+def test_laplacian_is_symmetric_psd_with_zero_row_sums(n, seed, kind, cross, k):
+    rng = np.random.default_rng(seed)
+    sim = _similarity(rng.normal(size=(n, 5)))
+    labels = rng.integers(0, 3, size=n)
+    graph = client_graph(sim, labels, kind=kind, k=k, cross_weight=cross)
+    lap = graph.laplacian
+    assert np.allclose(lap, lap.T)
+    assert np.allclose(lap @ np.ones(n), 0.0)
+    assert np.linalg.eigvalsh(lap).min() >= -1e-10
+    assert (graph.adjacency >= 0).all() and np.allclose(np.diag(graph.adjacency), 0.0)
+    if cross == 0:  # no edge across clusters
+        assert (graph.adjacency[labels[:, None] != labels[None, :]] == 0).all()
+
+
+def test_rbf_weights_by_hand():
+    # cos 1/2 between 0 and 1, 0 between 0 and 2 and 1 and 2: d2 = 1, 2, 2; median 2
+    sim = np.array([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    graph = client_graph(sim)
+    assert graph.bandwidth == 2.0
+    assert graph.adjacency[0, 1] == pytest.approx(math.exp(-1 / 4))
+    assert graph.adjacency[0, 2] == pytest.approx(math.exp(-2 / 4))
+    split = client_graph(sim, [0, 0, 1])
+    assert split.adjacency[0, 2] == 0 and split.adjacency[0, 1] == pytest.approx(math.exp(-0.25))
+    crossed = client_graph(sim, [0, 0, 1], cross_weight=0.1, k=1)
+    assert crossed.adjacency[0, 2] == pytest.approx(0.1 * math.exp(-0.5))
+
+
+def test_knn_keeps_the_k_most_similar_symmetrised():
+    sim = np.array([[1.0, 0.9, 0.2, 0.1], [0.9, 1.0, 0.3, 0.0],
+                    [0.2, 0.3, 1.0, 0.8], [0.1, 0.0, 0.8, 1.0]])
+    adj = client_graph(sim, kind="knn", k=1).adjacency
+    expected = np.array([[0, 0.9, 0, 0], [0.9, 0, 0, 0], [0, 0, 0, 0.8], [0, 0, 0.8, 0]])
+    assert np.allclose(adj, expected)
+
+
+def _states(n, seed=0, rank=2):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"m.lora_A.weight": torch.randn(rank, 4, generator=gen),
+             "m.lora_B.weight": torch.randn(3, rank, generator=gen),
+             "out.weight": torch.randn(2, 3, generator=gen)} for _ in range(n)]
+
+
+def test_lambda_zero_keeps_every_model_exactly():
+    states = _states(3)
+    adj = np.ones((3, 3)) - np.eye(3)
+    for space in ("factors", "product"):
+        out = laplacian_step(states, adj, eta=0.5, lam=0.0, space=space,
+                             scaling=lambda r: 2.0 / r)
+        for before, after in zip(states, out, strict=True):
+            assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_complete_graph_at_one_over_n_gives_everyone_the_mean():
+    n = 4
+    states = _states(n)
+    adj = np.ones((n, n)) - np.eye(n)
+    out = laplacian_step(states, adj, eta=0.5, lam=2.0 / n)  # eta lam = 1/N
+    for key in states[0]:
+        mean = sum(s[key] for s in states) / n
+        for s in out:
+            torch.testing.assert_close(s[key], mean, rtol=1e-6, atol=1e-7)
+
+
+def test_the_step_by_hand_and_it_moves_differing_clients():
+    states = [{"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])}, {"w": torch.tensor([4.0])}]
+    adj = np.array([[0, 1, 0], [1, 0, 2], [0, 2, 0]], dtype=float)
+    out = laplacian_step(states, adj, eta=0.1, lam=1.0)
+    # w0 - 0.1 (w0 - w1); w1 - 0.1 ((w1 - w0) + 2 (w1 - w2)); w2 - 0.1 (2 (w2 - w1))
+    assert [float(s["w"]) for s in out] == pytest.approx([0.1, 1.5, 3.4])
+
+
+def test_product_space_passes_mixed_ranks_and_reaches_the_mean_product():
+    scaling = lambda r: 2.0 / r  # noqa: E731
+    states = [_states(1, seed=1, rank=2)[0], _states(1, seed=2, rank=3)[0]]
+    adj = np.array([[0.0, 1.0], [1.0, 0.0]])
+    out = laplacian_step(states, adj, eta=0.25, lam=2.0, space="product", scaling=scaling)
+
+    def product(s):
+        a, b = s["m.lora_A.weight"].double(), s["m.lora_B.weight"].double()
+        return scaling(a.shape[0]) * b @ a
+
+    mean = (product(states[0]) + product(states[1])) / 2
+    u, sv, vh = torch.linalg.svd(mean)
+    for before, after in zip(states, out, strict=True):
+        rank = before["m.lora_A.weight"].shape[0]
+        assert after["m.lora_A.weight"].shape == before["m.lora_A.weight"].shape
+        best = (u[:, :rank] * sv[:rank]) @ vh[:rank]  # Eckart-Young: best rank-r of the mean
+        torch.testing.assert_close(product(after), best, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AtlasError, match="different shapes; use laplacian.space=product"):
+        laplacian_step(states, adj, eta=0.25, lam=2.0)
+
+
+def test_bad_inputs_name_what_is_allowed():
+    with pytest.raises(AtlasError, match="laplacian.graph"):
+        client_graph(np.eye(2), kind="full")  # type: ignore[arg-type]
+    with pytest.raises(AtlasError, match="must both be >= 0"):
+        laplacian_step(_states(2), np.zeros((2, 2)), eta=-1.0, lam=1.0)
