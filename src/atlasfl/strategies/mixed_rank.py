@@ -331,7 +331,8 @@ class HomoLoRA(FedAvg):
                 [] if tail else [self.clients[int(c)].head_shape[0]])
         server = refresh_server(served, new.groups, heads, lambda aggregate, reference: (
             redistribute(aggregate, self.initial_ranks, method=self.cfg.ranks.aggregation,
-                         scaling=self.scaling, reference=reference)), hidden=self.dims.hidden)
+                         scaling=self.scaling, reference=reference)), hidden=self.dims.hidden,
+            round_idx=rnd.round_idx)
         return dataclasses.replace(outcome, state=dataclasses.replace(new, server=server))
 
     def aggregate_evaluate(self, state: RankState, rnd: RoundInfo,

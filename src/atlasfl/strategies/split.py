@@ -101,19 +101,20 @@ def split_record(cut: tuple[int, int], choice: CutOption | None, options: list[C
 
 def refresh_server(served: dict[str, ServerModel], groups: Groups, heads: dict[str, set[int]],
                    share: Callable[[AdapterState, AdapterState | None], AdapterState], *,
-                   hidden: int) -> dict[str, ServerModel]:
+                   hidden: int, round_idx: int) -> dict[str, ServerModel]:
     """The server models after a round: each group with split clients takes its new aggregate.
 
     ``heads`` maps each such group to the outputs of its vanilla split clients.
     ``share(aggregate, reference)`` cuts an aggregate to the server model's ranks (keeping the
     coordinates of ``reference``, its adapter before); the heads take the group's merged head
-    of their shape. Moments are kept. A group without a server model yet gets one; models of
-    groups that no longer exist (a new clustering) are dropped.
+    of their shape. Moments are kept. Only groups aggregated in ``round_idx`` change (the same
+    model keeps the same version, which evaluation caches by). A group without a server model
+    yet gets one; models of groups that no longer exist (a new clustering) are dropped.
     """
     out = {}
     for group, outputs in heads.items():
         model = served.get(group, ServerModel())
-        if group not in groups.adapters:
+        if groups.versions.get(group) != round_idx:  # no new aggregate: the model stays as it is
             out[group] = model
             continue
         merged = {str(n): groups.heads[key] for n in outputs | {int(n) for n in model.heads}
