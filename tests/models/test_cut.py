@@ -28,7 +28,7 @@ from atlasfl.messages import SplitPlan
 from atlasfl.models.head import init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
 from atlasfl.models.registry import load_backbone
-from atlasfl.models.split import block_of, client_side, run_blocks
+from atlasfl.models.split import block_of, client_side, run_blocks, split_tensors
 
 MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
 EMPTY = TokenizedSet([], None, np.zeros(0, dtype=np.int64), 0)
@@ -176,6 +176,10 @@ def test_block_of_and_client_side_read_the_module_path():
     # 6 blocks, cut 2, tail 1: blocks 0, 1 and 5 are the client's
     assert [client_side(f"layers.{i}.q_proj", 6, 2, 1) for i in range(6)] == [
         True, True, False, False, False, True]
+    state = {f"layers.{i}.q_proj.lora_{ab}.weight": i for i in range(6) for ab in "AB"}
+    client, server = split_tensors(state, 6, 2, 1)
+    assert sorted(set(client.values())) == [0, 1, 5] and sorted(set(server.values())) == [2, 3, 4]
+    assert len(client) + len(server) == len(state)
 
 
 @pytest.mark.parametrize("family", ["roberta", "distilbert", "qwen2", "gpt2", "llama", "bert"])

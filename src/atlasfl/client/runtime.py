@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel
 
 from atlasfl.client.probe import probe_client
-from atlasfl.client.split import Link, client_modules, evaluate_split, train_split_client
+from atlasfl.client.split import Link, evaluate_split, train_split_client
 from atlasfl.client.state import ClientState
 from atlasfl.client.training import evaluate, train_client
 from atlasfl.config import LoraSettings, TrainConfig
@@ -37,6 +37,7 @@ from atlasfl.messages import (
 from atlasfl.messages import Plan as PlanT
 from atlasfl.models.head import ClassificationHead
 from atlasfl.models.lora import AdapterBinder, plan_adapter
+from atlasfl.models.split import split_tensors
 from atlasfl.types import AdapterState, ClientId
 
 
@@ -124,9 +125,9 @@ class ClientRuntime:
                                          steps=plan.steps, generator=gen, device=self.device)
         update = None
         if plan.upload:
-            own = client_modules(set(client.ranks()), self.num_layers, split)
-            adapter = {k: v for k, v in client.adapter_state().items()
-                       if k.rsplit(".lora_", 1)[0] in own}
+            adapter = client.adapter_state()
+            if split is not None:  # only the modules of its own blocks
+                adapter, _ = split_tensors(adapter, self.num_layers, split.cut, split.tail)
             head = client.head_state() if split is None or split.u_shape else {}
             update = Update(client.client_id, adapter, head, client.num_examples)
         record = {"trained": True, "train_loss": metrics["train_loss"], "steps": metrics["steps"],

@@ -31,19 +31,11 @@ from atlasfl.config import TrainConfig
 from atlasfl.data.batching import TokenizedSet
 from atlasfl.messages import Activations, Gradients, Logits, SplitMessage, SplitPlan
 from atlasfl.models.lora import AdapterBinder
-from atlasfl.models.split import client_side, run_blocks
+from atlasfl.models.split import run_blocks, split_tensors
 
 Link = Callable[[SplitMessage], SplitMessage]  # to the server and back
 R = TypeVar("R", Activations, Gradients, Logits)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def client_modules(modules: list[str] | set[str], num_layers: int, plan: SplitPlan | None
-                   ) -> set[str]:
-    """The LoRA modules a client trains: all, or those of the blocks it runs when split."""
-    if plan is None:
-        return set(modules)
-    return {m for m in modules if client_side(m, num_layers, plan.cut, plan.tail)}
 
 
 def _expect(reply: SplitMessage, kind: type[R]) -> R:
@@ -103,9 +95,8 @@ def train_split_client(model: torch.nn.Module, binder: AdapterBinder, client: Cl
     """
     model.train()
     client.head.train()
-    trained = client_modules({k.rsplit(".lora_", 1)[0] for k in client.adapter}, num_layers,
-                             plan)
-    params = [p for k, p in client.adapter.items() if k.rsplit(".lora_", 1)[0] in trained]
+    own, _ = split_tensors(client.adapter, num_layers, plan.cut, plan.tail)
+    params = list(own.values())
     if plan.u_shape:
         params += list(client.head.parameters())
 

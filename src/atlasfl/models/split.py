@@ -26,13 +26,15 @@ computes the unsplit loss and gradients (``tests/models/test_split.py``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
 from atlasfl.errors import AtlasError
 from atlasfl.phases.fingerprint import transformer_blocks
+
+T = TypeVar("T")
 
 
 class _Reached(Exception):  # noqa: N818 - control flow, not an error
@@ -145,6 +147,17 @@ def client_side(module_path: str, num_layers: int, cut: int, tail: int) -> bool:
     """
     block = block_of(module_path)
     return block is None or block < cut or block >= num_layers - tail
+
+
+def split_tensors(state: Mapping[str, T], num_layers: int, cut: int, tail: int
+                  ) -> tuple[dict[str, T], dict[str, T]]:
+    """An adapter's tensors (``<module>.lora_A.weight`` ...) as (client's part, server's part)."""
+    client: dict[str, T] = {}
+    server: dict[str, T] = {}
+    for key, value in state.items():
+        mine = client_side(key.rsplit(".lora_", 1)[0], num_layers, cut, tail)
+        (client if mine else server)[key] = value
+    return client, server
 
 
 def block_of(module_path: str) -> int | None:

@@ -49,7 +49,7 @@ from atlasfl.messages import (
 )
 from atlasfl.models.lora import lora_scaling
 from atlasfl.phases.aggregation import aggregate_mixed, redistribute
-from atlasfl.models.split import client_side
+from atlasfl.models.split import client_side, split_tensors
 from atlasfl.phases.memory import ModelDims, estimate_memory
 from atlasfl.phases.ranks import Importance, RankPlan
 from atlasfl.phases.split import CutOption, split_memory
@@ -247,8 +247,7 @@ class HomoLoRA(FedAvg):
         cut = state.cuts.get(str(client_id))
         if cut is None or model.adapter is None:
             return model
-        own = {k: v for k, v in model.adapter.items()
-               if client_side(k.rsplit(".lora_", 1)[0], self.dims.num_layers, *cut)}
+        own, _ = split_tensors(model.adapter, self.dims.num_layers, *cut)
         return dataclasses.replace(model, adapter=own, head=model.head if cut[1] else None)
 
     def split_plan(self, state: RankState, client_id: ClientId) -> SplitPlan | None:

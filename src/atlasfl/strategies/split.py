@@ -21,7 +21,7 @@ from atlasfl.config import ExperimentConfig, SplitConfig
 from atlasfl.devices import DeviceProfile
 from atlasfl.errors import AtlasError
 from atlasfl.messages import Update
-from atlasfl.models.split import client_side
+from atlasfl.models.split import split_tensors
 from atlasfl.phases.memory import ModelDims
 from atlasfl.phases.split import CutOption, choose_cut, cut_options
 from atlasfl.strategies.groups import Groups, head_key
@@ -53,8 +53,7 @@ def complete_update(update: Update, server: ServerModel | None, cut: tuple[int, 
         return update
     if server is None:  # internal: a split client trained without its group's server model
         raise RuntimeError(f"client {update.client_id} trained split but no server model")
-    adapter = {k: v for k, v in server.adapter.items()
-               if not client_side(k.rsplit(".lora_", 1)[0], num_layers, *cut)}
+    _, adapter = split_tensors(server.adapter, num_layers, *cut)
     adapter.update(update.adapter)
     head = update.head if cut[1] else server.heads[str(outputs)]
     return dataclasses.replace(update, adapter=adapter, head=head)
