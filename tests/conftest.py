@@ -62,3 +62,21 @@ def record_updates(exp):
 @pytest.fixture
 def updates_of():
     return record_updates
+
+
+def weak_device_memory(tiny_cfg, exp_cfg_kwargs):
+    """GiB of a device that holds a tiny-bert client part (cut 0) but not the whole model."""
+    from atlasfl.engine import build_experiment
+
+    probe = build_experiment(tiny_cfg(method="homolora", **{**exp_cfg_kwargs,
+                                                            "devices.profiles": ["gpu-16gb"]}))
+    s = probe.strategy
+    whole = s.memory_of(0)(s.initial_ranks)
+    part = s.memory_of(0, (0, 0))(s.initial_ranks)
+    assert part < whole
+    return (part + whole) / 2 / 2**30
+
+
+@pytest.fixture
+def weak_device():
+    return weak_device_memory

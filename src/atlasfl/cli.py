@@ -1,4 +1,7 @@
-"""Command line: ``atlasfl run | tasks | models``. Parsing only; the work is in the library."""
+"""Command line: ``atlasfl run | resume | sweep | methods | tasks | models``.
+
+Parsing only; the work is in the library.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML config file (configs/quick.yaml, ...)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config key, e.g. --set train.head_lr=0.005")
-    run.add_argument("--method", help="local, fedavg, fedavg-task, centralized, ...")
+    run.add_argument("--method", help="atlas, local, fedavg, fedavg-task, mira, ... "
+                     "(atlasfl methods lists them all)")
     run.add_argument("--model", help="preset (minilm, smollm2-135m, tiny-bert, ...) or HF id")
     run.add_argument("--tasks", nargs="+", help="task names, e.g. sst2 mrpc cola qnli")
     run.add_argument("--clients-per-task", type=int)
@@ -63,6 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     resume.add_argument("run_dir", help="the run folder (or one of its checkpoint folders)")
     _session_flags(resume)
+    sweep = sub.add_parser("sweep", help="run a grid of settings into one folder and tabulate",
+                           description="Runs every combination of the --set values (comma-"
+                           "separated) into OUT/<point>, skipping finished runs and resuming "
+                           "interrupted ones, then writes OUT/sweep.md and OUT/sweep.csv. Choose "
+                           "settings on the validation column; the test columns are reported.")
+    sweep.add_argument("--config", help="YAML config file (configs/quick.yaml, ...)")
+    sweep.add_argument("--method", help="the method of every run (default: the config's)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a grid axis, e.g. --set laplacian.lam=0,0.01,0.1,1")
+    sweep.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
+                       help="a setting applied to every run (a single value)")
+    sweep.add_argument("--out", required=True, help="the sweep's folder")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("methods", help="list the methods with one line each")
     sub.add_parser("tasks", help="list tasks and whether their data is available offline")
     sub.add_parser("models", help="list models and whether they load offline")
     return parser
@@ -161,6 +179,37 @@ def _print_summary(summary: dict, run_path: Path) -> None:
     print(f"run folder: {run_path}")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from atlasfl.config import apply_overrides, from_yaml
+    from atlasfl.engine.grid import expand_grid, grid_table, run_grid
+
+    raw = from_yaml(args.config) if args.config else {}
+    apply_overrides(raw, args.fixed)
+    if args.method:
+        raw["method"] = args.method
+    if args.no_progress:
+        raw["progress"] = False
+    points = expand_grid(args.set)
+    out = Path(args.out)
+    stop = _install_stop_handlers()
+    results = run_grid(raw, points, out, stop=stop)
+    markdown, table = grid_table(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.md").write_text(markdown + "\n")
+    (out / "sweep.csv").write_text(table)
+    print(markdown)
+    print(f"\n{out / 'sweep.md'}, {out / 'sweep.csv'}")
+    return 130 if stop.requested else 0
+
+
+def _cmd_methods() -> int:
+    from atlasfl.strategies import STRATEGIES
+
+    for name, cls in STRATEGIES.items():
+        print(f"  {name:<22} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
 def _cmd_tasks() -> int:
     from atlasfl.data.glue import resolve_data_root
     from atlasfl.data.tasks import GLUE_TASKS
@@ -196,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         if args.command in ("run", "resume"):
             return _cmd_run(args)
+        if args.command == "sweep":
+            return _cmd_sweep(args)
+        if args.command == "methods":
+            return _cmd_methods()
         if args.command == "tasks":
             return _cmd_tasks()
         return _cmd_models()

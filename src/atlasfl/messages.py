@@ -45,6 +45,7 @@ from atlasfl.types import (
     ClientId,
     FingerprintParams,
     FingerprintStatistic,
+    Shares,
 )
 
 if TYPE_CHECKING:
@@ -197,6 +198,7 @@ class Train:
     steps: int = 0
     upload: bool = True
     split: SplitPlan | None = None  # None: the client trains the whole model
+    shares: Shares = "all"  # what it uploads: adapter and head | lora_A: only the A factors
 
     def payload(self) -> Payload:  # noqa: D102
         return self.model.payload()

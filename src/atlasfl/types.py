@@ -24,6 +24,7 @@ MetricName = Literal["accuracy", "f1", "mcc", "pearson", "spearman"]
 HeadPooling = Literal["mean", "cls", "last"]
 Pooling = Literal["auto", HeadPooling]  # auto: mean for encoders, last for decoders
 Precision = Literal["auto", "fp32", "bf16"]
+Shares = Literal["all", "lora_A"]  # what a trained client uploads (lora_A: FedSA-LoRA)
 
 # -- Phase 1: fingerprints and clustering --------------------------------------------------
 FingerprintParams = Literal["lora", "weights"]
@@ -48,3 +49,4 @@ ActivationDtype = Literal["fp32", "fp16", "bf16"]
 # -- Phase 4: Laplacian personalisation ----------------------------------------------------
 GraphKind = Literal["rbf", "knn"]
 LaplacianSpace = Literal["factors", "product"]
+LaplacianSpaceChoice = Literal["auto", LaplacianSpace]  # auto: factors when ranks are equal

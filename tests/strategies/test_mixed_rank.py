@@ -17,8 +17,10 @@ from atlasfl.models.lora import ADAPTER
 
 
 def _het(tiny_cfg, **extra):
+    # the Phase 2 setting these tests check: parity budget, linear utility unless named
     return tiny_cfg(method="hetlora", **{"model.lora.rslora": True, "ranks.r_max": 12,
-                                         "ranks.grouping": "task", **extra})
+                                         "ranks.grouping": "task", "ranks.budget": "parity",
+                                         "ranks.utility": "linear", **extra})
 
 
 @pytest.mark.parametrize("utility", ["linear", "spectrum"])

@@ -122,22 +122,12 @@ def test_clients_json_records_each_cut_memory_time_and_bytes(tiny_cfg, tmp_path)
         assert chosen["up_bytes"] > 0 and chosen["down_bytes"] > 0
 
 
-def _weak_device(tiny_cfg, exp_cfg_kwargs):
-    """Clients on a device that holds a tiny-bert client part but not the whole model."""
-    probe = build_experiment(tiny_cfg(method="homolora", **{**exp_cfg_kwargs,
-                                                            "devices.profiles": ["gpu-16gb"]}))
-    s = probe.strategy
-    whole = s.memory_of(0)(s.initial_ranks)
-    part = s.memory_of(0, (0, 0))(s.initial_ranks)
-    assert part < whole
-    return (part + whole) / 2 / 2**30
-
-
 @pytest.mark.parametrize("enabled", ["never", "auto"])
-def test_weak_devices_are_excluded_without_split_and_join_with_split_auto(tiny_cfg, enabled):
+def test_weak_devices_are_excluded_without_split_and_join_with_split_auto(tiny_cfg, weak_device,
+                                                                        enabled):
     base = {"ranks.on_infeasible": "exclude", "seed": 3, "split.min_cut": 0,
             "devices.profiles": ["weak", "gpu-16gb"]}
-    memory_gb = _weak_device(tiny_cfg, base)
+    memory_gb = weak_device(tiny_cfg, base)
     cfg = tiny_cfg(method="homolora", **base, **{
         "devices.custom": [{"name": "weak", "memory_gb": memory_gb}], "split.enabled": enabled})
     exp = build_experiment(cfg)
@@ -169,11 +159,12 @@ def test_server_optimizer_moments_carry_over_rounds(tiny_cfg):
     assert int(moments["head/2/out.weight/step"]) == history_steps
 
 
-def test_server_models_follow_their_group_also_in_rounds_without_split_clients(tiny_cfg):
+def test_server_models_follow_their_group_also_in_rounds_without_split_clients(tiny_cfg,
+                                                                             weak_device):
     # seed 5: client 0 (cola) is the weak one; round 4 samples clients 1 (cola, whole) and 2
     base = {"ranks.on_infeasible": "exclude", "seed": 5, "split.min_cut": 0,
             "devices.profiles": ["weak", "gpu-16gb"]}
-    memory_gb = _weak_device(tiny_cfg, base)
+    memory_gb = weak_device(tiny_cfg, base)
     cfg = tiny_cfg(method="homolora", **base, **{
         "devices.custom": [{"name": "weak", "memory_gb": memory_gb}], "split.enabled": "auto",
         "ranks.aggregation": "zero-pad", "federation.rounds": 4, "federation.fraction": 0.5})

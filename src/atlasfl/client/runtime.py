@@ -129,6 +129,9 @@ class ClientRuntime:
             if split is not None:  # only the modules of its own blocks
                 adapter, _ = split_tensors(adapter, self.num_layers, split.cut, split.tail)
             head = client.head_state() if split is None or split.u_shape else {}
+            if plan.shares == "lora_A":  # B factors and head stay on the client
+                adapter = {k: v for k, v in adapter.items() if k.endswith(".lora_A.weight")}
+                head = {}
             update = Update(client.client_id, adapter, head, client.num_examples)
         record = {"trained": True, "train_loss": metrics["train_loss"], "steps": metrics["steps"],
                   **({"cut": split.cut} if split is not None else {})}

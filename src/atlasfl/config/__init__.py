@@ -22,6 +22,7 @@ from atlasfl.config.schema import (
     DevicesConfig,
     ExperimentConfig,
     FederationConfig,
+    LaplacianConfig,
     LoraSettings,
     ModelConfig,
     RanksConfig,
@@ -33,6 +34,7 @@ from atlasfl.config.validate import validate
 
 __all__ = ["RESUMABLE_KEYS", "ClusteringConfig", "CustomTaskConfig", "DataConfig",
            "DeviceProfileConfig", "DevicesConfig", "ExperimentConfig", "FederationConfig",
+           "LaplacianConfig",
            "LoraSettings", "ModelConfig", "RanksConfig", "SessionConfig", "SplitConfig",
            "TrainConfig",
            "apply_overrides", "experiment_diff", "from_dict", "from_yaml", "set_dotted",

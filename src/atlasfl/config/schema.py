@@ -13,6 +13,7 @@ from atlasfl.types import (
     FileFormat,
     FingerprintParams,
     FingerprintStatistic,
+    GraphKind,
     Grouping,
     MetricName,
     MixedMethod,
@@ -21,6 +22,7 @@ from atlasfl.types import (
     Pooling,
     Precision,
     RankBudget,
+    LaplacianSpaceChoice,
     RankUpdate,
     RankUtility,
     SplitMode,
@@ -162,10 +164,11 @@ class RanksConfig:
     r_max: int = 16
     # linear: sum importance x rank | log: sum importance x log(rank) | spectrum: the gradient
     # energy each module's ranks can follow (clients upload their top r_max singular values)
-    utility: RankUtility = "linear"
+    # (spectrum, with the device budget, is the pair that met Phase 2's targets: the default)
+    utility: RankUtility = "spectrum"
     # parity: <= homolora's LoRA parameters at model.lora.r | device: the federation's total of
     # those, shared in proportion to device memory | memory: the memory budget only
-    budget: RankBudget = "parity"
+    budget: RankBudget = "device"
     on_infeasible: OnInfeasible = "error"  # exclude: the client trains nothing
     samples: int = 64  # importance examples per client when Phase 1 does not run
 
@@ -175,7 +178,7 @@ class SplitConfig:
     """Phase 3: split learning (``splitlora``; ``homolora``/``hetlora`` with ``enabled``)."""
 
     # never | always: every client | auto: only clients whose device cannot hold the model
-    enabled: SplitWhen = "never"
+    enabled: SplitWhen = "auto"
     mode: SplitMode = "vanilla"  # u-shape: the last ``tail`` blocks, head, loss stay on the client
     cut: str = "auto"  # blocks the client keeps first: an integer, or auto (fits, least time)
     tail: int = 1  # u-shape: blocks at the end the client keeps
@@ -187,6 +190,20 @@ class SplitConfig:
     def fixed_cut(self) -> int | None:
         """The configured cut, or None for auto."""
         return None if self.cut == "auto" else int(self.cut)
+
+
+@dataclass(frozen=True)
+class LaplacianConfig:
+    """Phase 4: the client graph and MIRA's Laplacian step (``atlas``, ``mira``)."""
+
+    graph: GraphKind = "rbf"  # rbf: median-distance bandwidth | knn: the k most similar
+    k: int = 3  # neighbours per client (knn, and the edges across clusters)
+    cross_weight: float = 0.0  # weight factor of kNN edges across clusters (0: none)
+    eta: float = 0.3  # step size of the server's Laplacian step
+    lam: float = 1.0  # strength of the graph penalty (0: every client keeps its model: local)
+    # factors: A, B and head as they are (equal ranks) | product: s B A, re-factorised to each
+    # client's ranks (mixed ranks) | auto: factors when every client has the same ranks
+    space: LaplacianSpaceChoice = "auto"
 
 
 @dataclass(frozen=True)
@@ -216,6 +233,7 @@ class ExperimentConfig:
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     ranks: RanksConfig = field(default_factory=RanksConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    laplacian: LaplacianConfig = field(default_factory=LaplacianConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -70,6 +70,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(sp.fixed_cut is None or sp.fixed_cut >= sp.min_cut, "split.cut", sp.cut,
            f"auto or an integer >= split.min_cut = {sp.min_cut}")
     _check(sp.server_compute > 0, "split.server_compute", sp.server_compute, "a number > 0")
+    lp = cfg.laplacian
+    _check(lp.k >= 1, "laplacian.k", lp.k, "an integer >= 1")
+    _check(lp.cross_weight >= 0, "laplacian.cross_weight", lp.cross_weight, "a number >= 0")
+    _check(lp.eta > 0, "laplacian.eta", lp.eta, "a number > 0")
+    _check(lp.lam >= 0, "laplacian.lam", lp.lam, "a number >= 0 (0: local training)")
     for i, prof in enumerate(cfg.devices.custom):
         key = f"devices.custom[{i}]"
         _check(prof.memory_gb > 0, key + ".memory_gb", prof.memory_gb, "a number > 0")

@@ -26,8 +26,11 @@ so their factors stay comparable, as MIRA's formulation on the LoRA parameters i
 needs equal ranks. ``product`` applies it to each module's update s B A and re-factorises each
 client's result to its own ranks by truncated SVD (the best rank-r approximation), which is how
 mixed ranks pass through; the factors of the product are split as ``redistribute`` splits them
-(the client keeps its own coordinates). ``factors`` is the default: it is MIRA's step and it is
-exact; ``product`` is the choice when ranks differ.
+(the client keeps its own coordinates). MIRA states its step on the LoRA parameters
+themselves, i.e. ``factors``: it is the default of this function, exact and linear (a step of the
+factors is a step of A and B, not of B A, whose change is bilinear). ``product`` is the choice
+when ranks differ; the strategies' ``laplacian.space=auto`` picks ``factors`` when every client
+holds the same ranks and ``product`` otherwise (``atlas`` with device ranks).
 """
 
 from __future__ import annotations
@@ -108,7 +111,8 @@ def _knn(weights: np.ndarray, k: int) -> np.ndarray:
 
 def laplacian_step(states: Sequence[AdapterState], adjacency: np.ndarray, *, eta: float,
                    lam: float, space: LaplacianSpace = "factors",
-                   scaling: Callable[[int], float] | None = None) -> list[AdapterState]:
+                   scaling: Callable[[int], float] | None = None,
+                   rows: Sequence[int] | None = None) -> list[AdapterState]:
     """One MIRA step on the clients' own models: W_k - eta lam sum_l a_kl (W_k - W_l).
 
     Args:
@@ -120,9 +124,11 @@ def laplacian_step(states: Sequence[AdapterState], adjacency: np.ndarray, *, eta
         space: ``factors`` (every tensor as it is; equal shapes needed) or ``product`` (each
             module's s B A, re-factorised to the client's own rank; needs ``scaling``).
         scaling: the LoRA scaling of a rank, for ``product``.
+        rows: the clients that take the step (default all); the others keep their models and
+            still pull their neighbours (clients not sampled in a round).
 
     Returns:
-        New states; the inputs are not modified.
+        New states (copies for clients outside ``rows``); the inputs are not modified.
     """
     check_choice("laplacian.space", space, LaplacianSpace)
     a = np.asarray(adjacency, dtype=np.float64)
@@ -131,13 +137,17 @@ def laplacian_step(states: Sequence[AdapterState], adjacency: np.ndarray, *, eta
         raise AtlasError(f"adjacency of shape {a.shape} for {n} client models")
     if eta < 0 or lam < 0:
         raise AtlasError(f"laplacian eta = {eta} and lam = {lam} must both be >= 0")
-    if lam == 0 or n == 0:
-        return [{key: t.clone() for key, t in s.items()} for s in states]
-    mix = torch.from_numpy(np.eye(n) - eta * lam * (np.diag(a.sum(1)) - a))  # (N, N) I - e l L
+    targets = sorted(set(range(n) if rows is None else rows))
+    if any(not 0 <= i < n for i in targets):
+        raise AtlasError(f"rows {targets} outside the {n} client models")
+    out: list[AdapterState] = [{key: t.clone() for key, t in s.items()} for s in states]
+    if lam == 0 or not targets:
+        return out
+    # (T, N): the targets' rows of I - eta lam L
+    mix = torch.from_numpy(np.eye(n) - eta * lam * (np.diag(a.sum(1)) - a))[targets]
     modules = sorted({key.removesuffix(".lora_A.weight") for key in states[0]
                       if key.endswith(".lora_A.weight")}) if space == "product" else []
     factored = {f"{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
-    out: list[AdapterState] = [{} for _ in states]
     for key in states[0]:
         if key in factored:
             continue
@@ -146,24 +156,35 @@ def laplacian_step(states: Sequence[AdapterState], adjacency: np.ndarray, *, eta
                              "laplacian.space=product for mixed ranks")
         stacked = torch.stack([s[key].double() for s in states])  # (N, ...)
         moved = torch.tensordot(mix, stacked, dims=1)
-        for i, s in enumerate(states):
-            out[i][key] = moved[i].to(s[key].dtype)
+        for row, i in enumerate(targets):
+            out[i][key] = moved[row].to(states[i][key].dtype)
     if modules:
         if scaling is None:
             raise AtlasError("laplacian.space=product needs the LoRA scaling of a rank")
-        _product_step(states, mix, modules, scaling, out)
+        _product_step(states, mix, targets, modules, scaling, out)
     return out
 
 
-def _product_step(states: Sequence[AdapterState], mix: torch.Tensor, modules: list[str],
-                  scaling: Callable[[int], float], out: list[AdapterState]) -> None:
+def _product_step(states: Sequence[AdapterState], mix: torch.Tensor, targets: list[int],
+                  modules: list[str], scaling: Callable[[int], float],
+                  out: list[AdapterState]) -> None:
+    """Each target's sum_l mix_kl s_l B_l A_l, cut to the target's rank.
+
+    The sum is factored exactly by QR of the stacked factors (rank <= the neighbours' ranks
+    summed), then cut by the SVD of its small core.
+    """
     for m in modules:
         a_key, b_key = f"{m}.lora_A.weight", f"{m}.lora_B.weight"
-        products = torch.stack([scaling(s[a_key].shape[0]) * s[b_key].double()
-                                @ s[a_key].double() for s in states])  # (N, out, in)
-        moved = torch.tensordot(mix, products, dims=1)
-        for i, s in enumerate(states):
-            u, sv, vh = torch.linalg.svd(moved[i], full_matrices=False)
+        for row, i in enumerate(targets):
+            s = states[i]
+            mine_w = [(j, float(w)) for j, w in enumerate(mix[row]) if w != 0]
+            b_cat = torch.cat([w * scaling(states[j][a_key].shape[0])
+                               * states[j][b_key].double() for j, w in mine_w], dim=1)
+            a_cat = torch.cat([states[j][a_key].double() for j, _ in mine_w], dim=0)
+            q_b, r_b = torch.linalg.qr(b_cat)  # (out, R), (R, R)
+            q_a, r_a = torch.linalg.qr(a_cat.T)  # (in, R), (R, R)
+            core_u, sv, core_vh = torch.linalg.svd(r_b @ r_a.T)
+            u, vh = q_b @ core_u, core_vh @ q_a.T  # the SVD of the moved product
             rank = s[a_key].shape[0]
             factors = {a_key: vh[:rank], b_key: u[:, :rank] * sv[:rank]}  # B @ A = the update
             mine = redistribute(factors, {m: rank}, method="svd", scaling=scaling,

@@ -25,6 +25,8 @@ def summarize(final_rows: list[dict[str, Any]], majority: dict[str, dict[str, fl
         entry: dict[str, Any] = {"clients": len(rows), "metric_name": metric_names[task],
                                  "metric": mean(r["metric"] for r in rows),
                                  "majority_metric": majority[task]["metric"]}
+        if all("val_metric" in r for r in rows):  # the clients' validation splits
+            entry["val_metric"] = mean(r["val_metric"] for r in rows)
         if all("accuracy" in r for r in rows):
             entry["accuracy"] = mean(r["accuracy"] for r in rows)
             entry["majority_accuracy"] = majority[task]["accuracy"]
@@ -33,6 +35,8 @@ def summarize(final_rows: list[dict[str, Any]], majority: dict[str, dict[str, fl
         "metric": mean(t["metric"] for t in tasks.values()),
         "majority_metric": mean(t["majority_metric"] for t in tasks.values()),
     }
+    if all("val_metric" in t for t in tasks.values()):
+        average["val_metric"] = mean(t["val_metric"] for t in tasks.values())
     with_acc = [t for t in tasks.values() if "accuracy" in t]
     if with_acc:
         average["accuracy"] = mean(t["accuracy"] for t in with_acc)

@@ -1,11 +1,14 @@
 """Methods as strategies, looked up by name."""
 
 from atlasfl.strategies import (  # noqa: F401 (registers each method)
+    atlas,
     centralized,
     fedavg,
     fedavg_cluster,
     fedavg_task,
+    fedsa,
     hetlora,
+    laplacian,
     local,
     mixed_rank,
     splitlora,

@@ -97,12 +97,18 @@ class FedAvg(Strategy):
 
     def aggregate_probe(self, state: Any, rnd: RoundInfo, replies: Sequence[ProbeReply]
                         ) -> RoundOutcome:
-        """Cluster the fingerprints into groups; a new grouping starts new group models."""
+        """Cluster the fingerprints into groups; a new grouping starts new group models.
+
+        A strategy that probes fingerprints without cluster grouping (the Laplacian graph of
+        ``mira``, oracle groups) keeps its groups and takes the similarity only.
+        """
         fingerprints = {r.client_id: (r.fingerprint, r.noise_var) for r in replies
                         if r.fingerprint is not None}
         if not fingerprints:
             return RoundOutcome(state)
         members, similarity, metrics = cluster_groups(fingerprints, self.clients, self.cfg)
+        if self.group_kind() != "cluster":
+            members = self.groups(state).members
         groups = self.groups(state).regroup(members, similarity)
         return RoundOutcome(self.with_groups(state, groups), metrics)
 

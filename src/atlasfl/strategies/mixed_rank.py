@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 from atlasfl.config import ExperimentConfig
@@ -65,7 +65,7 @@ from atlasfl.strategies.split import (
     refresh_server,
     split_record,
 )
-from atlasfl.types import AdapterState, ClientId, Grouping
+from atlasfl.types import AdapterState, ClientId, Grouping, SplitWhen
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,9 @@ class HomoLoRA(FedAvg):
 
     name = "homolora"
     personal_delivery = True  # a client that trained keeps its own factor coordinates
+    # set by a method that fixes them; None: the config's ranks.grouping / split.enabled
+    fixed_grouping: ClassVar[Grouping | None] = None
+    fixed_split: ClassVar[SplitWhen | None] = None
 
     def __init__(self, clients: Sequence[ClientInfo], cfg: ExperimentConfig, model: ModelInfo):
         super().__init__(clients, cfg, model)
@@ -100,7 +103,7 @@ class HomoLoRA(FedAvg):
         self.initial_ranks = dict.fromkeys(model.shapes, cfg.model.lora.r)
 
     def group_kind(self) -> Grouping:  # noqa: D102
-        return self.cfg.ranks.grouping
+        return self.fixed_grouping or self.cfg.ranks.grouping
 
     def groups(self, state: RankState) -> Groups:  # noqa: D102
         return state.groups
@@ -158,9 +161,9 @@ class HomoLoRA(FedAvg):
         """The least adapter a client may get (what decides whether a cut fits)."""
         return dict(self.initial_ranks)
 
-    def split_when(self) -> str:
+    def split_when(self) -> SplitWhen:
         """``split.enabled``: never, always, or auto (only clients the model does not fit)."""
-        return self.cfg.split.enabled
+        return self.fixed_split or self.cfg.split.enabled
 
     def choose_split(self, client_id: ClientId) -> tuple[CutOption | None, list[CutOption]]:
         """The cut of a split client (``split.cut``, or the fitting one of least time)."""
@@ -230,7 +233,8 @@ class HomoLoRA(FedAvg):
             f"{rec['budget_bytes'] / 2**20:.0f} MiB, the smallest adapter needs "
             f"{rec['memory_estimate_bytes'] / 2**20:.0f} MiB"
             for cid, rec in new.records.items() if not rec["feasible"])
-        return dataclasses.replace(outcome, files={CLIENTS_FILE: new.records}, notices=notices)
+        return dataclasses.replace(outcome, files={**outcome.files, CLIENTS_FILE: new.records},
+                                   notices=notices)
 
     def download(self, state: RankState, client_id: ClientId) -> Model:
         """Its rank map if it does not hold it, and its share of the group's aggregate.
@@ -242,13 +246,17 @@ class HomoLoRA(FedAvg):
             return Model()
         planned = state.ranks.get(str(client_id))
         holds = client_id in state.configured or planned == self.initial_ranks
-        model = dataclasses.replace(super().download(state, client_id),
+        model = dataclasses.replace(self.next_model(state, client_id),
                                     ranks=None if planned is None or holds else planned)
         cut = state.cuts.get(str(client_id))
         if cut is None or model.adapter is None:
             return model
         own, _ = split_tensors(model.adapter, self.dims.num_layers, *cut)
         return dataclasses.replace(model, adapter=own, head=model.head if cut[1] else None)
+
+    def next_model(self, state: RankState, client_id: ClientId) -> Model:
+        """The adapter and head a client lacks (the group's share; Phase 4: its own model)."""
+        return super().download(state, client_id)
 
     def split_plan(self, state: RankState, client_id: ClientId) -> SplitPlan | None:
         """How a client trains and evaluates across its cut (None: it is not split)."""
@@ -302,6 +310,26 @@ class HomoLoRA(FedAvg):
         done = {r.client_id for r in replies if r.client_id not in state.excluded}
         return dataclasses.replace(state, configured=tuple(sorted({*state.configured, *done})))
 
+    def served(self, state: RankState, rnd: RoundInfo) -> dict[str, ServerModel]:
+        """The server models as the train exchange left them.
+
+        As they were when no split client trained in it: a hybrid group may still have moved
+        through its whole-model clients.
+        """
+        return {**state.server, **(rnd.served or {})}
+
+    def completed(self, state: RankState, rnd: RoundInfo, replies: Sequence[TrainReply]
+                  ) -> list[TrainReply]:
+        """Split clients' uploads completed with their group's server copies (whole models)."""
+        if not state.cuts:
+            return list(replies)
+        served = self.served(state, rnd)
+        return [dataclasses.replace(r, update=complete_update(
+            r.update, served.get(state.groups.group(r.client_id)),
+            state.cuts.get(str(r.client_id)), self.dims.num_layers,
+            self.clients[r.client_id].head_shape[0]))
+            if r.update is not None else r for r in replies]
+
     def aggregate_train(self, state: RankState, rnd: RoundInfo,
                         replies: Sequence[TrainReply]) -> RoundOutcome:
         """Acknowledge the rank maps, then aggregate as FedAvg with the mixed-rank combiner.
@@ -314,15 +342,8 @@ class HomoLoRA(FedAvg):
         state = self.acknowledge_ranks(state, replies)
         if not state.cuts:
             return super().aggregate_train(state, rnd, replies)
-        # the server models as the exchange left them (as they were, when no split client
-        # trained in it: a hybrid group may still have moved through its whole-model clients)
-        served = {**state.server, **(rnd.served or {})}
-        completed = [dataclasses.replace(r, update=complete_update(
-            r.update, served.get(state.groups.group(r.client_id)),
-            state.cuts.get(str(r.client_id)), self.dims.num_layers,
-            self.clients[r.client_id].head_shape[0]))
-            if r.update is not None else r for r in replies]
-        outcome = super().aggregate_train(state, rnd, completed)
+        served = self.served(state, rnd)
+        outcome = super().aggregate_train(state, rnd, self.completed(state, rnd, replies))
         new: RankState = outcome.state
         heads: dict[str, set[int]] = {}  # group -> outputs of its vanilla split clients
         for c, (_, tail) in new.cuts.items():

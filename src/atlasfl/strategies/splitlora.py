@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from atlasfl.strategies.base import register
 from atlasfl.strategies.mixed_rank import HomoLoRA
-from atlasfl.types import Grouping
 
 
 @register
@@ -20,9 +19,5 @@ class SplitLoRA(HomoLoRA):
     """Every client split, one server model, client adapters averaged over all clients."""
 
     name = "splitlora"
-
-    def group_kind(self) -> Grouping:  # noqa: D102
-        return "global"
-
-    def split_when(self) -> str:  # noqa: D102
-        return "always"
+    fixed_grouping = "global"
+    fixed_split = "always"

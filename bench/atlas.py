@@ -1,0 +1,154 @@
+"""ATLAS against its baselines and ablations on quick.yaml (issue 14's numbers).
+
+Every run is a folder under ``--out`` made by ``atlasfl.engine.grid.run_grid`` (a finished run
+is skipped, an interrupted one resumed), so the grid can be filled over several sessions and by
+parallel shards (``--shard i/n``; give each process one thread: OMP_NUM_THREADS=1).
+
+    python bench/atlas.py run --partition iid --methods local fedavg fedavg-task atlas --seeds 0 1 2
+    python bench/atlas.py sweep --partition iid --lam 0 0.25 0.5 1 --seeds 0 1 2
+    python bench/atlas.py report --partition iid          # tables from the finished folders
+
+``report`` prints, per method, each task's metric and the average as mean +- SD across seeds
+(n seeds), the SD across a task's clients (personalisation), the validation average, bytes; the
+ablations as paired differences against ``atlas`` over seeds; and the lambda sweep with its
+validation column, on which lambda is chosen (test rows are reported, never used to choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from atlasfl.config import from_yaml
+from atlasfl.engine.grid import run_grid
+
+PARTITIONS = {"iid": {}, "dirichlet": {"data.partition": "dirichlet", "data.alpha": 0.5}}
+ABLATIONS = ["atlas-no-laplacian", "atlas-no-split", "atlas-homo-rank", "atlas-oracle-clusters"]
+
+
+def _raw(args: argparse.Namespace) -> dict[str, Any]:
+    raw = from_yaml(args.config)
+    for key, value in PARTITIONS[args.partition].items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = value
+    raw["progress"] = False
+    return raw
+
+
+def _shard(points: list[dict[str, Any]], shard: str) -> list[dict[str, Any]]:
+    index, count = map(int, shard.split("/"))
+    return points[index::count]
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    points = [{"method": m, "seed": s} for s in args.seeds for m in args.methods]
+    run_grid(_raw(args), _shard(points, args.shard), Path(args.out) / args.partition)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    points = [{"laplacian.lam": lam, "seed": s} for s in args.seeds for lam in args.lam]
+    raw = {**_raw(args), "method": args.method}
+    run_grid(raw, _shard(points, args.shard), Path(args.out) / f"{args.partition}-sweep")
+
+
+def _summaries(folder: Path) -> dict[tuple[str, ...], dict[str, Any]]:
+    out = {}
+    for summary in sorted(folder.glob("*/summary.json")):
+        name = summary.parent.name  # e.g. method=atlas_seed=0 or lam=0.5_seed=1
+        key = tuple(part.split("=", 1)[1] for part in name.split("_"))
+        out[key] = json.loads(summary.read_text())
+    return out
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def _client_sd(summary: dict[str, Any], task: str) -> float:
+    values = [c["metric"] for c in summary["clients"] if c["task"] == task]
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    runs = _summaries(Path(args.out) / args.partition)
+    methods = sorted({m for m, _ in runs}, key=lambda m: (m.startswith("atlas-"), m))
+    if not runs:
+        sys.exit(f"no finished runs under {Path(args.out) / args.partition}")
+    tasks = list(next(iter(runs.values()))["tasks"])
+    first = next(iter(runs.values()))
+    names = ", ".join(f"{t} {first['tasks'][t]['metric_name']}" for t in tasks)
+    print(f"## {args.partition}: mean ± SD across seeds (n), metric per task ({names})\n")
+    print("| method | n | " + " | ".join(tasks) + " | avg metric | avg acc | val metric | "
+          "client SD (mean over tasks) | MB up | wall s |")
+    print("|" + "---|" * (len(tasks) + 8))
+    print("| majority class | | " + " | ".join(f"{first['tasks'][t]['majority_metric']:.3f}"
+                                           for t in tasks)
+          + f" | {first['average']['majority_metric']:.3f} | "
+          f"{first['average'].get('majority_accuracy', 0):.3f} | | | | |")
+    for m in methods:
+        seeds = sorted(s for mm, s in runs if mm == m)
+        ss = [runs[(m, s)] for s in seeds]
+        cells = [_ms([x["tasks"][t]["metric"] for x in ss]) for t in tasks]
+        client_sd = statistics.mean(_client_sd(x, t) for x in ss for t in tasks)
+        print(f"| `{m}` | {len(ss)} | " + " | ".join(cells)
+              + f" | {_ms([x['average']['metric'] for x in ss])}"
+              f" | {_ms([x['average']['accuracy'] for x in ss])}"
+              f" | {_ms([x['average'].get('val_metric', float('nan')) for x in ss])}"
+              f" | {client_sd:.3f} | {statistics.mean(x['bytes_up'] for x in ss) / 1e6:.1f}"
+              f" | {statistics.mean(x['wall_seconds'] for x in ss):.0f} |")
+    base = {s: runs[("atlas", s)] for mm, s in runs if mm == "atlas"}
+    rows = []
+    for m in [*ABLATIONS, *(m for m in methods if m not in ABLATIONS and m != "atlas")]:
+        pairs = [(runs[(m, s)]["average"]["metric"] - base[s]["average"]["metric"])
+                 for mm, s in runs if mm == m and s in base]
+        if pairs:
+            rows.append(f"| `{m}` | {len(pairs)} | {_ms(pairs)} | "
+                        f"{sum(p > 0 for p in pairs)}/{len(pairs)} |")
+    if rows:
+        print("\nPaired over seeds: method minus `atlas`, average metric (mean ± SD of the "
+              "differences; seeds where the method is better)\n")
+        print("| method | n | difference | better |\n|---|---|---|---|")
+        print("\n".join(rows))
+    sweep = _summaries(Path(args.out) / f"{args.partition}-sweep")
+    if sweep:
+        print("\nLambda sweep (`atlas`, eta fixed): choose on the validation column\n")
+        print("| lambda | n | val metric | test avg metric | test avg acc |\n|---|---|---|---|---|")
+        for lam in sorted({k[0] for k in sweep}, key=float):
+            ss = [v for k, v in sweep.items() if k[0] == lam]
+            print(f"| {lam} | {len(ss)} | {_ms([x['average']['val_metric'] for x in ss])} | "
+                  f"{_ms([x['average']['metric'] for x in ss])} | "
+                  f"{_ms([x['average']['accuracy'] for x in ss])} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "sweep", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--config", default="configs/quick.yaml")
+        p.add_argument("--partition", choices=sorted(PARTITIONS), default="iid")
+        p.add_argument("--out", default="runs/bench-atlas")
+        p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+        p.add_argument("--shard", default="0/1", help="i/n: every n-th point from the i-th")
+        if name == "run":
+            p.add_argument("--methods", nargs="+", default=[
+                "local", "fedavg", "fedavg-task", "fedavg-cluster", "atlas", "mira", "fedsa"])
+        if name == "sweep":
+            p.add_argument("--method", default="atlas")
+            p.add_argument("--lam", nargs="+", type=float, default=[0.0, 0.25, 0.5, 1.0])
+    args = parser.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

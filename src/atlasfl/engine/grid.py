@@ -1,0 +1,129 @@
+"""A grid of runs in one folder: ``atlasfl sweep``.
+
+``expand_grid`` turns ``key=v1,v2,...`` settings into the cartesian product of their values;
+``run_grid`` runs every point in its own run folder under one output folder, sequentially: a
+point whose run finished is skipped (its summary is read), an interrupted one is resumed from its
+latest checkpoint, a point that never reached a checkpoint starts over. ``grid_table`` writes one
+table of the points: the validation metric (what a setting is chosen on), the test metrics
+(reported, never used to choose), bytes and wall time.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import itertools
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from atlasfl.config import apply_overrides, experiment_diff, from_dict
+from atlasfl.engine.checkpoint import latest_checkpoint, load_checkpoint
+from atlasfl.engine.rundir import RunDir
+from atlasfl.engine.setup import build_experiment
+from atlasfl.engine.simulation import StopFlag, run_experiment
+from atlasfl.errors import AtlasError
+from atlasfl.runfiles import SUMMARY_FILE
+
+Point = dict[str, Any]  # dotted key -> value
+
+
+def expand_grid(settings: Sequence[str]) -> list[Point]:
+    """``["a=1,2", "b=x"]`` -> ``[{a: 1, b: x}, {a: 2, b: x}]``; values parsed as YAML.
+
+    A value in brackets (``data.tasks=[sst2,mrpc]``) is one value, not a list of points.
+    """
+    axes: list[tuple[str, list[Any]]] = []
+    for item in settings:
+        if "=" not in item:
+            raise AtlasError(f"--set expects key=value[,value...], got {item!r}")
+        key, text = (part.strip() for part in item.split("=", 1))
+        texts = [text] if text.startswith(("[", "{")) else text.split(",")
+        if any(key == k for k, _ in axes):
+            raise AtlasError(f"--set names {key!r} twice; give its values once, comma-separated")
+        axes.append((key, [yaml.safe_load(t) for t in texts]))
+    return [dict(zip([k for k, _ in axes], values, strict=True))
+            for values in itertools.product(*[v for _, v in axes])]
+
+
+def point_name(point: Point) -> str:
+    """The run folder name of a grid point: ``lam=0.1_eta=0.3`` (last part of each key)."""
+
+    def text(value: Any) -> str:
+        return "+".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    name = "_".join(f"{key.rsplit('.', 1)[-1]}={text(value)}" for key, value in point.items())
+    return "".join(ch if ch.isalnum() or ch in "=._-+" else "-" for ch in name) or "default"
+
+
+def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path,
+             stop: StopFlag | None = None) -> list[tuple[Point, Path, dict[str, Any] | None]]:
+    """Run (or skip, or resume) every point; returns (point, run folder, summary or None)."""
+    results: list[tuple[Point, Path, dict[str, Any] | None]] = []
+    configs = []
+    for point in points:  # every point's config is checked before anything runs
+        point_raw = apply_overrides(copy.deepcopy(raw),
+                                    [f"{key}={json.dumps(value)}" for key, value in point.items()])
+        point_raw.update(out=str(out), run_name=point_name(point))
+        configs.append(from_dict(point_raw))
+    for i, (point, cfg) in enumerate(zip(points, configs, strict=True), start=1):
+        path = out / point_name(point)
+        label = f"[{i}/{len(points)}] {point_name(point)}"
+        if (path / SUMMARY_FILE).is_file():
+            print(f"atlasfl sweep: {label}: finished, skipped", file=sys.stderr)
+            results.append((point, path, json.loads((path / SUMMARY_FILE).read_text())))
+            continue
+        snapshot = load_checkpoint(path) if latest_checkpoint(path) is not None else None
+        if snapshot is not None:
+            diff = experiment_diff(snapshot.config, cfg.to_dict())
+            if diff:
+                raise AtlasError(f"{path} holds a run of another config ({diff[0][0]}: "
+                                 f"{diff[0][1]!r} there, {diff[0][2]!r} now); use another --out")
+            print(f"atlasfl sweep: {label}: resuming after round {snapshot.round_idx}",
+                  file=sys.stderr)
+            run_dir = RunDir(path)
+        else:
+            if path.exists():  # started but never checkpointed: start over
+                shutil.rmtree(path)
+            print(f"atlasfl sweep: {label}: running", file=sys.stderr)
+            run_dir = RunDir.create(cfg)
+        outcome = run_experiment(build_experiment(cfg), run_dir, resume=snapshot, stop=stop)
+        results.append((point, path, outcome.summary))
+        if outcome.summary is None:  # stopped: the rest waits for the next call
+            break
+    return results
+
+
+def grid_table(results: Sequence[tuple[Point, Path, dict[str, Any] | None]]
+               ) -> tuple[str, str]:
+    """(Markdown, CSV) of the points: validation metric, test metric and accuracy, bytes."""
+    keys = list(results[0][0]) if results else []
+    header = [*keys, "val metric", "test metric", "test acc", "MB up", "MB down", "wall s"]
+    rows = []
+    for point, _, summary in results:
+        if summary is None:
+            rows.append([*(point[k] for k in keys), "unfinished", "", "", "", "", ""])
+            continue
+        avg = summary["average"]
+        rows.append([*(point[k] for k in keys), _fmt(avg.get("val_metric")),
+                     _fmt(avg["metric"]), _fmt(avg.get("accuracy")),
+                     f"{summary['bytes_up'] / 1e6:.2f}", f"{summary['bytes_down'] / 1e6:.2f}",
+                     f"{summary['wall_seconds']:.0f}"])
+    markdown = "\n".join(["| " + " | ".join(header) + " |",
+                          "|" + "---|" * len(header),
+                          *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return markdown, buffer.getvalue()
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
