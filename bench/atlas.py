@@ -50,7 +50,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    points = [{"laplacian.lam": lam, "seed": s} for s in args.seeds for lam in args.lam]
+    points = [{"laplacian.eta": args.eta, "laplacian.lam": lam, "seed": s}
+              for s in args.seeds for lam in args.lam]
     raw = {**_raw(args), "method": args.method}
     run_grid(raw, _shard(points, args.shard), Path(args.out) / f"{args.partition}-sweep")
 
@@ -118,13 +119,22 @@ def cmd_report(args: argparse.Namespace) -> None:
         print("\n".join(rows))
     sweep = _summaries(Path(args.out) / f"{args.partition}-sweep")
     if sweep:
-        print("\nLambda sweep (`atlas`, eta fixed): choose on the validation column\n")
-        print("| lambda | n | val metric | test avg metric | test avg acc |\n|---|---|---|---|---|")
-        for lam in sorted({k[0] for k in sweep}, key=float):
-            ss = [v for k, v in sweep.items() if k[0] == lam]
-            print(f"| {lam} | {len(ss)} | {_ms([x['average']['val_metric'] for x in ss])} | "
+        print("\nLambda sweep (`atlas`): choose on the validation column\n")
+        print("| eta | lambda | n | val metric | test avg metric | test avg acc |\n"
+              "|---|---|---|---|---|---|")
+        for eta, lam in sorted({k[:2] for k in sweep}, key=lambda k: (k[0], float(k[1]))):
+            ss = [v for k, v in sweep.items() if k[:2] == (eta, lam)]
+            print(f"| {eta} | {lam} | {len(ss)} | "
+                  f"{_ms([x['average']['val_metric'] for x in ss])} | "
                   f"{_ms([x['average']['metric'] for x in ss])} | "
                   f"{_ms([x['average']['accuracy'] for x in ss])} |")
+        for m in ("local", "fedavg-cluster"):  # the two ends the sweep interpolates between
+            ss = [v for (mm, _), v in runs.items() if mm == m]
+            if ss:
+                print(f"| `{m}` | | {len(ss)} | "
+                      f"{_ms([x['average'].get('val_metric', float('nan')) for x in ss])} | "
+                      f"{_ms([x['average']['metric'] for x in ss])} | "
+                      f"{_ms([x['average']['accuracy'] for x in ss])} |")
 
 
 def main() -> None:
@@ -143,6 +153,8 @@ def main() -> None:
         if name == "sweep":
             p.add_argument("--method", default="atlas")
             p.add_argument("--lam", nargs="+", type=float, default=[0.0, 0.25, 0.5, 1.0])
+            p.add_argument("--eta", default="auto", help="auto (1 / the largest eigenvalue of "
+                           "the graph's Laplacian) or a number")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 

@@ -21,6 +21,11 @@ def test_split_cut_is_auto_or_an_integer():
     assert from_dict({"split": {"cut": 3}}).split.fixed_cut == 3
 
 
+def test_laplacian_eta_is_auto_or_a_number():
+    assert from_dict({}).laplacian.fixed_eta is None
+    assert from_dict({"laplacian": {"eta": 0.25}}).laplacian.fixed_eta == 0.25
+
+
 def test_overrides_parse_yaml_values():
     raw = apply_overrides({}, ["train.lr=0.01", "data.tasks=[sst2, rte]", "train.head_lr=null"])
     cfg = from_dict(raw)
@@ -42,6 +47,11 @@ def test_overrides_parse_yaml_values():
                                      "u-shape"),
     ({"split": {"activation_dtype": "int8"}}, "allowed: fp32, fp16, bf16"),
     ({"split": {"tail": 0}}, "split.tail' = 0 is invalid; allowed: an integer >= 1"),
+    ({"laplacian": {"eta": "fast"}}, "laplacian.eta' = 'fast' is invalid; allowed: auto"),
+    ({"laplacian": {"eta": 0}}, "laplacian.eta' = '0' is invalid"),
+    ({"laplacian": {"lam": -1}}, "laplacian.lam' = -1.0 is invalid; allowed: a number >= 0"),
+    ({"laplacian": {"space": "tangent"}}, "allowed: auto, factors, product"),
+    ({"laplacian": {"graph": "full"}}, "allowed: rbf, knn"),
 ])
 def test_bad_values_name_field_value_and_allowed(raw, message):
     with pytest.raises(AtlasError, match=message):

@@ -146,6 +146,10 @@ def test_an_atlas_run_writes_clusters_graph_ranks_and_cuts(tiny_cfg, weak_device
     assert graph["clients"] == ids and len(graph["group"]) == len(ids)
     assert graph["group"] == [outcome.state.groups.group(c) for c in ids]
     assert np.allclose(graph["adjacency"], outcome.state.adjacency.numpy(), atol=1e-6)
+    adj = outcome.state.adjacency.numpy()
+    top = np.linalg.eigvalsh(np.diag(adj.sum(1)) - adj).max()
+    assert graph["lambda_max"] == pytest.approx(top)
+    assert graph["eta"] == outcome.state.eta == pytest.approx(1 / top)  # eta auto
     assert all(clients[str(c)]["ranks"] for c in ids)
     split = {c for c in ids if clients[str(c)]["split"] is not None}
     weak = {c for c, p in exp.strategy.devices.items() if p.name == "weak"}

@@ -199,11 +199,19 @@ class LaplacianConfig:
     graph: GraphKind = "rbf"  # rbf: median-distance bandwidth | knn: the k most similar
     k: int = 3  # neighbours per client (knn, and the edges across clusters)
     cross_weight: float = 0.0  # weight factor of kNN edges across clusters (0: none)
-    eta: float = 0.3  # step size of the server's Laplacian step
+    # step size of the server's Laplacian step: a number, or auto = 1 / the largest eigenvalue
+    # of L, so that lam is in graph-free units: the step is stable for lam < 2, and lam = 1 on
+    # a complete graph of unit weights gives every client the mean (FedAvg within the cluster)
+    eta: str = "auto"
     lam: float = 1.0  # strength of the graph penalty (0: every client keeps its model: local)
     # factors: A, B and head as they are (equal ranks) | product: s B A, re-factorised to each
     # client's ranks (mixed ranks) | auto: factors when every client has the same ranks
     space: LaplacianSpaceChoice = "auto"
+
+    @property
+    def fixed_eta(self) -> float | None:
+        """The configured step size, or None for auto."""
+        return None if self.eta == "auto" else float(self.eta)
 
 
 @dataclass(frozen=True)

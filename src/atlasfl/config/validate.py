@@ -13,6 +13,13 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise AtlasError(f"config key {key!r} = {value!r} is invalid; allowed: {allowed}")
 
 
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Check ranges and choices; names (tasks, model, method) are checked by their registries."""
     d, t, f, m = cfg.data, cfg.train, cfg.federation, cfg.model
@@ -73,7 +80,8 @@ def validate(cfg: ExperimentConfig) -> None:
     lp = cfg.laplacian
     _check(lp.k >= 1, "laplacian.k", lp.k, "an integer >= 1")
     _check(lp.cross_weight >= 0, "laplacian.cross_weight", lp.cross_weight, "a number >= 0")
-    _check(lp.eta > 0, "laplacian.eta", lp.eta, "a number > 0")
+    _check(lp.eta == "auto" or (_number(lp.eta) or 0) > 0, "laplacian.eta", lp.eta,
+           "auto (1 / the largest eigenvalue of the graph's Laplacian) or a number > 0")
     _check(lp.lam >= 0, "laplacian.lam", lp.lam, "a number >= 0 (0: local training)")
     for i, prof in enumerate(cfg.devices.custom):
         key = f"devices.custom[{i}]"

@@ -58,6 +58,7 @@ class PersonalState(RankState):
     stepped: dict[str, int] = field(default_factory=dict)  # client -> round its model was set
     holds: dict[str, int] = field(default_factory=dict)  # client -> round of the model it holds
     adjacency: Tensor | None = None  # (N, N) client graph, clients in id order
+    eta: float = 0.0  # the step size (laplacian.eta, or 1 / the graph's largest eigenvalue)
 
 
 class Laplacian(HomoLoRA):
@@ -89,24 +90,27 @@ class Laplacian(HomoLoRA):
         graph = client_graph(new.groups.similarity.double().cpu().numpy(), labels,
                              kind=lp.graph, k=lp.k, cross_weight=lp.cross_weight)
         top = float(np.linalg.eigvalsh(graph.laplacian).max()) if len(ids) else 0.0
-        if lp.eta * lp.lam * top >= 2.0:
+        eta = lp.fixed_eta or (1.0 / top if top > 0 else 1.0)
+        if eta * lp.lam * top >= 2.0:
             raise AtlasError(
-                f"laplacian.eta * laplacian.lam = {lp.eta * lp.lam:g} makes the step diverge on "
+                f"laplacian.eta * laplacian.lam = {eta * lp.lam:g} makes the step diverge on "
                 f"this client graph (largest Laplacian eigenvalue {top:.3f}); allowed: "
-                f"eta * lam < {2.0 / top:.3f}")
+                f"eta * lam < {2.0 / top:.3f}"
+                + ("" if lp.fixed_eta else " (with eta auto: lam < 2)"))
         tasks = [self.clients[c].task for c in ids]
         same = np.equal.outer(tasks, tasks) & ~np.eye(len(ids), dtype=bool)
         adj = graph.adjacency
         metrics = {"graph_edges": float((adj[np.triu_indices(len(ids), 1)] > 0).sum()),
-                   "graph_lambda_max": top,
+                   "graph_lambda_max": top, "laplacian_eta": eta,
                    # of the edge weight, the share joining clients of one true task (scoring only)
                    "graph_same_task_weight": float(adj[same].sum() / adj.sum()) if adj.sum()
                    else 0.0}
         document = {"clients": ids, "group": names, "task": tasks, "kind": lp.graph,
                     "bandwidth": graph.bandwidth, "cross_weight": lp.cross_weight,
+                    "lambda_max": top, "eta": eta, "lam": lp.lam,
                     "adjacency": adj.round(6).tolist()}
         return dataclasses.replace(
-            outcome, state=dataclasses.replace(new, adjacency=torch.from_numpy(adj)),
+            outcome, state=dataclasses.replace(new, adjacency=torch.from_numpy(adj), eta=eta),
             metrics={**outcome.metrics, **metrics}, files={**outcome.files, GRAPH_FILE: document})
 
     # -- delivery -----------------------------------------------------------------------------
@@ -160,8 +164,8 @@ class Laplacian(HomoLoRA):
         models = {**new.models, **{str(u.client_id): u.adapter for u in updates}}
         heads = {**new.heads, **{str(u.client_id): u.head for u in updates}}
         trained = {str(u.client_id) for u in updates}
-        stepped_models, stepped_heads = self.step(new.adjacency.cpu().numpy(), models, heads,
-                                                  trained)
+        stepped_models, stepped_heads = self.step(new.adjacency.cpu().numpy(), new.eta, models,
+                                                  heads, trained)
         stepped, holds = dict(new.stepped), dict(new.holds)
         change = []
         for c in sorted(trained, key=int):
@@ -176,7 +180,7 @@ class Laplacian(HomoLoRA):
             new, models={**models, **stepped_models}, heads={**heads, **stepped_heads},
             stepped=stepped, holds=holds))
 
-    def step(self, adjacency: np.ndarray, models: dict[str, AdapterState],
+    def step(self, adjacency: np.ndarray, eta: float, models: dict[str, AdapterState],
              heads: dict[str, AdapterState], trained: set[str]
              ) -> tuple[dict[str, AdapterState], dict[str, AdapterState]]:
         """The Laplacian step of the trained clients over every client with a model.
@@ -190,7 +194,7 @@ class Laplacian(HomoLoRA):
         sub = adjacency[np.ix_([index[c] for c in present], [index[c] for c in present])]
         rows = [i for i, c in enumerate(present) if c in trained]
         adapters = [models[c] for c in present]
-        out = laplacian_step(adapters, sub, eta=lp.eta, lam=lp.lam, space=self.space(adapters),
+        out = laplacian_step(adapters, sub, eta=eta, lam=lp.lam, space=self.space(adapters),
                              scaling=self.scaling, rows=rows)
         new_models = {present[i]: out[i] for i in rows}
         new_heads: dict[str, AdapterState] = {}
@@ -200,7 +204,7 @@ class Laplacian(HomoLoRA):
                                 []).append(i)
         for members in by_shape.values():
             moved = laplacian_step([heads[present[i]] for i in members],
-                                   sub[np.ix_(members, members)], eta=lp.eta, lam=lp.lam,
+                                   sub[np.ix_(members, members)], eta=eta, lam=lp.lam,
                                    rows=[j for j, i in enumerate(members) if i in rows])
             new_heads.update({present[i]: moved[j] for j, i in enumerate(members)
                               if present[i] in trained})
