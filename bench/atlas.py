@@ -77,11 +77,41 @@ def _client_sd(summary: dict[str, Any], task: str) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _export(args: argparse.Namespace) -> None:
+    """One JSON line per finished run of this partition (table runs and sweep points)."""
+    lines = []
+    for folder in (args.partition, f"{args.partition}-sweep"):
+        for summary_file in sorted((Path(args.out) / folder).glob("*/summary.json")):
+            s = json.loads(summary_file.read_text())
+            lines.append(json.dumps({
+                "partition": args.partition, "run": f"{folder}/{summary_file.parent.name}",
+                "method": s["method"], "seed": s["seed"],
+                "tasks": {t: {k: round(v, 4) for k, v in e.items() if isinstance(v, float)}
+                          for t, e in s["tasks"].items()},
+                "average": {k: round(v, 4) for k, v in s["average"].items()},
+                "client_metrics": [[c["client"], c["task"], round(c["metric"], 4)]
+                                   for c in s["clients"]],
+                "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
+                "wall_seconds": round(s["wall_seconds"], 1),
+                "cpu_over_wall": round(s["cpu_utilisation"], 2)}))
+    Path(args.jsonl).write_text("".join(line + "\n" for line in lines))
+    print(f"{len(lines)} runs -> {args.jsonl}", file=sys.stderr)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
+    if args.jsonl:
+        _export(args)
     runs = _summaries(Path(args.out) / args.partition)
+    if runs:
+        _method_tables(args, runs)
+    else:
+        print(f"no finished method runs under {Path(args.out) / args.partition}")
+    _sweep_table(args, runs)
+
+
+def _method_tables(args: argparse.Namespace, runs: dict[tuple[str, ...], dict[str, Any]]
+                   ) -> None:
     methods = sorted({m for m, _ in runs}, key=lambda m: (m.startswith("atlas-"), m))
-    if not runs:
-        sys.exit(f"no finished runs under {Path(args.out) / args.partition}")
     tasks = list(next(iter(runs.values()))["tasks"])
     first = next(iter(runs.values()))
     names = ", ".join(f"{t} {first['tasks'][t]['metric_name']}" for t in tasks)
@@ -117,6 +147,9 @@ def cmd_report(args: argparse.Namespace) -> None:
               "differences; seeds where the method is better)\n")
         print("| method | n | difference | better |\n|---|---|---|---|")
         print("\n".join(rows))
+
+
+def _sweep_table(args: argparse.Namespace, runs: dict[tuple[str, ...], dict[str, Any]]) -> None:
     sweep = _summaries(Path(args.out) / f"{args.partition}-sweep")
     if sweep:
         print("\nLambda sweep (`atlas`): choose on the validation column\n")
@@ -150,6 +183,8 @@ def main() -> None:
         if name == "run":
             p.add_argument("--methods", nargs="+", default=[
                 "local", "fedavg", "fedavg-task", "fedavg-cluster", "atlas", "mira", "fedsa"])
+        if name == "report":
+            p.add_argument("--jsonl", help="also write one JSON line per finished run here")
         if name == "sweep":
             p.add_argument("--method", default="atlas")
             p.add_argument("--lam", nargs="+", type=float, default=[0.0, 0.25, 0.5, 1.0])
