@@ -205,7 +205,8 @@ class Laplacian(HomoLoRA):
         for members in by_shape.values():
             moved = laplacian_step([heads[present[i]] for i in members],
                                    sub[np.ix_(members, members)], eta=eta, lam=lp.lam,
-                                   rows=[j for j, i in enumerate(members) if i in rows])
+                                   rows=[j for j, i in enumerate(members)
+                                         if present[i] in trained])
             new_heads.update({present[i]: moved[j] for j, i in enumerate(members)
                               if present[i] in trained})
         return new_models, new_heads
