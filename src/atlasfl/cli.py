@@ -121,7 +121,7 @@ def _install_stop_handlers():
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from atlasfl.config import experiment_diff
+    from atlasfl.config import check_same_experiment
     from atlasfl.engine import RunDir, build_experiment, load_checkpoint, run_experiment
 
     resume_from = args.resume if args.command == "run" else args.run_dir
@@ -131,11 +131,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         cfg = _resolve_config(args)
     if snapshot is not None:
-        diff = experiment_diff(snapshot.config, cfg.to_dict())
-        if diff:
-            lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in diff)
-            raise AtlasError(f"the config differs from the checkpoint's in keys that change the "
-                             f"experiment: {lines}")
+        check_same_experiment(snapshot.config, cfg)
     print(f"atlasfl: {cfg.method} on {cfg.model.name}, tasks {' '.join(cfg.data.tasks)}, "
           f"{cfg.data.clients_per_task} clients per task, {cfg.federation.rounds} rounds"
           + (f", resuming after round {snapshot.round_idx}" if snapshot else ""),

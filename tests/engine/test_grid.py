@@ -69,3 +69,23 @@ def test_sweep_refuses_an_unknown_key_before_running(tiny_cfg, tmp_path, capsys)
                  "--out", str(tmp_path / "s")])
     assert code == 2 and "laplacian.lam" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_sweep_refuses_a_foreign_folder_and_a_checkpoint_of_another_config(tiny_cfg, tmp_path,
+                                                                          capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_cfg(method="mira", **{"federation.rounds": 2})
+                                     .to_dict()))
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(config), "--set", "laplacian.lam=0", "--out", str(out)]
+    (out / "lam=0").mkdir(parents=True)
+    (out / "lam=0" / "notes.txt").write_text("mine")
+    assert main(argv) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert (out / "lam=0" / "notes.txt").read_text() == "mine"  # nothing deleted
+    (out / "lam=0" / "notes.txt").unlink()
+    (out / "lam=0").rmdir()
+    assert main([*argv, "--fixed", "session.max_rounds=1"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--fixed", "train.lr=0.5"]) == 2
+    assert "train.lr: checkpoint 0.01, now 0.5" in capsys.readouterr().err

@@ -9,6 +9,7 @@ reproduced from it.
 from atlasfl.config.load import (
     RESUMABLE_KEYS,
     apply_overrides,
+    check_same_experiment,
     experiment_diff,
     from_dict,
     from_yaml,
@@ -37,5 +38,5 @@ __all__ = ["RESUMABLE_KEYS", "ClusteringConfig", "CustomTaskConfig", "DataConfig
            "LaplacianConfig",
            "LoraSettings", "ModelConfig", "RanksConfig", "SessionConfig", "SplitConfig",
            "TrainConfig",
-           "apply_overrides", "experiment_diff", "from_dict", "from_yaml", "set_dotted",
-           "validate"]
+           "apply_overrides", "check_same_experiment", "experiment_diff", "from_dict",
+           "from_yaml", "set_dotted", "validate"]

@@ -42,6 +42,15 @@ def experiment_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
     return out
 
 
+def check_same_experiment(saved: dict[str, Any], cfg: ExperimentConfig) -> None:
+    """Refuse to continue a checkpoint (its config ``saved``) under a config that changes it."""
+    diff = experiment_diff(saved, cfg.to_dict())
+    if diff:
+        lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in diff)
+        raise AtlasError(f"the config differs from the checkpoint's in keys that change the "
+                         f"experiment: {lines}")
+
+
 def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 

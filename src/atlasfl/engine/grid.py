@@ -23,13 +23,13 @@ from typing import Any
 
 import yaml
 
-from atlasfl.config import apply_overrides, experiment_diff, from_dict
+from atlasfl.config import apply_overrides, check_same_experiment, from_dict
 from atlasfl.engine.checkpoint import latest_checkpoint, load_checkpoint
 from atlasfl.engine.rundir import RunDir
 from atlasfl.engine.setup import build_experiment
 from atlasfl.engine.simulation import StopFlag, run_experiment
 from atlasfl.errors import AtlasError
-from atlasfl.runfiles import SUMMARY_FILE
+from atlasfl.runfiles import CONFIG_FILE, SUMMARY_FILE
 
 Point = dict[str, Any]  # dotted key -> value
 
@@ -81,15 +81,14 @@ def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path,
             continue
         snapshot = load_checkpoint(path) if latest_checkpoint(path) is not None else None
         if snapshot is not None:
-            diff = experiment_diff(snapshot.config, cfg.to_dict())
-            if diff:
-                raise AtlasError(f"{path} holds a run of another config ({diff[0][0]}: "
-                                 f"{diff[0][1]!r} there, {diff[0][2]!r} now); use another --out")
+            check_same_experiment(snapshot.config, cfg)
             print(f"atlasfl sweep: {label}: resuming after round {snapshot.round_idx}",
                   file=sys.stderr)
             run_dir = RunDir(path)
         else:
             if path.exists():  # started but never checkpointed: start over
+                if not (path / CONFIG_FILE).is_file():
+                    raise AtlasError(f"{path} exists and is not a run folder; use another --out")
                 shutil.rmtree(path)
             print(f"atlasfl sweep: {label}: running", file=sys.stderr)
             run_dir = RunDir.create(cfg)
