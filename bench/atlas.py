@@ -72,8 +72,8 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def _client_sd(summary: dict[str, Any], task: str) -> float:
-    values = [c["metric"] for c in summary["clients"] if c["task"] == task]
+def _client_sd(summary: dict[str, Any], task: str, key: str = "metric") -> float:
+    values = [c[key] for c in summary["clients"] if c["task"] == task]
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -89,7 +89,8 @@ def _export(args: argparse.Namespace) -> None:
                 "tasks": {t: {k: round(v, 4) for k, v in e.items() if isinstance(v, float)}
                           for t, e in s["tasks"].items()},
                 "average": {k: round(v, 4) for k, v in s["average"].items()},
-                "client_metrics": [[c["client"], c["task"], round(c["metric"], 4)]
+                "client_metrics": [[c["client"], c["task"], round(c["metric"], 4),
+                                    *([round(c["own_metric"], 4)] if "own_metric" in c else [])]
                                    for c in s["clients"]],
                 "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
                 "wall_seconds": round(s["wall_seconds"], 1),
@@ -103,47 +104,57 @@ def cmd_report(args: argparse.Namespace) -> None:
         _export(args)
     runs = _summaries(Path(args.out) / args.partition)
     if runs:
-        _method_tables(args, runs)
+        _method_tables(args, runs, "metric")
+        if all("own_metric" in x["average"] for x in runs.values()):
+            print()
+            _method_tables(args, runs, "own_metric")
     else:
         print(f"no finished method runs under {Path(args.out) / args.partition}")
     _sweep_table(args, runs)
 
 
-def _method_tables(args: argparse.Namespace, runs: dict[tuple[str, ...], dict[str, Any]]
-                   ) -> None:
+def _method_tables(args: argparse.Namespace, runs: dict[tuple[str, ...], dict[str, Any]],
+                   key: str) -> None:
+    """``key`` "metric": the task's shared test rows; "own_metric": the same rows weighted to
+    each client's own label mix (``atlasfl.data.metrics.label_mix_weights``)."""
+    acc = "accuracy" if key == "metric" else "own_accuracy"
     methods = sorted({m for m, _ in runs}, key=lambda m: (m.startswith("atlas-"), m))
     tasks = list(next(iter(runs.values()))["tasks"])
     first = next(iter(runs.values()))
     names = ", ".join(f"{t} {first['tasks'][t]['metric_name']}" for t in tasks)
-    print(f"## {args.partition}: mean ± SD across seeds (n), metric per task ({names})\n")
+    scored = ("the shared test rows" if key == "metric"
+              else "the test rows weighted to each client's own label mix")
+    print(f"## {args.partition}, {scored}: mean ± SD across seeds (n), metric per task "
+          f"({names})\n")
     print("| method | n | " + " | ".join(tasks) + " | avg metric | avg acc | val metric | "
           "client SD (mean over tasks) | MB up | wall s |")
     print("|" + "---|" * (len(tasks) + 8))
-    print("| majority class | | " + " | ".join(f"{first['tasks'][t]['majority_metric']:.3f}"
-                                           for t in tasks)
-          + f" | {first['average']['majority_metric']:.3f} | "
-          f"{first['average'].get('majority_accuracy', 0):.3f} | | | | |")
+    if key == "metric":
+        print("| majority class | | " + " | ".join(f"{first['tasks'][t]['majority_metric']:.3f}"
+                                               for t in tasks)
+              + f" | {first['average']['majority_metric']:.3f} | "
+              f"{first['average'].get('majority_accuracy', 0):.3f} | | | | |")
     for m in methods:
         seeds = sorted(s for mm, s in runs if mm == m)
         ss = [runs[(m, s)] for s in seeds]
-        cells = [_ms([x["tasks"][t]["metric"] for x in ss]) for t in tasks]
-        client_sd = statistics.mean(_client_sd(x, t) for x in ss for t in tasks)
+        cells = [_ms([x["tasks"][t][key] for x in ss]) for t in tasks]
+        client_sd = statistics.mean(_client_sd(x, t, key) for x in ss for t in tasks)
         print(f"| `{m}` | {len(ss)} | " + " | ".join(cells)
-              + f" | {_ms([x['average']['metric'] for x in ss])}"
-              f" | {_ms([x['average']['accuracy'] for x in ss])}"
+              + f" | {_ms([x['average'][key] for x in ss])}"
+              f" | {_ms([x['average'][acc] for x in ss])}"
               f" | {_ms([x['average'].get('val_metric', float('nan')) for x in ss])}"
               f" | {client_sd:.3f} | {statistics.mean(x['bytes_up'] for x in ss) / 1e6:.1f}"
               f" | {statistics.mean(x['wall_seconds'] for x in ss):.0f} |")
     base = {s: runs[("atlas", s)] for mm, s in runs if mm == "atlas"}
     rows = []
     for m in [*ABLATIONS, *(m for m in methods if m not in ABLATIONS and m != "atlas")]:
-        pairs = [(runs[(m, s)]["average"]["metric"] - base[s]["average"]["metric"])
+        pairs = [(runs[(m, s)]["average"][key] - base[s]["average"][key])
                  for mm, s in runs if mm == m and s in base]
         if pairs:
             rows.append(f"| `{m}` | {len(pairs)} | {_ms(pairs)} | "
                         f"{sum(p > 0 for p in pairs)}/{len(pairs)} |")
     if rows:
-        print("\nPaired over seeds: method minus `atlas`, average metric (mean ± SD of the "
+        print(f"\nPaired over seeds: method minus `atlas`, average {key} (mean ± SD of the "
               "differences; seeds where the method is better)\n")
         print("| method | n | difference | better |\n|---|---|---|---|")
         print("\n".join(rows))
@@ -153,21 +164,29 @@ def _sweep_table(args: argparse.Namespace, runs: dict[tuple[str, ...], dict[str,
     sweep = _summaries(Path(args.out) / f"{args.partition}-sweep")
     if sweep:
         print("\nLambda sweep (`atlas`): choose on the validation column\n")
-        print("| eta | lambda | n | val metric | test avg metric | test avg acc |\n"
-              "|---|---|---|---|---|---|")
+        own = all("own_metric" in x["average"] for x in sweep.values())
+        print("| eta | lambda | n | val metric | test avg metric | test avg acc |"
+              + (" own-mix avg metric |" if own else "") + "\n|---|---|---|---|---|---|"
+              + ("---|" if own else ""))
         for eta, lam in sorted({k[:2] for k in sweep}, key=lambda k: (k[0], float(k[1]))):
             ss = [v for k, v in sweep.items() if k[:2] == (eta, lam)]
             print(f"| {eta} | {lam} | {len(ss)} | "
                   f"{_ms([x['average']['val_metric'] for x in ss])} | "
                   f"{_ms([x['average']['metric'] for x in ss])} | "
-                  f"{_ms([x['average']['accuracy'] for x in ss])} |")
-        for m in ("local", "fedavg-cluster"):  # the two ends the sweep interpolates between
+                  f"{_ms([x['average']['accuracy'] for x in ss])} |"
+                  + (f" {_ms([x['average']['own_metric'] for x in ss])} |" if own else ""))
+        lap = _raw(args).get("laplacian", {})
+        for m in ("local", "atlas", "fedavg-cluster"):  # the ends the sweep interpolates between
             ss = [v for (mm, _), v in runs.items() if mm == m]
             if ss:
-                print(f"| `{m}` | | {len(ss)} | "
+                cells = (f"`{m}` | " if m != "atlas" else
+                         f"`atlas` ({lap.get('eta', 'auto')}) | {lap.get('lam', 1.0)}")
+                print(f"| {cells} | {len(ss)} | "
                       f"{_ms([x['average'].get('val_metric', float('nan')) for x in ss])} | "
                       f"{_ms([x['average']['metric'] for x in ss])} | "
-                      f"{_ms([x['average']['accuracy'] for x in ss])} |")
+                      f"{_ms([x['average']['accuracy'] for x in ss])} |"
+                      + (f" {_ms([x['average'].get('own_metric', float('nan')) for x in ss])} |"
+                         if own else ""))
 
 
 def main() -> None:

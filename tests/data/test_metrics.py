@@ -53,3 +53,43 @@ def test_correlation_with_constant_labels_is_zero():
     spec = GLUE_TASKS["stsb"]
     m = compute_metrics(spec, np.array([0.0, 1.0, 2.0]), np.array([3.0, 3.0, 3.0]))
     assert m["pearson"] == 0.0 and m["spearman"] == 0.0 and m["metric"] == 0.0
+
+
+def test_label_mix_weights_make_accuracy_the_own_mix_of_class_accuracies():
+    from atlasfl.data.metrics import label_mix_weights
+    spec = GLUE_TASKS["sst2"]
+    test_labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])  # the task's mix: half and half
+    preds = np.array([0, 0, 0, 1, 1, 0, 0, 0])  # class 0: 3/4 right, class 1: 1/4 right
+    own = np.array([1, 1, 1, 0])  # this client's rows: 1/4 class 0, 3/4 class 1
+    weights = label_mix_weights(spec, own, test_labels)
+    # p_own / p_test: class 0 -> (1/4)/(1/2) = 1/2, class 1 -> (3/4)/(1/2) = 3/2
+    np.testing.assert_allclose(weights, [0.5] * 4 + [1.5] * 4)
+    m = compute_metrics(spec, preds, test_labels, weights=weights)
+    assert m["accuracy"] == pytest.approx(0.25 * 0.75 + 0.75 * 0.25)
+    assert compute_metrics(spec, preds, test_labels)["accuracy"] == 0.5  # unweighted: the task
+    # a client with only class 1 counts only class-1 rows; one whose classes the test lacks: None
+    assert compute_metrics(spec, preds, test_labels,
+                           weights=label_mix_weights(spec, np.array([1, 1]), test_labels)
+                           )["accuracy"] == pytest.approx(0.25)
+    assert label_mix_weights(spec, np.array([1]), np.array([0, 0])) is None
+
+
+def test_weighted_metrics_equal_the_metrics_of_repeated_rows():
+    from atlasfl.data.metrics import label_mix_weights
+    labels = np.array([1, 1, 0, 0, 1])
+    preds = np.array([1, 0, 0, 1, 1])
+    counts = np.array([2, 1, 3, 1, 2])  # integer weights = rows repeated that often
+    for task in ("mrpc", "cola"):
+        weighted = compute_metrics(GLUE_TASKS[task], preds, labels, weights=counts.astype(float))
+        repeated = compute_metrics(GLUE_TASKS[task], np.repeat(preds, counts),
+                                   np.repeat(labels, counts))
+        assert weighted == pytest.approx(repeated)
+    scores = np.array([0.1, 2.0, 1.5, 3.9, 4.4])
+    gold = np.array([0.0, 2.5, 1.0, 4.0, 3.0])
+    weighted = compute_metrics(GLUE_TASKS["stsb"], scores, gold, weights=counts.astype(float))
+    assert weighted["pearson"] == pytest.approx(
+        np.corrcoef(np.repeat(scores, counts), np.repeat(gold, counts))[0, 1])
+    # regression weights bin the scores at the test rows' quantiles (5 bins: one row each here)
+    weights = label_mix_weights(GLUE_TASKS["stsb"], np.array([4.0, 4.1]), gold)
+    assert weights is not None and weights.sum() == pytest.approx(5.0)
+    assert np.count_nonzero(weights) == 1 and weights[np.argmax(gold)] == pytest.approx(5.0)

@@ -29,6 +29,16 @@ def _predict(exp, client, data):
                          .squeeze().item() for i in range(len(data))])
 
 
+def _classes(exp, client, data):
+    """The client's predicted class of each row of ``data``, one row at a time."""
+    exp.binder.bind(client.adapter)
+    exp.model.eval()
+    client.head.eval()
+    with torch.no_grad():
+        return np.array([int(forward_logits(exp.model, client.head, data.collate([i])).argmax())
+                         for i in range(len(data))])
+
+
 def test_regression_task_is_trained_with_mse_and_scored_by_correlation(tiny_cfg):
     exp = build_experiment(tiny_cfg(method="fedavg-task", **{"data.tasks": ["stsb", "cola"],
                                                              "federation.rounds": 2}))
@@ -45,6 +55,29 @@ def test_regression_task_is_trained_with_mse_and_scored_by_correlation(tiny_cfg)
         assert row["pearson"] == pytest.approx(pearsonr(preds, test.labels)[0], abs=1e-5)
         assert row["spearman"] == pytest.approx(spearmanr(preds, test.labels)[0], abs=1e-5)
         assert row["eval_loss"] == pytest.approx(np.mean((preds - test.labels) ** 2), rel=1e-4)
+
+
+def test_own_mix_scores_reweight_the_shared_test_rows_to_each_clients_labels(tiny_cfg):
+    # label skew: clients of a task hold different label mixes; fedavg-task gives them one model
+    exp = build_experiment(tiny_cfg(method="fedavg-task", **{"data.partition": "dirichlet",
+                                                             "data.alpha": 0.3}))
+    summary = run_experiment(exp).summary
+    mixes = []
+    for row in summary["clients"]:
+        client = exp.clients[row["client"]]
+        test = exp.runtime.test_sets[client.task.name]
+        right = _classes(exp, client, test) == test.labels
+        own = np.bincount(client.train_set.labels, minlength=2) / len(client.train_set)
+        per_class = [right[test.labels == c].mean() for c in (0, 1)]
+        assert row["accuracy"] == pytest.approx(right.mean())
+        assert row["own_accuracy"] == pytest.approx(own @ per_class)  # sum_c p_own(c) acc_c
+        mixes.append(tuple(own))
+    assert len(set(mixes)) > 1  # the clients' mixes differ, so the check above is not trivial
+    for task, entry in summary["tasks"].items():
+        rows = [r for r in summary["clients"] if r["task"] == task]
+        assert entry["own_accuracy"] == pytest.approx(np.mean([r["own_accuracy"] for r in rows]))
+    assert summary["average"]["own_metric"] == pytest.approx(
+        np.mean([t["own_metric"] for t in summary["tasks"].values()]))
 
 
 def test_local_steps_replace_epochs_and_cross_epoch_boundaries(tiny_cfg):

@@ -20,9 +20,10 @@ from peft import PeftModel
 from atlasfl.client.probe import probe_client
 from atlasfl.client.split import Link, evaluate_split, train_split_client
 from atlasfl.client.state import ClientState
-from atlasfl.client.training import evaluate, train_client
+from atlasfl.client.training import Scored, evaluate, train_client
 from atlasfl.config import LoraSettings, TrainConfig
 from atlasfl.data.batching import TokenizedSet
+from atlasfl.data.metrics import label_mix_weights
 from atlasfl.messages import (
     Evaluate,
     EvaluateReply,
@@ -72,7 +73,7 @@ class ClientRuntime:
     test_sets: dict[str, TokenizedSet]
     # Clients of one group often hold bit-identical models after aggregation: the shared test
     # split is scored once per distinct (task, model), keyed by a digest of the tensors.
-    _test_cache: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    _test_cache: dict[tuple[str, str], Scored | None] = field(default_factory=dict)
 
     def handle(self, client: ClientState, plan: PlanT, round_idx: int,
                link: Link | None = None) -> Reply:
@@ -146,7 +147,7 @@ class ClientRuntime:
         """
         start = time.perf_counter()
 
-        def run(data: TokenizedSet) -> dict[str, float]:
+        def run(data: TokenizedSet) -> Scored | None:
             if split is None:
                 return evaluate(self.model, self.binder, client.adapter, client.head, data,
                                 client.task, self.train, device=self.device)
@@ -157,11 +158,20 @@ class ClientRuntime:
 
         key = (client.task.name, _digest(client.adapter_state(), client.head_state())
                + ("" if split is None else f"/{split}"))
-        if key not in self._test_cache:
+        if key not in self._test_cache:  # clients holding one model share its predictions
             self._test_cache[key] = run(self.test_sets[client.task.name])
         test = self._test_cache[key]
-        out = {f"eval_{k}" if k == "loss" else k: v for k, v in test.items()}
-        if len(client.val_set):
-            val = run(client.val_set)
-            out["val_loss"], out["val_metric"] = val["loss"], val["metric"]
+        out: dict[str, float] = {}
+        if test is not None:
+            out = {f"eval_{k}" if k == "loss" else k: v for k, v in test.metrics().items()}
+            weights = label_mix_weights(client.task, client.train_set.labels, test.labels)
+            if weights is not None:  # the same predictions, weighted to the client's label mix
+                own = test.metrics(weights)
+                out["own_metric"] = own["metric"]
+                if "accuracy" in own:
+                    out["own_accuracy"] = own["accuracy"]
+        val = run(client.val_set)
+        if val is not None:
+            scores = val.metrics()
+            out["val_loss"], out["val_metric"] = scores["loss"], scores["metric"]
         return EvaluateReply(client.client_id, out, time.perf_counter() - start)

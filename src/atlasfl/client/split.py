@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from atlasfl.client.state import ClientState
-from atlasfl.client.training import autocast, run_steps, score, task_loss
+from atlasfl.client.training import Scored, autocast, run_steps, score, task_loss
 from atlasfl.config import TrainConfig
 from atlasfl.data.batching import TokenizedSet
 from atlasfl.messages import Activations, Gradients, Logits, SplitMessage, SplitPlan
@@ -110,10 +110,10 @@ def train_split_client(model: torch.nn.Module, binder: AdapterBinder, client: Cl
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, binder: AdapterBinder, client: ClientState,
                    data: TokenizedSet, plan: SplitPlan, link: Link, cfg: TrainConfig, *,
-                   num_layers: int, device: torch.device) -> dict[str, float]:
+                   num_layers: int, device: torch.device) -> Scored | None:
     """``evaluate`` across the cut: the client scores what comes back (labels stay here)."""
     if len(data) == 0:
-        return {}
+        return None
     model.eval()
     client.head.eval()
     dtype = DTYPES[plan.activation_dtype]

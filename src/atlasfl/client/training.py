@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -92,13 +93,33 @@ def run_steps(client: ClientState, cfg: TrainConfig, step: Callable[[dict[str, T
             "train_seconds": time.perf_counter() - start}
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One model's predictions on a data set, in row order, and its mean loss.
+
+    Kept apart from the metrics so that one forward pass serves every client holding the same
+    model, each scored with its own row weights (``atlasfl.data.metrics.label_mix_weights``).
+    """
+
+    task: TaskSpec
+    predictions: np.ndarray
+    labels: np.ndarray
+    loss: float
+
+    def metrics(self, weights: np.ndarray | None = None) -> dict[str, float]:
+        """The task's metrics (``weights``: per-row weights for them) and the unweighted loss."""
+        out = compute_metrics(self.task, self.predictions, self.labels, weights=weights)
+        out["loss"] = self.loss
+        return out
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, binder: AdapterBinder, adapter: dict[str, nn.Parameter],
              head: ClassificationHead, data: TokenizedSet, task: TaskSpec, cfg: TrainConfig, *,
-             device: torch.device) -> dict[str, float]:
-    """Loss and task metrics of one adapter+head on ``data`` (dropout off)."""
+             device: torch.device) -> Scored | None:
+    """Predictions and loss of one adapter+head on ``data`` (dropout off); None if it is empty."""
     if len(data) == 0:
-        return {}
+        return None
     binder.bind(adapter)
     model.eval()
     head.eval()
@@ -110,8 +131,8 @@ def evaluate(model: nn.Module, binder: AdapterBinder, adapter: dict[str, nn.Para
 
 
 def score(logits_of: Callable[[dict[str, Tensor]], Tensor], data: TokenizedSet, task: TaskSpec,
-          cfg: TrainConfig, *, device: torch.device) -> dict[str, float]:
-    """Mean loss and task metrics of the logits ``logits_of`` gives each batch of ``data``."""
+          cfg: TrainConfig, *, device: torch.device) -> Scored:
+    """Predictions (row order) and mean loss of the logits ``logits_of`` gives ``data``."""
     preds, total = [], 0.0
     for batch in data.batches(cfg.eval_batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -122,6 +143,4 @@ def score(logits_of: Callable[[dict[str, Tensor]], Tensor], data: TokenizedSet, 
     order = data.length_order()
     predictions = np.empty(len(data), dtype=np.float64 if task.is_regression else np.int64)
     predictions[order] = torch.cat(preds).float().cpu().numpy()
-    out = compute_metrics(task, predictions, data.labels)
-    out["loss"] = total / len(data)
-    return out
+    return Scored(task, predictions, data.labels, total / len(data))

@@ -13,7 +13,8 @@ def summarize(final_rows: list[dict[str, Any]], majority: dict[str, dict[str, fl
 
     Args:
         final_rows: one row per client from the last evaluated round (``task``, ``metric``,
-            optional ``accuracy``).
+            optional ``accuracy``, ``val_metric`` and ``own_metric``/``own_accuracy``: the test
+            rows weighted to the client's own label mix, see ``label_mix_weights``).
         majority: per task, metrics of always predicting the training majority class.
         metric_names: per task, the name of its primary metric.
     """
@@ -25,8 +26,9 @@ def summarize(final_rows: list[dict[str, Any]], majority: dict[str, dict[str, fl
         entry: dict[str, Any] = {"clients": len(rows), "metric_name": metric_names[task],
                                  "metric": mean(r["metric"] for r in rows),
                                  "majority_metric": majority[task]["metric"]}
-        if all("val_metric" in r for r in rows):  # the clients' validation splits
-            entry["val_metric"] = mean(r["val_metric"] for r in rows)
+        for key in ("val_metric", "own_metric", "own_accuracy"):  # validation; own label mix
+            if all(key in r for r in rows):
+                entry[key] = mean(r[key] for r in rows)
         if all("accuracy" in r for r in rows):
             entry["accuracy"] = mean(r["accuracy"] for r in rows)
             entry["majority_accuracy"] = majority[task]["accuracy"]
@@ -35,10 +37,13 @@ def summarize(final_rows: list[dict[str, Any]], majority: dict[str, dict[str, fl
         "metric": mean(t["metric"] for t in tasks.values()),
         "majority_metric": mean(t["majority_metric"] for t in tasks.values()),
     }
-    if all("val_metric" in t for t in tasks.values()):
-        average["val_metric"] = mean(t["val_metric"] for t in tasks.values())
+    for key in ("val_metric", "own_metric"):
+        if all(key in t for t in tasks.values()):
+            average[key] = mean(t[key] for t in tasks.values())
     with_acc = [t for t in tasks.values() if "accuracy" in t]
     if with_acc:
         average["accuracy"] = mean(t["accuracy"] for t in with_acc)
         average["majority_accuracy"] = mean(t["majority_accuracy"] for t in with_acc)
+        if all("own_accuracy" in t for t in with_acc):
+            average["own_accuracy"] = mean(t["own_accuracy"] for t in with_acc)
     return {"tasks": tasks, "average": average}
