@@ -123,6 +123,7 @@ def _install_stop_handlers():
 def _cmd_run(args: argparse.Namespace) -> int:
     from atlasfl.config import check_same_experiment
     from atlasfl.engine import RunDir, build_experiment, load_checkpoint, run_experiment
+    from atlasfl.engine.setup import resolve_threads
 
     resume_from = args.resume if args.command == "run" else args.run_dir
     snapshot = load_checkpoint(resume_from) if resume_from else None
@@ -133,7 +134,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if snapshot is not None:
         check_same_experiment(snapshot.config, cfg)
     print(f"atlasfl: {cfg.method} on {cfg.model.name}, tasks {' '.join(cfg.data.tasks)}, "
-          f"{cfg.data.clients_per_task} clients per task, {cfg.federation.rounds} rounds"
+          f"{cfg.data.clients_per_task} clients per task, {cfg.federation.rounds} rounds, "
+          f"{resolve_threads(cfg.train.threads)} torch threads"
           + (f", resuming after round {snapshot.round_idx}" if snapshot else ""),
           file=sys.stderr)
     experiment = build_experiment(cfg)  # every input error surfaces before a folder is made

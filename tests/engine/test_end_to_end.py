@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,36 @@ def test_every_shipped_config_loads_and_names_what_exists(path):
 
 def test_the_shipped_configs_are_the_ones_tested():
     assert {p.name for p in CONFIGS} >= {"quick.yaml", "paper.yaml"}
+
+
+def test_clients_whose_model_did_not_change_are_marked_and_scored_the_same(tiny_cfg, tmp_path):
+    from atlasfl.engine import RunDir, load_checkpoint
+    exp = build_experiment(tiny_cfg(method="local", out=str(tmp_path),
+                                    **{"federation.rounds": 4, "federation.fraction": 0.5}))
+    run_dir = RunDir.create(exp.cfg)
+    run_experiment(exp, run_dir)
+    history = load_checkpoint(run_dir.path).meta["history"]
+    seen = 0
+    for prev, rows in zip(history, history[1:], strict=False):
+        for before, row in zip(prev, rows, strict=True):
+            # local: a client's model changes exactly when it trains
+            assert row.get("unchanged") == (None if row["trained"] else 1.0)
+            if not row["trained"]:
+                seen += 1
+                for key in ("metric", "own_metric", "val_metric", "eval_loss"):
+                    assert row[key] == before[key]
+    assert seen > 0 and all("unchanged" not in r for r in history[0])
+
+
+def test_threads_follow_the_setting_then_the_environment(tiny_cfg, monkeypatch):
+    from atlasfl.engine.setup import resolve_threads
+    before = torch.get_num_threads()
+    try:
+        build_experiment(tiny_cfg(**{"train.threads": 1}))
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert resolve_threads(0) == 3 and resolve_threads(2) == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert resolve_threads(0) == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)

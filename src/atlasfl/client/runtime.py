@@ -74,6 +74,7 @@ class ClientRuntime:
     # Clients of one group often hold bit-identical models after aggregation: the shared test
     # split is scored once per distinct (task, model), keyed by a digest of the tensors.
     _test_cache: dict[tuple[str, str], Scored | None] = field(default_factory=dict)
+    _val_cache: dict[ClientId, tuple[str, Scored | None]] = field(default_factory=dict)
 
     def handle(self, client: ClientState, plan: PlanT, round_idx: int,
                link: Link | None = None) -> Reply:
@@ -170,7 +171,15 @@ class ClientRuntime:
                 out["own_metric"] = own["metric"]
                 if "accuracy" in own:
                     out["own_accuracy"] = own["accuracy"]
-        val = run(client.val_set)
+        last = self._val_cache.get(client.client_id)
+        if last is not None and last[0] == key[1]:
+            val = last[1]  # the same model on the same rows: its scores are known
+        else:
+            val = run(client.val_set)
+            self._val_cache[client.client_id] = (key[1], val)
+        if client.scored == key[1]:  # not trained or sent anything new since its last scores
+            out["unchanged"] = 1.0  # (a resumed process recomputes them, to the same values)
+        client.scored = key[1]
         if val is not None:
             scores = val.metrics()
             out["val_loss"], out["val_metric"] = scores["loss"], scores["metric"]

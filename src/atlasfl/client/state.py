@@ -28,6 +28,7 @@ class ClientState:
     optimizer: torch.optim.AdamW
     train_set: TokenizedSet
     val_set: TokenizedSet
+    scored: str = ""  # digest of the model it was last evaluated with ("": never)
 
     @property
     def num_examples(self) -> int:
@@ -90,7 +91,8 @@ class ClientState:
                     state_meta[str(pid)][name] = None  # None: the value is in the tensors
                 else:
                     state_meta[str(pid)][name] = value
-        return tensors, {"param_groups": opt["param_groups"], "state": state_meta}
+        return tensors, {"param_groups": opt["param_groups"], "state": state_meta,
+                         "scored": self.scored}
 
     def restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         """Inverse of ``checkpoint``: the client continues exactly where it was saved."""
@@ -106,6 +108,7 @@ class ClientState:
                             for name, value in entry.items()}
                  for pid, entry in meta["state"].items()}
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.scored = meta.get("scored", "")
 
 
 def _copy_into(client_id: int, targets: Mapping[str, Tensor], tensors: AdapterState,

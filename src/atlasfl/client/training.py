@@ -75,7 +75,9 @@ def run_steps(client: ClientState, cfg: TrainConfig, step: Callable[[dict[str, T
     start, losses, taken, seen = time.perf_counter(), [], 0, 0
     target_steps = steps or None
     for _ in range(epochs if target_steps is None else 10**9):
-        for batch in client.train_set.batches(cfg.batch_size, generator=generator):
+        for batch in client.train_set.batches(cfg.batch_size, generator=generator,
+                                              bucket=cfg.length_bucket,
+                                              pad_multiple=cfg.pad_multiple):
             batch = {k: v.to(device) for k, v in batch.items()}
             client.optimizer.zero_grad(set_to_none=True)
             losses.append(step(batch))
@@ -134,7 +136,7 @@ def score(logits_of: Callable[[dict[str, Tensor]], Tensor], data: TokenizedSet, 
           cfg: TrainConfig, *, device: torch.device) -> Scored:
     """Predictions (row order) and mean loss of the logits ``logits_of`` gives ``data``."""
     preds, total = [], 0.0
-    for batch in data.batches(cfg.eval_batch_size):
+    for batch in data.batches(cfg.eval_batch_size, pad_multiple=cfg.pad_multiple):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = logits_of(batch)
         total += float(task_loss(logits, batch["labels"], task.is_regression)) * len(logits)

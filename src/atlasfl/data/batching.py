@@ -1,4 +1,11 @@
-"""Tokenize once, then batch with dynamic padding (padding to a fixed length costs ~4x on CPU)."""
+"""Tokenize once, then batch with dynamic padding (padding to a fixed length costs ~4x on CPU).
+
+Training batches are shuffled; with ``bucket`` > 0 the rows of each chunk of ``bucket`` batches
+are sorted by length before the chunk is cut into batches, and the batches' order is shuffled
+again, so a batch holds rows of similar length (less padding) while every row is still seen once
+per epoch in a seeded order. ``pad_multiple`` rounds each batch's length up to a multiple, so the
+activation shapes come from a small fixed set (the allocator reuses their blocks).
+"""
 
 from __future__ import annotations
 
@@ -24,9 +31,11 @@ class TokenizedSet:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def collate(self, idx: np.ndarray | list[int]) -> dict[str, Tensor]:
-        """Right-padded batch of the rows at ``idx``."""
+    def collate(self, idx: np.ndarray | list[int], *, pad_multiple: int = 1
+                ) -> dict[str, Tensor]:
+        """Right-padded batch of the rows at ``idx``, its length a multiple of ``pad_multiple``."""
         length = max(len(self.input_ids[i]) for i in idx)
+        length = -(-length // pad_multiple) * pad_multiple
         ids = torch.full((len(idx), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), length), dtype=torch.long)
         types = torch.zeros((len(idx), length), dtype=torch.long) if self.token_type_ids else None
@@ -46,15 +55,34 @@ class TokenizedSet:
         """Row indices sorted by length: evaluation batches then carry little padding."""
         return np.argsort([len(x) for x in self.input_ids], kind="stable")
 
-    def batches(self, batch_size: int, *, generator: torch.Generator | None = None
-                ) -> Iterator[dict[str, Tensor]]:
-        """Shuffled batches when ``generator`` is given, else length-sorted (for evaluation)."""
-        if generator is not None:
-            order = torch.randperm(len(self), generator=generator).numpy()
-        else:
+    def batches(self, batch_size: int, *, generator: torch.Generator | None = None,
+                bucket: int = 0, pad_multiple: int = 1) -> Iterator[dict[str, Tensor]]:
+        """Shuffled batches when ``generator`` is given, else length-sorted (for evaluation).
+
+        ``bucket`` > 0 (training): rows sorted by length within chunks of ``bucket`` batches,
+        then the batches shuffled; both draws come from ``generator``.
+        """
+        for idx in self.batch_indices(batch_size, generator=generator, bucket=bucket):
+            yield self.collate(idx, pad_multiple=pad_multiple)
+
+    def batch_indices(self, batch_size: int, *, generator: torch.Generator | None = None,
+                      bucket: int = 0) -> list[np.ndarray]:
+        """The row indices of each batch ``batches`` yields, in order."""
+        if generator is None:
             order = self.length_order()
-        for start in range(0, len(order), batch_size):
-            yield self.collate(order[start : start + batch_size])
+            return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        order = torch.randperm(len(self), generator=generator).numpy()
+        if bucket <= 0:
+            return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        lengths = np.array([len(row) for row in self.input_ids])
+        chunk = bucket * batch_size
+        out: list[np.ndarray] = []
+        for start in range(0, len(order), chunk):
+            rows = order[start : start + chunk]
+            rows = rows[np.argsort(lengths[rows], kind="stable")]
+            out.extend(rows[s : s + batch_size] for s in range(0, len(rows), batch_size))
+        shuffle = torch.randperm(len(out), generator=generator).numpy()
+        return [out[i] for i in shuffle]
 
 
 def tokenize(examples: Examples, tokenizer, *, max_length: int, use_token_types: bool
