@@ -10,6 +10,7 @@ import copy
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,6 +81,30 @@ def _parser() -> argparse.ArgumentParser:
                        help="a setting applied to every run (a single value)")
     sweep.add_argument("--out", required=True, help="the sweep's folder")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare = sub.add_parser(
+        "compare", help="run methods x seeds into one folder, then report",
+        description="Runs every method with every seed into OUT/method=M_seed=S (a finished run "
+        "is skipped, an interrupted one resumed), then writes the report of OUT (as atlasfl "
+        "report).")
+    compare.add_argument("--config", help="YAML config file (configs/quick.yaml, ...)")
+    compare.add_argument("--methods", required=True, help="comma-separated, e.g. local,atlas")
+    compare.add_argument("--seeds", default="0,1,2", help="comma-separated (default 0,1,2)")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="a setting for every run, e.g. --set data.partition=dirichlet")
+    compare.add_argument("--out", required=True, help="the comparison's folder")
+    compare.add_argument("--vs", help="the method the others are paired against "
+                         "(default atlas when present)")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report = sub.add_parser(
+        "report", help="tables, statistics and figures from run folders",
+        description="Reads run folders (or folders of them) and writes REPORT/report.md, "
+        "REPORT/tables/*.{md,csv,tex} and REPORT/figures/*.{png,pdf}. Runs that did not "
+        "finish are listed, never averaged.")
+    report.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
+    report.add_argument("--out", help="the report's folder (default: FIRST/report)")
+    report.add_argument("--vs", help="the method the others are paired against "
+                        "(default atlas when present)")
+    report.add_argument("--no-figures", action="store_true", help="tables only")
     sub.add_parser("methods", help="list the methods with one line each")
     sub.add_parser("tasks", help="list tasks and whether their data is available offline")
     sub.add_parser("models", help="list models and whether they load offline")
@@ -200,6 +225,42 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 130 if stop.requested else 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from atlasfl.config import apply_overrides, from_yaml
+    from atlasfl.engine.grid import run_grid
+    from atlasfl.report import write_report
+
+    raw = from_yaml(args.config) if args.config else {}
+    apply_overrides(raw, args.set)
+    if args.no_progress:
+        raw["progress"] = False
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise AtlasError(f"--seeds expects integers separated by commas, got {args.seeds!r}"
+                         ) from None
+    points = [{"method": m, "seed": s} for m in methods for s in seeds]
+    out = Path(args.out)
+    stop = _install_stop_handlers()
+    run_grid(raw, points, out, stop=stop)
+    if stop.requested:
+        return 130
+    report_dir = out / "report"
+    print(write_report([out], report_dir, vs=args.vs))
+    print(f"report: {report_dir / 'report.md'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from atlasfl.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
+    print(write_report(args.runs, out, vs=args.vs, figures=not args.no_figures))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
 def _cmd_methods() -> int:
     from atlasfl.strategies import STRATEGIES
 
@@ -236,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``atlasfl`` console script."""
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # deprecation notices of the libraries underneath tell a user of atlasfl nothing
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -245,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "sweep":
             return _cmd_sweep(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
+        if args.command == "report":
+            return _cmd_report(args)
         if args.command == "methods":
             return _cmd_methods()
         if args.command == "tasks":

@@ -3,7 +3,8 @@
 This module imports nothing of the training code (no torch), so ``atlasfl.report`` can read runs
 without the engine: ``config.yaml`` (the resolved config), ``rounds.jsonl`` (one row per round and
 client), ``summary.json`` (written when the run completes), ``clients.json`` (Phase 2's per-client
-configuration) and ``checkpoints/``.
+configuration), ``clusters.json`` (Phase 1's latest clustering), ``graph.json`` (Phase 4's
+client graph) and ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from atlasfl.errors import AtlasError
 
 CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE = "config.yaml", "rounds.jsonl", "summary.json"
 CLIENTS_FILE = "clients.json"  # per-client configuration: device, memory, ranks (Phase 2)
+CLUSTERS_FILE = "clusters.json"  # the latest clustering: fingerprints, labels, k (Phase 1)
 
 
 def read_run(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:

@@ -196,3 +196,15 @@ def test_threads_follow_the_setting_then_the_environment(tiny_cfg, monkeypatch):
         assert resolve_threads(0) == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)
+
+
+def test_without_a_terminal_progress_is_one_line_per_round(tiny_cfg, capsys):
+    exp = build_experiment(tiny_cfg(progress=True, **{"federation.rounds": 2}))
+    rows = run_experiment(exp).summary["clients"]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fedavg: round")]
+    assert [line.split(",")[0] for line in lines] == ["fedavg: round 1/2 done",
+                                                      "fedavg: round 2/2 done"]
+    mean = sum(r["metric"] for r in rows) / len(rows)
+    assert lines[-1].endswith(f"{len(rows)} clients trained, mean client metric {mean:.3f}")
+    assert "\r" not in err  # no bar redrawn into the log

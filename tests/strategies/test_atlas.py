@@ -157,6 +157,19 @@ def test_an_atlas_run_writes_clusters_graph_ranks_and_cuts(tiny_cfg, weak_device
     rows = [json.loads(x) for x in (run.path / "rounds.jsonl").read_text().splitlines()]
     assert all("server_graph_edges" in r and "server_laplacian_change" in r for r in rows)
     assert all(r["bytes_up_activations"] > 0 for r in rows if r["client"] in weak)
+    clusters = json.loads((run.path / "clusters.json").read_text())
+    assert clusters["clients"] == ids and len(clusters["fingerprints"]) == len(ids)
+    assert [f"cluster={label}" for label in clusters["labels"]] == graph["group"]
+    assert clusters["k"] == len(set(clusters["labels"]))
+    assert clusters["tasks"] == [exp.clients[c].task.name for c in ids]
+    # the report draws every phase figure from this folder, and only from it
+    from atlasfl.report import find_runs
+    from atlasfl.report.figures import draw_figures
+
+    written, skipped = draw_figures(find_runs([run.path]), tmp_path / "figures")
+    drawn = {p.stem for p in written}
+    assert {"fingerprint_map", "graph_heatmap", "rank_map", "cut_points"} <= drawn
+    assert skipped == ["lambda_sweep: skipped, the runs do not differ in laplacian.lam"]
 
 
 def test_a_diverging_step_is_refused_naming_the_keys(tiny_cfg):

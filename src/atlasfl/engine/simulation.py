@@ -145,6 +145,15 @@ def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict
     return summary
 
 
+def _round_line(method: str, rows: list[dict[str, Any]], rounds: int, wall: float) -> str:
+    """One log line for a finished round: its number, the run's wall time, the mean metric."""
+    scores = [r["metric"] for r in rows if "metric" in r]
+    trained = sum(bool(r.get("trained")) for r in rows)
+    return (f"{method}: round {rows[0]['round']}/{rounds} done, {wall:.0f} s, "
+            f"{trained} clients trained"
+            + (f", mean client metric {sum(scores) / len(scores):.3f}" if scores else ""))
+
+
 def _bytes_by_kind(rows: list[dict[str, Any]]) -> dict[str, int]:
     """Total bytes per ``<direction>_<kind>`` over all rows (``up_adapter``, ``down_head``...)."""
     out: dict[str, int] = {}
@@ -279,8 +288,10 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
     def expected(rnd: RoundInfo) -> int:  # messages a round usually holds, for the progress bar
         return len(rnd.sampled) + (len(ids) if rnd.evaluate else 0)
 
+    # a bar redrawn into a log file is noise: when stderr is not a terminal, one line per round
+    live = cfg.progress and sys.stderr.isatty()
     bar = tqdm(total=sum(expected(r) for r in schedule.values()), unit="client",
-               disable=not cfg.progress, file=sys.stderr, desc=cfg.method, dynamic_ncols=True)
+               disable=not live, file=sys.stderr, desc=cfg.method, dynamic_ncols=True)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     prior = dict(elapsed)
     saved_round = first - 1 if resume is not None else 0
@@ -299,6 +310,9 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
         state, server_metrics = played
         record.finish(ledger, server_metrics)
         history.append(list(record.rows.values()))  # in client-id order
+        if cfg.progress and not live:
+            print(_round_line(cfg.method, history[-1], rounds,
+                              time.perf_counter() - wall0 + prior["wall"]), file=sys.stderr)
         if run_dir is not None:
             run_dir.append_rounds(history[-1])
         elapsed = {"wall": prior["wall"] + time.perf_counter() - wall0,

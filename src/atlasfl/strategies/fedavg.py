@@ -19,6 +19,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
+
 from atlasfl.messages import (
     EvaluateReply,
     FingerprintSpec,
@@ -37,6 +39,7 @@ from atlasfl.strategies.groups import (
     initial_members,
     recluster_due,
 )
+from atlasfl.runfiles import CLUSTERS_FILE
 from atlasfl.types import AdapterState, ClientId, Grouping
 
 
@@ -107,10 +110,19 @@ class FedAvg(Strategy):
         if not fingerprints:
             return RoundOutcome(state)
         members, similarity, metrics = cluster_groups(fingerprints, self.clients, self.cfg)
+        ids = sorted(fingerprints)
+        document = {  # the clustering as the server saw it, for the report's fingerprint map
+            "round": rnd.round_idx, "clients": ids,
+            "tasks": [self.clients[i].task for i in ids],  # only to score and draw
+            "labels": [int(members[str(i)].removeprefix("cluster=")) for i in ids],
+            "k": metrics["k"], "quality": {k: v for k, v in metrics.items() if k != "k"},
+            "fingerprints": [np.asarray(fingerprints[i][0], dtype=np.float64).round(7).tolist()
+                             for i in ids]}
         if self.group_kind() != "cluster":
             members = self.groups(state).members
         groups = self.groups(state).regroup(members, similarity)
-        return RoundOutcome(self.with_groups(state, groups), metrics)
+        return RoundOutcome(self.with_groups(state, groups), metrics,
+                            files={CLUSTERS_FILE: document})
 
     # -- train and evaluate -----------------------------------------------------------------
 

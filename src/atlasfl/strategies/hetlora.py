@@ -50,9 +50,9 @@ class HetLoRA(HomoLoRA):
         new = self.configure(outcome.state, importance)
         ranks = [r for c, m in new.ranks.items() if int(c) not in new.excluded
                  for r in m.values()]
-        return RoundOutcome(new, {**outcome.metrics,
-                                  "excluded_clients": float(len(new.excluded)),
-                                  "mean_rank": float(np.mean(ranks)) if ranks else 0.0})
+        return dataclasses.replace(outcome, state=new, metrics={
+            **outcome.metrics, "excluded_clients": float(len(new.excluded)),
+            "mean_rank": float(np.mean(ranks)) if ranks else 0.0})  # files and notices kept
 
     def plan(self, client_id: ClientId, importance: Importance | None,
              cut: tuple[int, int] | None = None) -> RankPlan:
