@@ -89,3 +89,26 @@ def test_sweep_refuses_a_foreign_folder_and_a_checkpoint_of_another_config(tiny_
     capsys.readouterr()
     assert main([*argv, "--fixed", "train.lr=0.5"]) == 2
     assert "train.lr: checkpoint 0.01, now 0.5" in capsys.readouterr().err
+
+
+def test_a_finished_point_of_another_config_is_refused_and_a_new_default_key_is_not(
+        tiny_cfg, tmp_path, capsys):
+    from atlasfl.config import check_same_experiment
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_cfg(**{"federation.rounds": 1}).to_dict()))
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(config), "--set", "seed=0", "--out", str(out)]
+    assert main(argv) == 0
+    assert main(argv) == 0  # the same experiment: skipped
+    assert "finished, skipped" in capsys.readouterr().err
+    assert main([*argv, "--fixed", "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run of another experiment" in err and "train.lr" in err
+    # a key added to the config after a run was saved (at its default) is no difference
+    saved = yaml.safe_load((out / "seed=0" / "config.yaml").read_text())
+    del saved["train"]["length_bucket"]
+    check_same_experiment(saved, tiny_cfg(**{"federation.rounds": 1}))
+    saved["train"]["length_bucket"] = 4
+    with pytest.raises(AtlasError, match="train.length_bucket: checkpoint 4, now 0"):
+        check_same_experiment(saved, tiny_cfg(**{"federation.rounds": 1}))

@@ -8,6 +8,8 @@ are errors that list close matches.
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import difflib
 import types
@@ -43,7 +45,15 @@ def experiment_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
 
 
 def check_same_experiment(saved: dict[str, Any], cfg: ExperimentConfig) -> None:
-    """Refuse to continue a checkpoint (its config ``saved``) under a config that changes it."""
+    """Refuse to continue a checkpoint (its config ``saved``) under a config that changes it.
+
+    ``saved`` is completed with today's defaults first, so a key added to the config after the
+    checkpoint was written (at its default) is no difference.
+    """
+    try:
+        saved = from_dict(copy.deepcopy(saved)).to_dict()
+    except AtlasError:
+        pass  # a key since removed or renamed: compare as saved, and name it
     diff = experiment_diff(saved, cfg.to_dict())
     if diff:
         lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in diff)

@@ -76,6 +76,11 @@ def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path,
         path = out / point_name(point)
         label = f"[{i}/{len(points)}] {point_name(point)}"
         if (path / SUMMARY_FILE).is_file():
+            try:  # a finished run of another config is not this point's result
+                check_same_experiment(yaml.safe_load((path / CONFIG_FILE).read_text()), cfg)
+            except AtlasError as exc:
+                raise AtlasError(f"{path} holds a finished run of another experiment: "
+                                 f"{exc}; use another --out") from None
             print(f"atlasfl sweep: {label}: finished, skipped", file=sys.stderr)
             results.append((point, path, json.loads((path / SUMMARY_FILE).read_text())))
             continue
