@@ -37,6 +37,31 @@ def test_console_script_lists_tasks_and_models():
     assert "sst2" in out and "mnli" in out
 
 
+def test_tasks_takes_a_data_dir_and_says_where_files_are(tmp_path, glue_root, capsys):
+    assert main(["tasks", "--data-dir", str(glue_root)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["sst2"].endswith("on disk")  # the shared folder holds SST-2 ...
+    assert lines["mnli"].endswith("(Hugging Face hub when online)")  # ... but not MNLI
+    assert main(["tasks", "--data-dir", str(tmp_path)]) == 0
+    assert f"not under {tmp_path}" in capsys.readouterr().out
+
+
+def test_resume_accepts_the_out_folder_of_a_single_run(tmp_path, capsys):
+    args = [*TINY, "--method", "local", "--out", str(tmp_path), "--run-name", "only"]
+    assert main([*args, "--max-rounds", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "2 clients per task with 16 examples each (10% held out for validation)" in err
+    assert main(["resume", str(tmp_path), "--no-progress"]) == 0
+    assert f"{tmp_path} holds one run: resuming {tmp_path / 'only'}" in capsys.readouterr().err
+    assert (tmp_path / "only" / "summary.json").is_file()
+    assert main([*TINY, "--method", "local", "--out", str(tmp_path), "--run-name", "two",
+                 "--max-rounds", "1"]) == 0
+    (tmp_path / "only" / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["resume", str(tmp_path), "--no-progress"]) == 2
+    assert "holds 2 runs with checkpoints; name one: only, two" in capsys.readouterr().err
+
+
 def _bad_data(tmp_path):
     train = tmp_path / "bad_train.tsv"
     train.write_text("sentence\tlabel\nfine\t0\nno tab here\n")

@@ -56,3 +56,16 @@ def test_overrides_parse_yaml_values():
 def test_bad_values_name_field_value_and_allowed(raw, message):
     with pytest.raises(AtlasError, match=message):
         from_dict(raw)
+
+
+def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    from atlasfl.config import from_yaml
+    from atlasfl.errors import AtlasError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: atlas\ntrain:\n  lr: [0.1\n  batch_size: 8\n")
+    with pytest.raises(AtlasError) as info:
+        from_yaml(bad)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"config file {bad}, line 4, column")
+    assert "not valid YAML" in message

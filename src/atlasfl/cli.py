@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="preset (minilm, smollm2-135m, tiny-bert, ...) or HF id")
     run.add_argument("--tasks", nargs="+", help="task names, e.g. sst2 mrpc cola qnli")
     run.add_argument("--clients-per-task", type=int)
-    run.add_argument("--samples", type=int, help="training examples per client")
+    run.add_argument("--samples", type=int, help="examples per client, its validation rows "
+                     "(data.val_fraction) included")
     run.add_argument("--eval-samples", type=int, help="test examples per task (0 = all)")
     run.add_argument("--max-length", type=int)
     run.add_argument("--rounds", type=int)
@@ -106,7 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default atlas when present)")
     report.add_argument("--no-figures", action="store_true", help="tables only")
     sub.add_parser("methods", help="list the methods with one line each")
-    sub.add_parser("tasks", help="list tasks and whether their data is available offline")
+    tasks = sub.add_parser("tasks", help="list tasks and whether their files are on disk")
+    tasks.add_argument("--data-dir", help="GLUE folder (default: $ATLASFL_DATA, "
+                       "../shared/data/glue)")
     sub.add_parser("models", help="list models and whether they load offline")
     return parser
 
@@ -148,9 +151,15 @@ def _install_stop_handlers():
 def _cmd_run(args: argparse.Namespace) -> int:
     from atlasfl.config import check_same_experiment
     from atlasfl.engine import RunDir, build_experiment, load_checkpoint, run_experiment
+    from atlasfl.engine.checkpoint import find_run
     from atlasfl.engine.setup import resolve_threads
 
     resume_from = args.resume if args.command == "run" else args.run_dir
+    if resume_from:
+        found = find_run(resume_from)
+        if found != Path(resume_from):
+            print(f"atlasfl: {resume_from} holds one run: resuming {found}", file=sys.stderr)
+        resume_from = str(found)
     snapshot = load_checkpoint(resume_from) if resume_from else None
     if snapshot is not None and not getattr(args, "config", None):
         cfg = _resolve_config(args, raw=copy.deepcopy(snapshot.config))
@@ -159,7 +168,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if snapshot is not None:
         check_same_experiment(snapshot.config, cfg)
     print(f"atlasfl: {cfg.method} on {cfg.model.name}, tasks {' '.join(cfg.data.tasks)}, "
-          f"{cfg.data.clients_per_task} clients per task, {cfg.federation.rounds} rounds, "
+          f"{cfg.data.clients_per_task} clients per task with {cfg.data.samples} examples "
+          f"each ({cfg.data.val_fraction:.0%} held out for validation), "
+          f"{cfg.federation.rounds} rounds, "
           f"{resolve_threads(cfg.train.threads)} torch threads"
           + (f", resuming after round {snapshot.round_idx}" if snapshot else ""),
           file=sys.stderr)
@@ -269,17 +280,19 @@ def _cmd_methods() -> int:
     return 0
 
 
-def _cmd_tasks() -> int:
+def _cmd_tasks(args: argparse.Namespace) -> int:
     from atlasfl.data.glue import resolve_data_root
     from atlasfl.data.tasks import GLUE_TASKS
 
-    root = resolve_data_root(None)
+    root = resolve_data_root(args.data_dir)
     print(f"data root: {root or 'none found (Hugging Face hub when online)'}")
     for spec in GLUE_TASKS.values():
-        local = root is not None and (Path(root) / spec.train_file).is_file()
+        files = [spec.train_file, spec.test_file]
+        found = root is not None and all((Path(root) / f).is_file() for f in files)
+        where = ("on disk" if found else
+                 f"not under {root} (Hugging Face hub when online)" if root else "hub only")
         labels = "regression" if spec.is_regression else "/".join(spec.label_names)
-        print(f"  {spec.name:<6} {'+'.join(spec.metrics):<18} {labels:<40} "
-              f"{'offline' if local else 'needs the hub'}")
+        print(f"  {spec.name:<6} {'+'.join(spec.metrics):<18} {labels:<40} {where}")
     return 0
 
 
@@ -316,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "methods":
             return _cmd_methods()
         if args.command == "tasks":
-            return _cmd_tasks()
+            return _cmd_tasks(args)
         return _cmd_models()
     except AtlasError as exc:
         print(f"atlasfl: error: {exc}", file=sys.stderr)

@@ -158,7 +158,10 @@ def from_yaml(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise AtlasError(f"config file {path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise AtlasError(f"config file {path}{where}: not valid YAML ({what})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

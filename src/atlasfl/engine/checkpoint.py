@@ -179,6 +179,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
                      f"{CHECKPOINTS}/round-*/{MANIFEST}, or such a checkpoint folder)")
 
 
+def find_run(path: str | Path) -> Path:
+    """``path`` if it is a run folder or a checkpoint; else the one run folder inside it.
+
+    ``atlasfl resume runs/`` then works when ``runs/`` holds a single run with a checkpoint;
+    with several, the error lists them.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file() or (path / CHECKPOINTS).is_dir() or not path.is_dir():
+        return path
+    runs = sorted(p for p in path.iterdir()
+                  if p.is_dir() and (p / CHECKPOINTS).is_dir() and latest_checkpoint(p))
+    if len(runs) == 1:
+        return runs[0]
+    if runs:
+        raise AtlasError(f"{path} holds {len(runs)} runs with checkpoints; name one: "
+                         + ", ".join(p.name for p in runs[:5]) + (" ..." if len(runs) > 5 else ""))
+    return path
+
+
 def load_checkpoint(path: str | Path) -> Snapshot:
     """Read and verify a checkpoint; any mismatch is refused naming the file."""
     path = resolve_checkpoint(path)

@@ -54,6 +54,7 @@ from atlasfl.phases.memory import ModelDims, estimate_memory
 from atlasfl.phases.ranks import Importance, RankPlan
 from atlasfl.phases.split import CutOption, split_memory
 from atlasfl.runfiles import CLIENTS_FILE
+from atlasfl.units import mib
 from atlasfl.strategies.base import ClientInfo, ModelInfo, RoundInfo, RoundOutcome, register
 from atlasfl.strategies.fedavg import FedAvg
 from atlasfl.strategies.groups import Combine, Groups
@@ -204,11 +205,10 @@ class HomoLoRA(FedAvg):
                 cuts[str(cid)] = cut
             if not plan.feasible:
                 if self.cfg.ranks.on_infeasible == "error":
-                    need = plan.memory_bytes / 2**20
                     raise AtlasError(
-                        f"client {cid} on device {device.name} needs {need:.0f} MiB for its "
-                        f"smallest adapter, its budget is "
-                        f"{plan.budget_bytes / 2**20:.0f} MiB; lower train.batch_size or "
+                        f"client {cid} on device {device.name} needs {mib(plan.memory_bytes)} "
+                        f"for its smallest adapter, its budget is "
+                        f"{mib(plan.budget_bytes)}; lower train.batch_size or "
                         f"data.max_length, set split.enabled=auto, or set "
                         f"ranks.on_infeasible=exclude")
                 excluded.append(cid)
@@ -230,8 +230,8 @@ class HomoLoRA(FedAvg):
         new: RankState = outcome.state
         notices = tuple(
             f"client {cid} excluded: its device {rec['device']} has "
-            f"{rec['budget_bytes'] / 2**20:.0f} MiB, the smallest adapter needs "
-            f"{rec['memory_estimate_bytes'] / 2**20:.0f} MiB"
+            f"{mib(rec['budget_bytes'])}, the smallest adapter needs "
+            f"{mib(rec['memory_estimate_bytes'])}"
             for cid, rec in new.records.items() if not rec["feasible"])
         return dataclasses.replace(outcome, files={**outcome.files, CLIENTS_FILE: new.records},
                                    notices=notices)
