@@ -227,6 +227,13 @@ class SessionConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """What the server refuses: every update is checked before any aggregation."""
+
+    max_update_norm: float = 0.0  # > 0: refuse an update whose L2 norm (all tensors) exceeds it
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """Everything that defines one run."""
 
@@ -245,6 +252,7 @@ class ExperimentConfig:
     ranks: RanksConfig = field(default_factory=RanksConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     laplacian: LaplacianConfig = field(default_factory=LaplacianConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
 
     def to_dict(self) -> dict[str, Any]:

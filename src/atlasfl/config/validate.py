@@ -50,6 +50,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.length_bucket >= 0, "train.length_bucket", t.length_bucket, "0 (off) or more")
     _check(t.pad_multiple >= 1, "train.pad_multiple", t.pad_multiple, "an integer >= 1")
     _check(t.threads >= 0, "train.threads", t.threads, "0 (auto) or more")
+    _check(cfg.faults.max_update_norm >= 0, "faults.max_update_norm", cfg.faults.max_update_norm,
+           "0 (off) or a number > 0")
     _check(f.rounds >= 1, "federation.rounds", f.rounds, "an integer >= 1")
     _check(0.0 < f.fraction <= 1.0, "federation.fraction", f.fraction, "0 < x <= 1")
     _check(f.eval_every >= 1, "federation.eval_every", f.eval_every, "an integer >= 1")

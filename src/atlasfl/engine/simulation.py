@@ -39,7 +39,7 @@ from atlasfl.engine.ledger import CommLedger
 from atlasfl.engine.rundir import RunDir
 from atlasfl.engine.setup import Experiment
 from atlasfl.errors import AtlasError
-from atlasfl.messages import Plan, Reply
+from atlasfl.messages import Plan, Reply, TrainReply
 from atlasfl.report.summary import summarize
 from atlasfl.strategies.base import RoundInfo, RoundOutcome, Strategy
 from atlasfl.types import ClientId
@@ -174,6 +174,18 @@ class Exchange:
     server_seconds: float = 0.0
 
 
+def _checked(strategy: Strategy, state: Any, reply: Reply) -> Reply:
+    """The reply, or, when the strategy refuses its update, the reply without it (and why)."""
+    if not isinstance(reply, TrainReply) or reply.update is None:
+        return reply
+    reason = strategy.check_update(state, reply.update)
+    if reason is None:
+        return reply
+    print(f"atlasfl: round update of client {reply.client_id} refused: {reason}",
+          file=sys.stderr)
+    return dataclasses.replace(reply, update=None, record={**reply.record, "refused": reason})
+
+
 def run_exchange(executor: Executor, strategy: Strategy, state: Any, rnd: RoundInfo, *,
                  on_reply: Callable[[Reply], None] | None = None,
                  stop: Callable[[], bool] | None = None) -> Exchange | None:
@@ -195,6 +207,7 @@ def run_exchange(executor: Executor, strategy: Strategy, state: Any, rnd: RoundI
     for reply in executor.run(rnd.round_idx, plans, server):
         if stop is not None and stop():
             return Exchange(plans, replies, None)
+        reply = _checked(strategy, state, reply)
         if on_reply is not None:
             on_reply(reply)
         replies.append(reply)

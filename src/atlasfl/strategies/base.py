@@ -28,7 +28,9 @@ from atlasfl.messages import (
     ProbeReply,
     Train,
     TrainReply,
+    Update,
 )
+from atlasfl.strategies.checks import check_update
 from atlasfl.types import ClientId
 
 if TYPE_CHECKING:
@@ -129,6 +131,22 @@ class Strategy:
             "probe": self.aggregate_probe, "train": self.aggregate_train,
             "evaluate": self.aggregate_evaluate}
         return aggregate[stage](state, rnd, replies)
+
+    # -- what the server accepts -----------------------------------------------------------
+
+    def planned_ranks(self, state: Any, client_id: ClientId) -> dict[str, int] | None:
+        """Module -> the rank this client trains (None: not planned by this method)."""
+        return None
+
+    def check_update(self, state: Any, update: Update) -> str | None:
+        """Why the server refuses ``update`` (``atlasfl.strategies.checks``), or None."""
+        info = self.clients.get(update.client_id)
+        if info is None:
+            return f"client {update.client_id} is not in this run"
+        return check_update(update, shapes=self.model.shapes,
+                            ranks=self.planned_ranks(state, update.client_id),
+                            head_shape=info.head_shape,
+                            max_norm=self.cfg.faults.max_update_norm)
 
     # -- one pair per message kind ----------------------------------------------------------
 

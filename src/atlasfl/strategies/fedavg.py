@@ -150,10 +150,20 @@ class FedAvg(Strategy):
         """How a group's adapters are combined (None: FedAvg's weighted mean)."""
         return None
 
+    def planned_ranks(self, state: Any, client_id: ClientId) -> dict[str, int] | None:
+        """``model.lora.r`` in every module."""
+        return dict.fromkeys(self.model.shapes, self.cfg.model.lora.r)
+
     def aggregate_train(self, state: Any, rnd: RoundInfo, replies: Sequence[TrainReply]
                         ) -> RoundOutcome:
-        """Average adapters per group and heads per (group, head shape)."""
-        groups = self.groups(state).acknowledge(r.client_id for r in replies)
+        """Average adapters per group and heads per (group, head shape).
+
+        A client whose update was refused (``check_update``) is forgotten: its next plan carries
+        its group's model again, over whatever it trained.
+        """
+        groups = self.groups(state).acknowledge(r.client_id for r in replies
+                                                if r.update is not None)
+        groups = groups.forget(r.client_id for r in replies if r.update is None)
         updates = [r.update for r in replies if r.update is not None]
         groups = groups.aggregate(updates, self.clients, rnd.round_idx,
                                   self.combine(state, groups))

@@ -133,6 +133,15 @@ class Groups:
                 outbox.pop(str(cid), None)
         return dataclasses.replace(self, held=held, outbox=outbox)
 
+    def forget(self, client_ids: Iterable[ClientId]) -> Groups:
+        """These clients' models are unknown (an update was refused): send them the group's.
+
+        Before their group's first aggregate there is nothing to send; they keep what they have.
+        """
+        drop = {str(c) for c in client_ids}
+        return dataclasses.replace(self, held={c: t for c, t in self.held.items()
+                                               if c not in drop})
+
     def aggregate(self, updates: Sequence[Update], clients: Mapping[ClientId, ClientInfo],
                   round_idx: int, combine: Combine[str] | None = None) -> Groups:
         """Mix the updates within each group (adapters) and each (group, head shape) (heads)."""

@@ -152,7 +152,12 @@ class Laplacian(HomoLoRA):
     def aggregate_train(self, state: Any, rnd: RoundInfo,
                         replies: Sequence[TrainReply]) -> RoundOutcome:
         """Group aggregates as the base strategy (server models, newcomers); then the step."""
-        state = self.acknowledge_own(state, [r.client_id for r in replies])
+        # a refused client is forgotten: its next plan carries its own last accepted model
+        state = self.acknowledge_own(state, [r.client_id for r in replies
+                                             if r.update is not None])
+        refused = {str(r.client_id) for r in replies if r.update is None}
+        state = dataclasses.replace(state, holds={c: v for c, v in state.holds.items()
+                                                  if c not in refused})
         outcome = super().aggregate_train(state, rnd, replies)
         updates = [r.update for r in self.completed(state, rnd, replies)
                    if r.update is not None]

@@ -106,6 +106,10 @@ class HomoLoRA(FedAvg):
     def group_kind(self) -> Grouping:  # noqa: D102
         return self.fixed_grouping or self.cfg.ranks.grouping
 
+    def planned_ranks(self, state: RankState, client_id: ClientId) -> dict[str, int] | None:
+        """The client's rank map (its part's modules when split), else the initial ranks."""
+        return dict(state.ranks.get(str(client_id), self.initial_ranks))
+
     def groups(self, state: RankState) -> Groups:  # noqa: D102
         return state.groups
 
