@@ -278,6 +278,7 @@ class TrainReply:
     update: Update | None
     record: dict[str, Any] = field(default_factory=dict)  # train_loss, steps, ...
     seconds: float = 0.0
+    delivered: bool = True  # False: the plan never reached the client (it vanished before)
 
     def payload(self) -> Payload:  # noqa: D102
         if self.update is None:

@@ -22,6 +22,7 @@ from atlasfl.config.schema import (
     DeviceProfileConfig,
     DevicesConfig,
     ExperimentConfig,
+    FaultsConfig,
     FederationConfig,
     LaplacianConfig,
     LoraSettings,
@@ -34,8 +35,8 @@ from atlasfl.config.schema import (
 from atlasfl.config.validate import validate
 
 __all__ = ["RESUMABLE_KEYS", "ClusteringConfig", "CustomTaskConfig", "DataConfig",
-           "DeviceProfileConfig", "DevicesConfig", "ExperimentConfig", "FederationConfig",
-           "LaplacianConfig",
+           "DeviceProfileConfig", "DevicesConfig", "ExperimentConfig", "FaultsConfig",
+           "FederationConfig", "LaplacianConfig",
            "LoraSettings", "ModelConfig", "RanksConfig", "SessionConfig", "SplitConfig",
            "TrainConfig",
            "apply_overrides", "check_same_experiment", "experiment_diff", "from_dict",

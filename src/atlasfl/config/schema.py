@@ -231,6 +231,12 @@ class FaultsConfig:
     """What the server refuses: every update is checked before any aggregation."""
 
     max_update_norm: float = 0.0  # > 0: refuse an update whose L2 norm (all tensors) exceeds it
+    # simulated failures of sampled clients, drawn per (seed, round, client)
+    drop_before: float = 0.0  # probability it vanishes before training (the plan never arrives)
+    drop_during: float = 0.0  # probability it vanishes while training (nothing is uploaded)
+    deadline_seconds: float = 0.0  # > 0: an update later than this (simulated) is discarded
+    step_seconds: float = 0.5  # simulated seconds per optimizer step of a laptop-8gb
+    jitter: float = 0.3  # lognormal sigma of a client's simulated time
 
 
 @dataclass(frozen=True)

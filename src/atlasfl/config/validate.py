@@ -50,8 +50,17 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.length_bucket >= 0, "train.length_bucket", t.length_bucket, "0 (off) or more")
     _check(t.pad_multiple >= 1, "train.pad_multiple", t.pad_multiple, "an integer >= 1")
     _check(t.threads >= 0, "train.threads", t.threads, "0 (auto) or more")
-    _check(cfg.faults.max_update_norm >= 0, "faults.max_update_norm", cfg.faults.max_update_norm,
+    fl = cfg.faults
+    _check(fl.max_update_norm >= 0, "faults.max_update_norm", fl.max_update_norm,
            "0 (off) or a number > 0")
+    for key in ("drop_before", "drop_during"):
+        _check(0.0 <= getattr(fl, key) <= 1.0, f"faults.{key}", getattr(fl, key), "0 <= p <= 1")
+    _check(fl.drop_before + fl.drop_during <= 1.0, "faults.drop_before + faults.drop_during",
+           fl.drop_before + fl.drop_during, "at most 1")
+    _check(fl.deadline_seconds >= 0, "faults.deadline_seconds", fl.deadline_seconds,
+           "0 (off) or a number > 0")
+    _check(fl.step_seconds > 0, "faults.step_seconds", fl.step_seconds, "a number > 0")
+    _check(fl.jitter >= 0, "faults.jitter", fl.jitter, "a number >= 0")
     _check(f.rounds >= 1, "federation.rounds", f.rounds, "an integer >= 1")
     _check(0.0 < f.fraction <= 1.0, "federation.fraction", f.fraction, "0 < x <= 1")
     _check(f.eval_every >= 1, "federation.eval_every", f.eval_every, "an integer >= 1")

@@ -10,15 +10,20 @@ counted by kind. It runs no algorithm of its own.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from atlasfl.client import ClientRuntime, ClientState
 from atlasfl.client.split import Link
+from atlasfl.config import FaultsConfig
+from atlasfl.devices import DeviceProfile, known_profiles
 from atlasfl.engine.channel import InProcessChannel
-from atlasfl.engine.ledger import CommLedger
+from atlasfl.engine.faults import ClientVanished, draw_fault, simulated_seconds
+from atlasfl.engine.ledger import CommLedger, state_bytes
 from atlasfl.engine.split_server import ServerModel, SplitServer
-from atlasfl.messages import SplitMessage
+from atlasfl.messages import SplitMessage, Train, TrainReply
 from atlasfl.types import ClientId
 
 if TYPE_CHECKING:
@@ -42,18 +47,44 @@ class Executor(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Faults:
+    """Simulated failures (``faults.*``) and what they are drawn from."""
+
+    cfg: FaultsConfig
+    seed: int
+    devices: Mapping[ClientId, DeviceProfile]
+    batch_size: int
+
+    @property
+    def active(self) -> bool:
+        """Whether any failure can happen."""
+        c = self.cfg
+        return c.drop_before > 0 or c.drop_during > 0 or c.deadline_seconds > 0
+
+
 class InProcessExecutor:
     """All clients in this process, sharing one frozen backbone."""
 
     def __init__(self, runtime: ClientRuntime, clients: Mapping[ClientId, ClientState],
-                 channel: InProcessChannel):
+                 channel: InProcessChannel, faults: Faults | None = None):
         self.runtime, self.clients, self.channel = runtime, clients, channel
+        self.faults = faults if faults is not None and faults.active else None
 
     def run(self, round_idx: int, plans: Sequence[Plan], server: SplitServer | None = None
             ) -> Iterator[Reply]:
         """Deliver every plan and yield each client's reply as it arrives."""
         for plan in plans:
             cid = plan.client_id
+            fault = None
+            if self.faults is not None and isinstance(plan, Train):
+                fault = draw_fault(self.faults.cfg, seed=self.faults.seed, round_idx=round_idx,
+                                   client_id=cid)
+            if fault is not None and fault.kind == "before":  # the plan never arrives
+                yield TrainReply(cid, None, {"trained": False,
+                                             "dropped": "vanished before training"},
+                                 delivered=False)
+                continue
             received = self.channel.send(round_idx, cid, "down", plan)
             link = None
             split = getattr(plan, "split", None)
@@ -62,8 +93,46 @@ class InProcessExecutor:
                     raise RuntimeError(f"client {cid} was planned split but no server runs")
                 server.open(cid, split)
                 link = self._link(round_idx, cid, server)
-            reply = self.runtime.handle(self.clients[cid], received, round_idx, link)
-            yield self.channel.send(round_idx, cid, "up", reply)
+                if fault is not None:
+                    link = _vanishing(link, fault.fraction, self._messages(plan, split.u_shape))
+            try:
+                reply = self.runtime.handle(self.clients[cid], received, round_idx, link)
+            except ClientVanished as exc:
+                assert server is not None
+                server.abandon(cid)  # the unfinished batch never reaches the server model
+                yield TrainReply(cid, None, {"trained": True, "dropped": str(exc)})
+                continue
+            if fault is not None:  # it trained, then vanished before uploading
+                assert isinstance(reply, TrainReply)
+                yield dataclasses.replace(reply, update=None, record={
+                    **reply.record, "dropped": "vanished after training, before its upload"})
+                continue
+            arrived = self.channel.send(round_idx, cid, "up", reply)
+            yield self._on_time(round_idx, arrived)
+
+    def _messages(self, plan: Plan, u_shape: bool) -> int:
+        """How many link calls a split client's training makes (one or two per batch)."""
+        assert isinstance(plan, Train) and self.faults is not None
+        rows = len(self.clients[plan.client_id].train_set)
+        batches = plan.steps or plan.epochs * -(-rows // self.faults.batch_size)
+        return batches * (2 if u_shape else 1)
+
+    def _on_time(self, round_idx: int, reply: Reply) -> Reply:
+        """The reply, or without its update when it came after ``faults.deadline_seconds``."""
+        faults = self.faults
+        if (faults is None or faults.cfg.deadline_seconds <= 0
+                or not isinstance(reply, TrainReply) or reply.update is None):
+            return reply
+        cid = reply.client_id
+        seconds = simulated_seconds(
+            faults.cfg, faults.devices[cid], steps=int(reply.record.get("steps", 0)),
+            bytes_up=sum(state_bytes(t) for t in reply.payload().values()), seed=faults.seed,
+            round_idx=round_idx, client_id=cid)
+        if seconds <= faults.cfg.deadline_seconds:
+            return reply
+        return dataclasses.replace(reply, update=None, record={
+            **reply.record, "late": f"simulated {seconds:.1f} s > faults.deadline_seconds = "
+                                    f"{faults.cfg.deadline_seconds:g}"})
 
     def _link(self, round_idx: int, client_id: ClientId, server: SplitServer) -> Link:
         def link(message: SplitMessage) -> SplitMessage:
@@ -79,6 +148,26 @@ class InProcessExecutor:
                            device=rt.device, models=models)
 
 
+def _vanishing(link: Link, fraction: float, total: int) -> Link:
+    """``link``, failing at its call number ``fraction`` x ``total`` (at least one call short)."""
+    fail_at = min(int(fraction * total), max(total - 1, 0))
+    calls = 0
+
+    def wrapped(message: SplitMessage) -> SplitMessage:
+        nonlocal calls
+        if calls >= fail_at:
+            raise ClientVanished(f"vanished during training, after {calls} of {total} split "
+                                 f"messages")
+        calls += 1
+        return link(message)
+    return wrapped
+
+
 def make_executor(exp: Experiment, ledger: CommLedger) -> InProcessExecutor:
     """The in-process executor of an experiment, counting transfers in ``ledger``."""
-    return InProcessExecutor(exp.runtime, exp.clients, InProcessChannel(ledger))
+    cfg = exp.cfg
+    profiles = known_profiles(cfg.devices)
+    devices = {cid: profiles[info.device] for cid, info in
+               ((i.client_id, i) for i in exp.strategy.clients.values())}
+    faults = Faults(cfg.faults, cfg.seed, devices, cfg.train.batch_size)
+    return InProcessExecutor(exp.runtime, exp.clients, InProcessChannel(ledger), faults)

@@ -114,6 +114,10 @@ class SplitServer:
 
     # -- the protocol -----------------------------------------------------------------------
 
+    def abandon(self, client_id: ClientId) -> None:
+        """A client vanished mid-training: drop its half-done batch (U-shape's forward)."""
+        self.pending.pop(client_id, None)
+
     def handle(self, client_id: ClientId, message: SplitMessage) -> SplitMessage:
         """Answer one message of a client's batch."""
         plan = self.sessions[client_id]

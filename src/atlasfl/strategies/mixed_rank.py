@@ -311,7 +311,8 @@ class HomoLoRA(FedAvg):
 
     def acknowledge_ranks(self, state: RankState, replies: Sequence[Reply]) -> RankState:
         """Clients that answered a plan hold their rank map (excluded ones never get one)."""
-        done = {r.client_id for r in replies if r.client_id not in state.excluded}
+        done = {r.client_id for r in replies if r.client_id not in state.excluded
+                and getattr(r, "delivered", True)}
         return dataclasses.replace(state, configured=tuple(sorted({*state.configured, *done})))
 
     def served(self, state: RankState, rnd: RoundInfo) -> dict[str, ServerModel]:

@@ -1,0 +1,88 @@
+"""Simulated failures: seeded per (seed, round, client), recorded, never averaged in."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atlasfl.config import FaultsConfig
+from atlasfl.devices import BUILTIN_PROFILES
+from atlasfl.engine import RunDir, build_experiment, load_checkpoint, run_experiment
+from atlasfl.engine.faults import draw_fault, simulated_seconds
+
+
+def test_faults_are_drawn_per_round_and_client_at_their_rates():
+    cfg = FaultsConfig(drop_before=0.2, drop_during=0.1)
+    draws = [draw_fault(cfg, seed=3, round_idx=r, client_id=c)
+             for r in range(1, 101) for c in range(20)]
+    before = sum(d is not None and d.kind == "before" for d in draws)
+    during = sum(d is not None and d.kind == "during" for d in draws)
+    n = len(draws)  # 2000: 3 SD of a binomial count is ~54 at p 0.2, ~40 at p 0.1
+    assert abs(before - 0.2 * n) < 3 * math.sqrt(n * 0.2 * 0.8)
+    assert abs(during - 0.1 * n) < 3 * math.sqrt(n * 0.1 * 0.9)
+    assert draws[7] == draw_fault(cfg, seed=3, round_idx=1, client_id=7)  # a function of its key
+    assert draw_fault(FaultsConfig(), seed=3, round_idx=1, client_id=7) is None
+
+
+def test_simulated_time_is_compute_over_speed_plus_upload():
+    cfg = FaultsConfig(step_seconds=0.5, jitter=0.0)
+    phone = BUILTIN_PROFILES["cpu-2gb"]  # compute 0.1, uplink 5 Mbit/s
+    seconds = simulated_seconds(cfg, phone, steps=12, bytes_up=1_000_000, seed=0, round_idx=1,
+                                client_id=0)
+    assert seconds == pytest.approx(12 * 0.5 / 0.1 + 8e6 / 5e6)  # 60 s + 1.6 s
+
+
+def _history(exp, with_snapshot=False):
+    run = RunDir.create(exp.cfg)
+    run_experiment(exp, run)
+    snapshot = load_checkpoint(run.path)
+    return (snapshot.meta["history"], snapshot) if with_snapshot else snapshot.meta["history"]
+
+
+def test_dropped_clients_are_recorded_and_only_survivors_are_averaged(tiny_cfg, tmp_path,
+                                                                      updates_of):
+    exp = build_experiment(tiny_cfg(method="fedavg-task", out=str(tmp_path), **{
+        "federation.rounds": 4, "faults.drop_before": 0.3, "faults.drop_during": 0.3}))
+    seen = updates_of(exp)
+    history = _history(exp)
+    reasons = {row.get("dropped") for rnd in history for row in rnd} - {None}
+    assert reasons == {"vanished before training", "vanished after training, before its upload"}
+    for rnd, aggregated in zip(history, seen, strict=True):
+        survivors = {row["client"] for row in rnd if row["trained"] and "dropped" not in row}
+        assert set(aggregated) == survivors
+        for row in rnd:  # a plan that never arrived carried no bytes down
+            if row.get("dropped") == "vanished before training":
+                assert row["trained"] is False and row.get("bytes_down_adapter", 0) >= 0
+                assert "train_loss" not in row
+
+
+def test_a_split_client_vanishing_mid_training_leaves_the_server_consistent(
+        tiny_cfg, tmp_path, weak_device):
+    base = {"split.min_cut": 0, "split.mode": "u-shape", "split.enabled": "always",
+            "out": str(tmp_path), "federation.rounds": 2, "faults.drop_during": 1.0}
+    exp = build_experiment(tiny_cfg(method="hetlora", **base))
+    history, snapshot = _history(exp, with_snapshot=True)
+    rows = [row for rnd in history for row in rnd if row["trained"]]
+    assert rows and all(row["dropped"].startswith("vanished during training, after ")
+                        for row in rows)
+    assert any(" after 0 of " not in row["dropped"] for row in rows)  # some batches went through
+    server = {k: v for k, v in snapshot.tensors.items() if "server" in k}
+    assert server and all(bool(torch.isfinite(v).all()) for v in server.values())
+
+
+def test_updates_after_the_deadline_are_discarded_slow_devices_first(tiny_cfg, tmp_path,
+                                                                      updates_of):
+    exp = build_experiment(tiny_cfg(method="fedavg-task", out=str(tmp_path), **{
+        "devices.assignment": ["cpu-2gb", "gpu-16gb", "cpu-2gb", "gpu-16gb"],
+        "faults.deadline_seconds": 5.0,
+        "faults.jitter": 0.0, "federation.rounds": 1}))
+    seen = updates_of(exp)
+    history = _history(exp)
+    phones = {cid for cid, info in exp.strategy.clients.items() if info.device == "cpu-2gb"}
+    assert phones == {0, 2}
+    late = {row["client"] for row in history[0] if "late" in row}
+    assert late == phones  # 3 steps x 0.5 s / 0.1 = 15 s > 5 s; on the GPU 0.075 s
+    assert set(seen[0]) == set(exp.clients) - phones
+    assert all(row["late"].startswith("simulated 15.") for row in history[0] if "late" in row)
