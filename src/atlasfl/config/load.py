@@ -12,6 +12,7 @@ import copy
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -120,6 +121,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise AtlasError(f"config key {path!r} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise AtlasError(f"config key {path!r} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -156,7 +159,10 @@ def from_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise AtlasError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AtlasError(f"config file {path}: not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

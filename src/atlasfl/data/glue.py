@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,12 @@ class Examples:
 def _parse_label(raw: str, spec: TaskSpec, where: str) -> float | int:
     if spec.is_regression:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise AtlasError(f"{where}: label {raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise AtlasError(f"{where}: label {raw!r} is not a finite number")
+        return value
     try:
         return spec.label_names.index(raw.strip())
     except ValueError:
@@ -93,12 +97,21 @@ def read_examples(path: str | Path, spec: TaskSpec) -> Examples:
     texts: list[tuple[str, ...]] = []
     labels: list[float | int] = []
     needed = (*spec.text_fields, spec.label_field)
-    for n, row in _rows(path, spec):
-        missing = [c for c in needed if c not in row]
-        if missing:
-            raise AtlasError(f"{path} line {n}: missing column(s) {missing}; found {list(row)}")
-        texts.append(tuple(row[c] for c in spec.text_fields))
-        labels.append(_parse_label(row[spec.label_field], spec, f"{path} line {n}"))
+    n = 0
+    try:
+        for n, row in _rows(path, spec):
+            missing = [c for c in needed if c not in row]
+            if missing:
+                raise AtlasError(f"{path} line {n}: missing column(s) {missing}; found "
+                                 f"{list(row)}")
+            texts.append(tuple(row[c] for c in spec.text_fields))
+            labels.append(_parse_label(row[spec.label_field], spec, f"{path} line {n}"))
+    except UnicodeDecodeError as exc:
+        raise AtlasError(f"{path}: not UTF-8 text after line {n} ({exc.reason}, byte "
+                         f"{exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+    except csv.Error as exc:
+        raise AtlasError(f"{path} after line {n}: unreadable as "
+                         f"{spec.format.upper()} ({exc})") from None
     if not texts:
         raise AtlasError(f"{path} holds no rows")
     dtype = np.float32 if spec.is_regression else np.int64
