@@ -209,12 +209,13 @@ class HomoLoRA(FedAvg):
                 cuts[str(cid)] = cut
             if not plan.feasible:
                 if self.cfg.ranks.on_infeasible == "error":
+                    split_hint = ("set split.enabled=auto, " if self.split_when() == "never"
+                                  else "")
                     raise AtlasError(
                         f"client {cid} on device {device.name} needs {mib(plan.memory_bytes)} "
                         f"for its smallest adapter, its budget is "
                         f"{mib(plan.budget_bytes)}; lower train.batch_size or "
-                        f"data.max_length, set split.enabled=auto, or set "
-                        f"ranks.on_infeasible=exclude")
+                        f"data.max_length, {split_hint}or set ranks.on_infeasible=exclude")
                 excluded.append(cid)
             ranks[str(cid)] = plan.ranks
         return dataclasses.replace(state, ranks=ranks, records=records,
