@@ -98,6 +98,7 @@ class TrainConfig:
     length_bucket: int = 0  # > 0: sort rows by length within chunks of this many batches
     pad_multiple: int = 1  # round each batch's padded length up to a multiple of this
     threads: int = 0  # torch intra-op threads; 0 = the cores this process may use
+    mmap_threshold_kb: int = 0  # > 0: glibc serves allocations above it by mmap (flat memory)
 
 
 @dataclass(frozen=True)

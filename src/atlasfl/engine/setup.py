@@ -23,6 +23,7 @@ from atlasfl.data.glue import load_task, resolve_data_root
 from atlasfl.data.metrics import majority_baseline
 from atlasfl.data.partition import ClientSplit, drop_test_overlap, partition
 from atlasfl.data.tasks import TaskSpec, resolve_tasks
+from atlasfl.engine.allocator import set_mmap_threshold
 from atlasfl.errors import AtlasError
 from atlasfl.models.head import ClassificationHead, init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
@@ -105,6 +106,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     """Load data and model and create every client from the shared seeded initialisation."""
     strategy_cls = get_strategy(cfg.method)
     torch.set_num_threads(resolve_threads(cfg.train.threads))
+    set_mmap_threshold(cfg.train.mmap_threshold_kb)
     specs: list[TaskSpec] = resolve_tasks(cfg.data.tasks, cfg.data.custom_tasks)
     device = resolve_device(cfg.device)
     root = resolve_data_root(cfg.data.data_dir)
