@@ -47,7 +47,8 @@ def _assert_same_tensors(a, b):
     "splitlora:split.mode=u-shape,split.min_cut=0", "hetlora:split.enabled=always", "mira",
     "atlas", "atlas:split.enabled=always,split.min_cut=0,laplacian.cross_weight=0.5", "fedsa",
     "fedavg-task:train.length_bucket=2,train.pad_multiple=8",
-    "hetlora:faults.drop_before=0.3,faults.drop_during=0.3,faults.deadline_seconds=2"])
+    "hetlora:faults.drop_before=0.3,faults.drop_during=0.3,faults.deadline_seconds=2",
+    "atlas:federation.resident_clients=2"])
 def test_six_rounds_equal_three_plus_resumed_three(tiny_cfg, tmp_path, method):
     method, _, settings = method.partition(":")  # then key=value,... overrides
     extra = {k: yaml.safe_load(v) for k, v in (kv.split("=") for kv in settings.split(","))

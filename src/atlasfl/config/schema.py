@@ -108,6 +108,7 @@ class FederationConfig:
     rounds: int = 5
     fraction: float = 1.0  # share of clients sampled to train each round
     eval_every: int = 1  # evaluate every N rounds (and always after the last)
+    resident_clients: int = 0  # > 0: at most this many clients' state in memory, others on disk
 
 
 @dataclass(frozen=True)

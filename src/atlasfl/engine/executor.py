@@ -15,8 +15,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from atlasfl.client import ClientRuntime, ClientState
+from atlasfl.client import ClientRuntime
 from atlasfl.client.split import Link
+from atlasfl.client.store import ClientStore
 from atlasfl.config import FaultsConfig
 from atlasfl.devices import DeviceProfile, known_profiles
 from atlasfl.engine.channel import InProcessChannel
@@ -66,7 +67,7 @@ class Faults:
 class InProcessExecutor:
     """All clients in this process, sharing one frozen backbone."""
 
-    def __init__(self, runtime: ClientRuntime, clients: Mapping[ClientId, ClientState],
+    def __init__(self, runtime: ClientRuntime, clients: ClientStore,
                  channel: InProcessChannel, faults: Faults | None = None):
         self.runtime, self.clients, self.channel = runtime, clients, channel
         self.faults = faults if faults is not None and faults.active else None
@@ -113,7 +114,7 @@ class InProcessExecutor:
     def _messages(self, plan: Plan, u_shape: bool) -> int:
         """How many link calls a split client's training makes (one or two per batch)."""
         assert isinstance(plan, Train) and self.faults is not None
-        rows = len(self.clients[plan.client_id].train_set)
+        rows = self.clients.num_examples(plan.client_id)
         batches = plan.steps or plan.epochs * -(-rows // self.faults.batch_size)
         return batches * (2 if u_shape else 1)
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from atlasfl.client import ClientRuntime, ClientState, make_client
+from atlasfl.client.store import ClientStore
 from atlasfl.config import ExperimentConfig
 from atlasfl.data.batching import TokenizedSet, tokenize
 from atlasfl.data.glue import load_task, resolve_data_root
@@ -40,7 +41,7 @@ class Experiment:
     cfg: ExperimentConfig
     backbone: Backbone
     strategy: Strategy
-    clients: dict[int, ClientState]
+    clients: ClientStore  # client id -> its state (built or reloaded on access)
     # the client side: the shared model, binder, device and seeded start of every client here
     runtime: ClientRuntime
     majority: dict[str, dict[str, float]]  # per task: metrics of predicting the majority class
@@ -124,7 +125,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         return tokenize(examples, backbone.tokenizer, max_length=cfg.data.max_length,
                         use_token_types=use_types)
 
-    clients: dict[int, ClientState] = {}
+    recipes: dict[int, tuple[TaskSpec, int, TokenizedSet, TokenizedSet]] = {}
     infos: list[ClientInfo] = []
     initial_heads: dict[int, ClassificationHead] = {}
     test_sets, majority, notes = {}, {}, {}
@@ -153,13 +154,20 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                                            dropout=cfg.model.head_dropout, seed=head_seed
                                            ).to(device)
         for split in splits:
-            cid = len(clients)
-            head = copy.deepcopy(initial_heads[num_out])  # the same seeded start for all
-            clients[cid] = make_client(cid, spec, adapter_init, head,
-                                       tok(train.subset(split.train_idx)),
-                                       tok(train.subset(split.val_idx)), cfg.train, device)
+            cid = len(recipes)
+            recipes[cid] = (spec, num_out, tok(train.subset(split.train_idx)),
+                            tok(train.subset(split.val_idx)))
             infos.append(ClientInfo(cid, spec.name, len(split.train_idx),
-                                    tuple(head.out.weight.shape)))
+                                    tuple(initial_heads[num_out].out.weight.shape)))
+
+    def build(cid: int) -> ClientState:  # the same seeded start for every client
+        spec, num_out, train_set, val_set = recipes[cid]
+        return make_client(cid, spec, adapter_init, copy.deepcopy(initial_heads[num_out]),
+                           train_set, val_set, cfg.train, device)
+
+    clients = ClientStore(build, {c: r[0] for c, r in recipes.items()},
+                          {c: len(r[2]) for c, r in recipes.items()},
+                          resident=cfg.federation.resident_clients)
     devices = assign_devices([i.client_id for i in infos], cfg.devices, seed=cfg.seed)
     infos = [dataclasses.replace(i, device=devices[i.client_id].name) for i in infos]
     shapes = binder.shapes()

@@ -94,8 +94,8 @@ def capture(exp: Experiment, server_state: Any, round_idx: int,
     """Everything that crosses rounds, as tensors + JSON: the one place state is collected."""
     tensors: dict[str, torch.Tensor] = {}
     clients_meta = {}
-    for cid, client in exp.clients.items():
-        client_tensors, clients_meta[str(cid)] = client.checkpoint()
+    for cid in exp.clients:  # a spilled client is read from disk, not rebuilt
+        client_tensors, clients_meta[str(cid)] = exp.clients.checkpoint(cid)
         tensors.update({f"client/{cid}/{k}": v for k, v in client_tensors.items()})
     server = flatten_state(server_state, tensors)
     tensors["rng/torch"] = torch.get_rng_state()
@@ -113,10 +113,10 @@ def restore(exp: Experiment, snapshot: Snapshot) -> tuple[Any, list[list[dict[st
     if saved_ids != sorted(exp.clients):
         raise AtlasError(f"checkpoint holds clients {saved_ids}, this experiment has "
                          f"{sorted(exp.clients)}")
-    for cid, client in exp.clients.items():
+    for cid in exp.clients:
         prefix = f"client/{cid}/"
-        client.restore({k[len(prefix):]: v for k, v in snapshot.tensors.items()
-                        if k.startswith(prefix)}, snapshot.meta["clients"][str(cid)])
+        exp.clients.restore(cid, {k[len(prefix):]: v for k, v in snapshot.tensors.items()
+                                  if k.startswith(prefix)}, snapshot.meta["clients"][str(cid)])
     torch.set_rng_state(snapshot.tensors["rng/torch"])
     if exp.device.type == "cuda" and "rng/cuda" in snapshot.tensors:
         torch.cuda.set_rng_state(snapshot.tensors["rng/cuda"], exp.device)
@@ -130,7 +130,8 @@ def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict
     final_rows = history[-1]  # the last round is always evaluated
     rows = [row for round_rows in history for row in round_rows]
     summary = summarize(final_rows, exp.majority,
-                        {c.task.name: c.task.primary_metric for c in exp.clients.values()})
+                        {exp.clients.task(c).name: exp.clients.task(c).primary_metric
+                         for c in exp.clients})
     summary.update(
         method=cfg.method, model=cfg.model.name, seed=cfg.seed, rounds=cfg.federation.rounds,
         num_clients=len(exp.clients), device=str(exp.device),
@@ -227,8 +228,8 @@ class _RoundRecord:
         self.rnd, self.bar, self.expected, self.rounds = rnd, bar, expected, rounds
         self.messages = 0
         self.rows: dict[ClientId, dict[str, Any]] = {
-            cid: {"round": rnd.round_idx, "client": cid, "task": client.task.name,
-                  "trained": False, "seconds": 0.0} for cid, client in sorted(exp.clients.items())}
+            cid: {"round": rnd.round_idx, "client": cid, "task": exp.clients.task(cid).name,
+                  "trained": False, "seconds": 0.0} for cid in sorted(exp.clients)}
 
     def reply(self, reply: Reply) -> None:
         """What a client reported, and the time it took (also per kind of message)."""
