@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from atlasfl.engine import build_experiment, run_experiment
@@ -94,3 +96,57 @@ def test_a_refused_update_is_recorded_never_averaged_and_the_client_is_reset(
         assert all(bool(torch.isfinite(p).all()) for p in exp.clients[c].adapter.values())
     mrpc = [c for c in exp.clients if c not in cola]
     assert all(torch.isfinite(torch.tensor(history[1][c]["train_loss"])) for c in mrpc)
+
+
+@st.composite
+def rounds_with_a_bad_update(draw):
+    """Four good updates of two clients' groups and one bad one (NaN, wrong rank, no rows)."""
+    n = 4
+    torch.manual_seed(draw(st.integers(0, 10**6)))
+    good = [Update(c, {"m1.lora_A.weight": torch.randn(2, 4),
+                       "m1.lora_B.weight": torch.randn(6, 2)},
+                   {"out.weight": torch.randn(3, 5), "out.bias": torch.randn(3)},
+                   draw(st.integers(1, 50))) for c in range(n)]
+    bad_id = draw(st.integers(0, n - 1))
+    kind = draw(st.sampled_from(["nan", "rank", "rows", "key"]))
+    bad = good[bad_id]
+    if kind == "nan":
+        adapter = {k: v.clone() for k, v in bad.adapter.items()}
+        adapter["m1.lora_A.weight"][0, 0] = float("inf")
+        bad = dataclasses.replace(bad, adapter=adapter)
+    elif kind == "rank":
+        bad = dataclasses.replace(bad, adapter={"m1.lora_A.weight": torch.randn(3, 4),
+                                                "m1.lora_B.weight": torch.randn(6, 3)})
+    elif kind == "rows":
+        bad = dataclasses.replace(bad, num_examples=0)
+    else:
+        bad = dataclasses.replace(bad, adapter={**bad.adapter, "m9.lora_A.weight": torch.ones(1)})
+    return good, bad_id, bad
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=rounds_with_a_bad_update())
+def test_a_refused_update_never_changes_the_aggregate(case):
+    from atlasfl.config import from_dict
+    from atlasfl.engine.simulation import _checked
+    from atlasfl.messages import TrainReply
+    from atlasfl.strategies.base import ClientInfo, ModelInfo, RoundInfo
+    from atlasfl.strategies.fedavg import FedAvg
+
+    good, bad_id, bad = case
+    cfg = from_dict({"method": "fedavg", "model": {"lora": {"r": 2}}})
+    infos = [ClientInfo(c, "t", 10, (3, 5)) for c in range(len(good))]
+    strategy = FedAvg(infos, cfg, ModelInfo(None, dict(SHAPES), {3: 18}))
+    rnd = RoundInfo(1, tuple(range(len(good))), False)
+
+    def aggregate(updates):
+        replies = [_checked(strategy, strategy.init(), TrainReply(u.client_id, u))
+                   for u in updates]
+        return strategy.aggregate_train(strategy.init(), rnd, replies).state
+
+    with_bad = aggregate([bad if u.client_id == bad_id else u for u in good])
+    without = aggregate([u for u in good if u.client_id != bad_id])
+    for key, value in without.adapters["all"].items():
+        assert torch.equal(with_bad.adapters["all"][key], value)
+    for key, value in without.heads.items():
+        assert all(torch.equal(with_bad.heads[key][k], v) for k, v in value.items())
