@@ -106,3 +106,10 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
     assert code == 2 and "already exists" in capsys.readouterr().err
     assert (run / "summary.json").read_text() == "precious"
     assert sorted(p.name for p in run.iterdir()) == ["summary.json"]
+    # --overwrite replaces run folders only: this one holds no config.yaml
+    assert main([*TINY, "--out", str(tmp_path), "--run-name", "taken", "--overwrite"]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert (run / "summary.json").read_text() == "precious"
+    (run / "config.yaml").write_text("method: local\n")
+    assert main([*TINY, "--out", str(tmp_path), "--run-name", "taken", "--overwrite"]) == 0
+    assert (run / "summary.json").read_text() != "precious"

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="GLUE folder (default: $ATLASFL_DATA, ../shared/data/glue)")
     run.add_argument("--out", help="folder for run folders (default runs)")
     run.add_argument("--run-name", help="name of this run's folder")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run folder --run-name names if it holds a run")
     run.add_argument("--resume", metavar="PATH",
                      help="continue a run from its folder or one checkpoint folder")
     _session_flags(run)
@@ -178,7 +180,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if snapshot is not None:
         run_dir = RunDir(_run_folder(resume_from))
     else:
-        run_dir = RunDir.create(cfg)
+        run_dir = RunDir.create(cfg, overwrite=bool(getattr(args, "overwrite", False)))
     stop = _install_stop_handlers()
     outcome = run_experiment(experiment, run_dir, resume=snapshot, stop=stop)
     if outcome.summary is None:

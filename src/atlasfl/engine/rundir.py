@@ -6,6 +6,7 @@ File names and reading a finished run are in ``atlasfl.runfiles`` (shared with t
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,19 +25,29 @@ class RunDir:
         self.path = path
 
     @classmethod
-    def create(cls, cfg: ExperimentConfig) -> RunDir:
-        """Create a new folder for ``cfg``; refuse to write into an existing non-empty one."""
+    def create(cls, cfg: ExperimentConfig, *, overwrite: bool = False) -> RunDir:
+        """Create a new folder for ``cfg``; refuse to write into an existing non-empty one.
+
+        ``overwrite`` replaces an existing run folder of that name (one holding ``config.yaml``);
+        a folder that is not a run folder is never deleted.
+        """
         name = cfg.run_name or (f"{cfg.method}-{cfg.model.name.replace('/', '_')}-seed{cfg.seed}-"
                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
         path = Path(cfg.out) / name
         if path.exists() and any(path.iterdir()):
-            if cfg.run_name:
+            if cfg.run_name and overwrite:
+                if not (path / CONFIG_FILE).is_file():
+                    raise AtlasError(f"{path} is not a run folder (no {CONFIG_FILE}); "
+                                     f"--overwrite replaces run folders only")
+                shutil.rmtree(path)
+            elif cfg.run_name:
                 raise AtlasError(f"run folder {path} already exists and is not empty; choose "
-                                 f"another run_name or out")
-            suffix = 2
-            while (Path(cfg.out) / f"{name}-{suffix}").exists():
-                suffix += 1
-            path = Path(cfg.out) / f"{name}-{suffix}"
+                                 f"another run_name or out, or pass --overwrite to replace it")
+            else:  # a generated name taken within the same second: the next free suffix
+                suffix = 2
+                while (Path(cfg.out) / f"{name}-{suffix}").exists():
+                    suffix += 1
+                path = Path(cfg.out) / f"{name}-{suffix}"
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
         (path / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
