@@ -93,3 +93,20 @@ def test_weighted_metrics_equal_the_metrics_of_repeated_rows():
     weights = label_mix_weights(GLUE_TASKS["stsb"], np.array([4.0, 4.1]), gold)
     assert weights is not None and weights.sum() == pytest.approx(5.0)
     assert np.count_nonzero(weights) == 1 and weights[np.argmax(gold)] == pytest.approx(5.0)
+
+
+def test_a_constant_prediction_has_weighted_mcc_0_not_nan():
+    # scikit-learn's zero test misses by rounding for these float weights and returns NaN
+    labels = np.array([1, 1, 0, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 1, 1,
+                       1, 1, 0, 0, 1])
+    weights = np.array([0.0, 0.6772250913811823, 0.4661053601182982, 0.0, 0.6392056567399602,
+                        0.0, 0.0, 0.4232012457336759, 0.667269780506526, 0.892124516647265,
+                        0.03920532692151002, 0.0, 0.0, 0.0, 0.3688955395370517,
+                        0.9962864662850552, 0.7502265933699976, 0.0, 0.6883936993913492,
+                        0.14994414258337152, 0.0, 0.11615110618872104, 0.3628876680247494,
+                        0.2882849316778322, 0.0, 0.8163747123561405, 0.9048174020352262,
+                        0.32307219176499224, 0.10635250826982479, 0.6021768352555054])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        m = compute_metrics(GLUE_TASKS["cola"], np.zeros(30, dtype=int), labels, weights=weights)
+    assert m["mcc"] == 0.0 and m["metric"] == 0.0

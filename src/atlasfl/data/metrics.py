@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -39,7 +41,10 @@ def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray,
             out[name] = float(f1_score(labels, predictions, zero_division=0.0,
                                        sample_weight=weights))
         elif name == "mcc":
-            out[name] = float(matthews_corrcoef(labels, predictions, sample_weight=weights))
+            mcc = float(matthews_corrcoef(labels, predictions, sample_weight=weights))
+            # undefined (a constant prediction or label) is 0, as scikit-learn says unweighted;
+            # with float weights its zero test can miss by rounding and give NaN
+            out[name] = mcc if math.isfinite(mcc) else 0.0
         elif name == "pearson":
             out[name] = (_safe_corr(stats.pearsonr, predictions, labels) if weights is None
                          else _weighted_pearson(predictions, labels, weights))
