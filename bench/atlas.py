@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -68,12 +69,16 @@ def _summaries(folder: Path) -> dict[tuple[str, ...], dict[str, Any]]:
 def _ms(values: list[float]) -> str:
     if not values:
         return "-"
+    if not all(math.isfinite(v) for v in values):
+        return "nan"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
 def _client_sd(summary: dict[str, Any], task: str, key: str = "metric") -> float:
     values = [c[key] for c in summary["clients"] if c["task"] == task]
+    if not all(math.isfinite(v) for v in values):
+        return math.nan
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 

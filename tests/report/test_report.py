@@ -57,6 +57,7 @@ def test_spread_and_a_paired_comparison_by_hand():
     s = spread([1.0, 2.0, 4.0])
     assert s.mean == pytest.approx(7 / 3) and s.sd == pytest.approx(math.sqrt(7 / 3)) and s.n == 3
     assert spread([0.5]).sd is None
+    assert math.isnan(spread([0.5, math.nan]).mean)  # shown as nan, never dropped or a crash
     # differences 0.1, 0.2, 0.3: mean 0.2, SD 0.1, t = 0.2 / (0.1 / sqrt 3) = 3.4641 on 2 df
     p = paired({0: 1.1, 1: 1.2, 2: 1.3, 7: 9.0}, {0: 1.0, 1: 1.0, 2: 1.0})
     assert p.n == 3 and p.mean_diff == pytest.approx(0.2) and p.wins == 3

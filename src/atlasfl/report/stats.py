@@ -32,6 +32,8 @@ def spread(values: Sequence[float]) -> Spread:
     """Mean and SD across seeds of ``values`` (at least one)."""
     if not values:
         raise ValueError("spread of no values")
+    if not all(math.isfinite(v) for v in values):  # shown as nan, never silently dropped
+        return Spread(math.nan, None, len(values))
     sd = statistics.stdev(values) if len(values) > 1 else None
     return Spread(statistics.fmean(values), sd, len(values))
 

@@ -10,6 +10,7 @@ seeds. MB = 10^6 bytes.
 from __future__ import annotations
 
 import csv
+import math
 import io
 import statistics
 from collections import defaultdict
@@ -96,6 +97,8 @@ def _over(runs: Sequence[RunRecord], get) -> Spread | None:
 def client_sd(summary: dict[str, Any], task: str, key: str = "metric") -> float:
     """SD of ``key`` across the clients of ``task`` in one run (0 with one client)."""
     values = [c[key] for c in summary["clients"] if c["task"] == task and key in c]
+    if not all(math.isfinite(v) for v in values):
+        return math.nan
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
