@@ -257,10 +257,14 @@ def lambda_sweep(grouped: dict[str, list[RunRecord]]) -> Figure | str:
                           if v is not None]) for p in points]
         series = [s for s in series if s[1]]
         if series:
-            ax.errorbar([s[0] for s in series], [statistics.fmean(s[1]) for s in series],
+            means = [statistics.fmean(s[1]) for s in series]
+            ax.errorbar([s[0] for s in series], means,
                         yerr=[statistics.stdev(s[1]) if len(s[1]) > 1 else 0 for s in series],
                         color=_colour(i), marker=MARKERS[i], markersize=3, capsize=1.5,
                         label=name)
+            for (lam, values), mean in zip(series, means, strict=True):  # seeds differ: say so
+                ax.annotate(f"n={len(values)}", (lam, mean), textcoords="offset points",
+                            xytext=(3, 3), fontsize=5, color=_colour(i))
     ax.set_xlabel("lambda (0: local)")
     ax.set_ylabel("average metric")
     ax.legend(frameon=False)
