@@ -19,7 +19,8 @@ TASKS = {"sst2": "accuracy", "cola": "mcc"}
 
 
 def fake_run(root: Path, name: str, *, method: str, seed: int, clients: list[tuple[str, float]],
-             lam: float | None = None, finished: bool = True, rounds: int = 2) -> Path:
+             lam: float | None = None, finished: bool = True, rounds: int = 2,
+             train: dict | None = None) -> Path:
     """A run folder as the runner writes it: clients' final metrics given, earlier rounds lower."""
     path = root / name
     path.mkdir(parents=True)
@@ -27,6 +28,8 @@ def fake_run(root: Path, name: str, *, method: str, seed: int, clients: list[tup
               "data": {"tasks": list(TASKS)}}
     if lam is not None:
         config["laplacian"] = {"lam": lam}
+    if train is not None:
+        config["train"] = train
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     rows = [{"round": r, "client": i, "task": task, "metric": metric - 0.1 * (rounds - r),
              "accuracy": metric, "bytes_up": 1000 * (i + 1), "bytes_down": 500}
@@ -203,3 +206,13 @@ def test_an_arm_label_names_only_what_differs_within_its_method(tmp_path):
         fake_run(tmp_path, f"atlas{lam}", method="atlas", seed=0, lam=lam,
                  clients=[("sst2", 0.7), ("cola", 0.1)])
     assert list(arms(find_runs([tmp_path]))) == ["atlas lam=0.5", "atlas lam=1.0", "local"]
+
+
+def test_a_key_added_since_an_old_run_was_written_does_not_split_its_arm(tmp_path):
+    fake_run(tmp_path, "old", method="local", seed=0, clients=[("sst2", 0.7), ("cola", 0.1)])
+    fake_run(tmp_path, "new", method="local", seed=1, clients=[("sst2", 0.7), ("cola", 0.1)],
+             train={"length_bucket": 0})  # written by a version that has the key: its default
+    fake_run(tmp_path, "other", method="local", seed=2, clients=[("sst2", 0.7), ("cola", 0.1)],
+             train={"length_bucket": 8})
+    assert list(arms(find_runs([tmp_path]))) == ["local length_bucket=0", "local length_bucket=8"]
+    assert [r.seed for r in arms(find_runs([tmp_path]))["local length_bucket=0"]] == [0, 1]

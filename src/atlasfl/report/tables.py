@@ -9,6 +9,7 @@ seeds. MB = 10^6 bytes.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import io
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from atlasfl.config import from_dict
 from atlasfl.errors import AtlasError
 from atlasfl.report.runs import RunRecord
 from atlasfl.report.stats import Paired, Spread, paired, spread
@@ -53,7 +55,7 @@ def arms(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
     Raises when one arm holds two runs of one seed (the same experiment given twice).
     """
     finished = [r for r in records if r.status == "finished"]
-    flats = [_flat(r.config) for r in finished]
+    flats = [_flat(_complete(r.config)) for r in finished]
     varying: dict[str, list[str]] = {}  # per method: the settings its runs differ in
     for method in {r.method for r in finished}:
         mine = [f for r, f in zip(finished, flats, strict=True) if r.method == method]
@@ -71,6 +73,18 @@ def arms(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
                              f"{record.path}); report them separately")
         grouped[label].append(record)
     return {label: sorted(grouped[label], key=lambda r: r.seed) for label in sorted(grouped)}
+
+
+def _complete(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with today's defaults for keys added since it was written.
+
+    Runs written before a key existed ran at its default: without this, an old and a new run of
+    one experiment would land in two arms. A config this version cannot read is taken as saved.
+    """
+    try:
+        return from_dict(copy.deepcopy(config)).to_dict()
+    except AtlasError:
+        return config
 
 
 def _summary(record: RunRecord) -> dict[str, Any]:
