@@ -272,18 +272,18 @@ def lambda_sweep(grouped: dict[str, list[RunRecord]]) -> Figure | str:
 
 
 def client_heatmap(grouped: dict[str, list[RunRecord]]) -> Figure | str:
-    """Each client's final metric (mean over seeds) per arm."""
+    """Each client's final accuracy (its metric for regression; mean over seeds) per arm."""
     clients = sorted({(c["client"], c["task"]) for runs in grouped.values() for r in runs
                       for c in r.summary["clients"]})  # type: ignore[index]
     matrix = np.full((len(clients), len(grouped)), np.nan)
     for j, runs in enumerate(grouped.values()):
         for i, (cid, _) in enumerate(clients):
-            values = [c["metric"] for r in runs for c in r.summary["clients"]  # type: ignore
-                      if c["client"] == cid]
+            values = [c.get("accuracy", c["metric"]) for r in runs
+                      for c in r.summary["clients"] if c["client"] == cid]  # type: ignore
             if values:
                 matrix[i, j] = statistics.fmean(values)
     return _heatmap(matrix, list(grouped), [f"{c} {t}" for c, t in clients],
-                    "final metric per client", "metric")
+                    "final accuracy per client (metric for regression)", "accuracy")
 
 
 FIGURES: dict[str, Drawer] = {

@@ -117,23 +117,27 @@ def client_sd(summary: dict[str, Any], task: str, key: str = "metric") -> float:
 
 
 def method_table(records: Sequence[RunRecord], *, key: str = "metric") -> Table:
-    """Per arm: each task's ``key`` (``metric`` or ``own_metric``), averages, bytes, time."""
+    """Per arm: each task's ``key`` (``metric``, ``accuracy``, ``own_metric``), averages, bytes."""
     grouped = arms(records)
     if not grouped:
         raise AtlasError("no finished run to report")
     first = next(iter(grouped.values()))[0].summary
     assert first is not None
     tasks = list(first["tasks"])
-    acc_key = "accuracy" if key == "metric" else "own_accuracy"
-    header = ["method", "n", *(f"{t} {first['tasks'][t]['metric_name']}" for t in tasks),
-              "avg metric", "avg acc", "val metric", "client SD", "MB up", "MB down", "wall s",
+    acc_key = "own_accuracy" if key == "own_metric" else "accuracy"
+    names = {t: "accuracy" if key == "accuracy" else first["tasks"][t]["metric_name"]
+             for t in tasks}
+    average = {"metric": "avg metric", "accuracy": "avg acc", "own_metric": "avg own metric"}
+    header = ["method", "n", *(f"{t} {names[t]}" for t in tasks), average[key], "avg acc", "val metric", "client SD", "MB up", "MB down", "wall s",
               "peak MB"]
     rows = []
-    if key == "metric":
+    if key in ("metric", "accuracy"):
         avg = first["average"]
-        rows.append(["majority class", "", *(f"{first['tasks'][t]['majority_metric']:.3f}"
+        majority = "majority_metric" if key == "metric" else "majority_accuracy"
+        rows.append(["majority class", "", *(f"{first['tasks'][t][majority]:.3f}"
+                                             if majority in first["tasks"][t] else ""
                                              for t in tasks),
-                     f"{avg['majority_metric']:.3f}",
+                     f"{avg[majority]:.3f}" if majority in avg else "",
                      f"{avg['majority_accuracy']:.3f}" if "majority_accuracy" in avg else "",
                      "", "", "", "", "", ""])
     for label, runs in grouped.items():
@@ -149,8 +153,9 @@ def method_table(records: Sequence[RunRecord], *, key: str = "metric") -> Table:
             _cell(_over(runs, lambda s: s["bytes_down"] / 1e6), 2),
             _cell(_over(runs, lambda s: s["wall_seconds"]), 0),
             _cell(_over(runs, lambda s: s.get("peak_rss_mb")), 0)])
-    scored = ("the tasks' shared test rows" if key == "metric" else
-              "the test rows weighted to each client's own label mix")
+    scored = {"metric": "the tasks' shared test rows",
+              "accuracy": "the tasks' shared test rows, accuracy of each task",
+              "own_metric": "the test rows weighted to each client's own label mix"}[key]
     return Table(f"Per method on {scored}: mean ± SD across seeds (n)", header, rows,
                  "client SD: SD of the metric across a task's clients, mean over tasks and "
                  "seeds. MB = 10^6 bytes.")

@@ -29,6 +29,7 @@ def report_tables(records: Sequence[RunRecord], vs: str | None = None) -> dict[s
     tables: dict[str, Table] = {}
     if finished:
         tables["methods"] = method_table(records)
+        tables["methods_accuracy"] = method_table(records, key="accuracy")
         own = all("own_metric" in r.summary["average"] for r in finished)  # type: ignore[index]
         if own:
             tables["methods_own_mix"] = method_table(records, key="own_metric")
