@@ -128,8 +128,8 @@ def method_table(records: Sequence[RunRecord], *, key: str = "metric") -> Table:
     names = {t: "accuracy" if key == "accuracy" else first["tasks"][t]["metric_name"]
              for t in tasks}
     average = {"metric": "avg metric", "accuracy": "avg acc", "own_metric": "avg own metric"}
-    header = ["method", "n", *(f"{t} {names[t]}" for t in tasks), average[key], "avg acc", "val metric", "client SD", "MB up", "MB down", "wall s",
-              "peak MB"]
+    header = ["method", "n", *(f"{t} {names[t]}" for t in tasks), average[key], "avg acc",
+              "val metric", "client SD", "MB up", "MB down", "wall s", "peak MB"]
     rows = []
     if key in ("metric", "accuracy"):
         avg = first["average"]
