@@ -27,7 +27,7 @@ STSB = ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\ts
         "1\tmain\tf\t2012\t4\tx\ty\ta man plays .\ta man is playing .\t3.800\n")
 CONFIG = ("method: fedavg\nseed: 0\ndata:\n  tasks: [sst2, mrpc]\n  samples: 24\n"
           "train:\n  lr: 0.01\n")
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[
     HealthCheck.function_scoped_fixture])
 
 
@@ -77,19 +77,13 @@ def _read_or_refuse(path, spec):
 
 
 @FUZZ
-@given(data=corruptions(SST2))
-def test_a_corrupted_classification_file_is_read_or_refused_naming_it(tmp_path, data):
+@given(case=st.sampled_from([("sst2", SST2), ("stsb", STSB)]).flatmap(
+    lambda task: corruptions(task[1]).map(lambda data: (task[0], data))))
+def test_a_corrupted_data_file_is_read_or_refused_naming_it(tmp_path, case):
+    task, data = case  # classification and regression files
     path = tmp_path / "train.tsv"
     path.write_bytes(data)
-    _read_or_refuse(path, GLUE_TASKS["sst2"])
-
-
-@FUZZ
-@given(data=corruptions(STSB))
-def test_a_corrupted_regression_file_is_read_or_refused_naming_it(tmp_path, data):
-    path = tmp_path / "train.tsv"
-    path.write_bytes(data)
-    _read_or_refuse(path, GLUE_TASKS["stsb"])
+    _read_or_refuse(path, GLUE_TASKS[task])
 
 
 @pytest.mark.parametrize("label", ["nan", "inf", "-inf"])
