@@ -26,6 +26,7 @@ from typing import Any
 
 from atlasfl.config import from_yaml
 from atlasfl.engine.grid import run_grid
+from atlasfl.report.tables import client_sd
 
 PARTITIONS = {"iid": {}, "dirichlet": {"data.partition": "dirichlet", "data.alpha": 0.5}}
 ABLATIONS = ["atlas-no-laplacian", "atlas-no-split", "atlas-homo-rank", "atlas-oracle-clusters"]
@@ -73,13 +74,6 @@ def _ms(values: list[float]) -> str:
         return "nan"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-
-
-def _client_sd(summary: dict[str, Any], task: str, key: str = "metric") -> float:
-    values = [c[key] for c in summary["clients"] if c["task"] == task]
-    if not all(math.isfinite(v) for v in values):
-        return math.nan
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -143,12 +137,12 @@ def _method_tables(args: argparse.Namespace, runs: dict[tuple[str, ...], dict[st
         seeds = sorted(s for mm, s in runs if mm == m)
         ss = [runs[(m, s)] for s in seeds]
         cells = [_ms([x["tasks"][t][key] for x in ss]) for t in tasks]
-        client_sd = statistics.mean(_client_sd(x, t, key) for x in ss for t in tasks)
+        spread_sd = statistics.mean(client_sd(x, t, key) for x in ss for t in tasks)
         print(f"| `{m}` | {len(ss)} | " + " | ".join(cells)
               + f" | {_ms([x['average'][key] for x in ss])}"
               f" | {_ms([x['average'][acc] for x in ss])}"
               f" | {_ms([x['average'].get('val_metric', float('nan')) for x in ss])}"
-              f" | {client_sd:.3f} | {statistics.mean(x['bytes_up'] for x in ss) / 1e6:.1f}"
+              f" | {spread_sd:.3f} | {statistics.mean(x['bytes_up'] for x in ss) / 1e6:.1f}"
               f" | {statistics.mean(x['wall_seconds'] for x in ss):.0f} |")
     base = {s: runs[("atlas", s)] for mm, s in runs if mm == "atlas"}
     rows = []
