@@ -38,3 +38,39 @@ def test_one_resident_client_gives_the_same_run_as_all_in_memory(tiny_cfg, tmp_p
         [[without_timings(r) for r in rnd] for rnd in b.meta["history"]]
     clients = [k for k in a.tensors if k.startswith("client/")]
     assert clients and all(torch.equal(a.tensors[k], b.tensors[k]) for k in clients)
+
+
+def _state_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_two_hundred_clients_at_ten_percent_hold_only_the_sampled_clients_state(tiny_cfg, tmp_path):
+    """Issue 18's bound, on the part that grows with clients: the client state in memory is at
+    most sampled x (adapter + head + optimizer moments) x 1.2, whatever the population. The
+    backbone is shared and built once; a store that kept every trained client would hold up to
+    200 states here and fail the bound from round 2 on."""
+    from atlasfl.engine import RunDir
+
+    sampled, clients = 20, 200
+    cfg = tiny_cfg(method="fedavg-task", out=str(tmp_path), run_name="scale", **{
+        "data.tasks": ["sst2", "cola"], "data.clients_per_task": clients // 2,
+        "data.samples": 8, "data.eval_samples": 8, "data.val_fraction": 0.0,
+        "federation.rounds": 3, "federation.fraction": sampled / clients,
+        "federation.eval_every": 3, "federation.resident_clients": sampled})
+    exp = build_experiment(cfg)
+    assert len(exp.clients) == clients and list(exp.clients.live) == []
+    held, one, trained = [], [], set()
+    handle = exp.runtime.handle
+
+    def spy(client, plan, round_idx, link=None):
+        reply = handle(client, plan, round_idx, link)
+        held.append(sum(_state_bytes(exp.clients.checkpoint(c)[0]) for c in exp.clients.live))
+        one.append(_state_bytes(client.checkpoint()[0]))
+        trained.add(plan.client_id)
+        return reply
+
+    exp.runtime.handle = spy
+    run_experiment(exp, RunDir.create(exp.cfg))
+    assert len(trained) > 2 * sampled  # the rounds did reach different clients
+    bound = sampled * max(one) * 1.2
+    assert max(held) <= bound, (max(held), bound)
