@@ -76,8 +76,31 @@ def _bad_label(tmp_path):
             "--tasks", "mine"]
 
 
+def _empty_task(tmp_path):
+    rows = tmp_path / "few_train.tsv"
+    rows.write_text("sentence\tlabel\na\t0\nb\t1\nc\t0\n")
+    return ["--set", f"data.custom_tasks=[{{name: few, train: {rows}, test: {rows}}}]",
+            "--tasks", "few"]
+
+
+def _broken_yaml(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("method: atlas\ndata: {tasks: [sst2\n")
+    return ["--config", str(config)]
+
+
+SPECK = ("devices.custom=[{name: speck, memory_gb: 0.0001, compute: 1, uplink_mbps: 1, "
+         "downlink_mbps: 1}]")
+
+
 @pytest.mark.parametrize("extra, message", [
     (lambda p: ["--tasks", "sst3"], "unknown task 'sst3'; did you mean sst2"),
+    (lambda p: ["--set", "train.lr=abc"], "config key 'train.lr' must be a number, got 'abc'"),
+    (_broken_yaml, "broken.yaml, line 3, column 1: not valid YAML"),
+    (_empty_task, "task 'few': 0 training rows cannot be split over 2 clients, after dropping 3 "
+                  "rows that are also in its test split"),
+    (lambda p: ["--method", "hetlora", "--set", SPECK, "--set", "devices.profiles=[speck]"],
+     "on device speck needs 5.3 MiB for its smallest adapter, its budget is 104.9 KiB"),
     (lambda p: ["--model", "no-such-model-xyz"], "unknown model 'no-such-model-xyz'"),
     (lambda p: ["--method", "fedavgg"], "unknown method 'fedavgg'; did you mean fedavg"),
     (lambda p: ["--set", "data.sampels=3"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shutil
 import signal
 import sys
 import warnings
@@ -153,7 +154,7 @@ def _install_stop_handlers():
 def _cmd_run(args: argparse.Namespace) -> int:
     from atlasfl.config import check_same_experiment
     from atlasfl.engine import RunDir, build_experiment, load_checkpoint, run_experiment
-    from atlasfl.engine.checkpoint import find_run
+    from atlasfl.engine.checkpoint import find_run, latest_checkpoint
     from atlasfl.engine.setup import resolve_threads
 
     resume_from = args.resume if args.command == "run" else args.run_dir
@@ -180,9 +181,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if snapshot is not None:
         run_dir = RunDir(_run_folder(resume_from))
     else:
+        new_out = not Path(cfg.out).exists()
         run_dir = RunDir.create(cfg, overwrite=bool(getattr(args, "overwrite", False)))
     stop = _install_stop_handlers()
-    outcome = run_experiment(experiment, run_dir, resume=snapshot, stop=stop)
+    try:
+        outcome = run_experiment(experiment, run_dir, resume=snapshot, stop=stop)
+    except AtlasError:  # an input error found once the run started (a device that fits no
+        # rank plan): a new run that saved nothing leaves no folder behind
+        if snapshot is None and latest_checkpoint(run_dir.path) is None:
+            shutil.rmtree(run_dir.path)
+            if new_out and not any(run_dir.path.parent.iterdir()):
+                run_dir.path.parent.rmdir()
+        raise
     if outcome.summary is None:
         if outcome.checkpoint is None and snapshot is None:
             print("atlasfl: stopped before the first round was saved; nothing to resume")

@@ -132,9 +132,16 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     for spec in specs:
         train, test = loaded[spec.name]
         train, dropped = drop_test_overlap(train, test)
-        splits = partition(train.labels, cfg.data.clients_per_task, cfg.data.samples,
-                           scheme=cfg.data.partition, alpha=cfg.data.alpha,
-                           val_fraction=cfg.data.val_fraction, seed=[cfg.seed, _stable(spec.name)])
+        try:
+            splits = partition(train.labels, cfg.data.clients_per_task, cfg.data.samples,
+                               scheme=cfg.data.partition, alpha=cfg.data.alpha,
+                               val_fraction=cfg.data.val_fraction,
+                               seed=[cfg.seed, _stable(spec.name)])
+        except AtlasError as exc:  # a task left (nearly) empty: name it and why
+            overlap = f", after dropping {dropped} rows that are also in its test split" \
+                if dropped else ""
+            raise AtlasError(f"task {spec.name!r}: {exc}{overlap}; allowed: "
+                             f"data.clients_per_task <= its training rows") from None
         if strategy_cls.pools_data:
             splits = _pool(splits)
         if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
