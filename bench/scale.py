@@ -44,7 +44,31 @@ def run(model: str, clients: int, sampled: int, rounds: int, samples: int, out: 
                     for k in range(1, rounds)]  # the last round also evaluates everyone
     return {"clients": summary["num_clients"], "sampled": sampled,
             "peak_mb": summary["peak_rss_mb"], "total_s": total,
-            "loop_s": summary["wall_seconds"], "train_round_s": float(np.mean(train_rounds))}
+            "loop_s": summary["wall_seconds"], "cpu_wall": summary["cpu_utilisation"],
+            "train_round_s": float(np.mean(train_rounds)),
+            "client_state_mb": _client_state_mb(out / name)}
+
+
+def _client_state_mb(run: Path) -> float:
+    """The largest client state (adapter + head + optimizer moments) in the run's checkpoint."""
+    from safetensors import safe_open
+
+    state = sorted((run / "checkpoints").glob("*/state.safetensors"))[-1]
+    sizes: dict[str, int] = {}
+    with safe_open(str(state), "pt") as f:
+        for key in f.keys():
+            if key.startswith("client/"):
+                t = f.get_tensor(key)
+                cid = key.split("/")[1]
+                sizes[cid] = sizes.get(cid, 0) + t.numel() * t.element_size()
+    return max(sizes.values()) / 2**20
+
+
+def _backbone_mb(model: str) -> float:
+    from atlasfl.models.registry import load_backbone
+
+    backbone = load_backbone(model)
+    return sum(p.numel() * p.element_size() for p in backbone.model.parameters()) / 2**20
 
 
 def main() -> None:
@@ -64,7 +88,19 @@ def main() -> None:
             points.append(p)
             print(f"{p['clients']:>5} clients, {p['sampled']:>3} sampled: peak RSS "
                   f"{p['peak_mb']:7.0f} MiB, process {p['total_s']:6.1f} s, loop "
-                  f"{p['loop_s']:6.1f} s, training round {p['train_round_s']:6.2f} s", flush=True)
+                  f"{p['loop_s']:6.1f} s (cpu/wall {p['cpu_wall']:.2f}), training round "
+                  f"{p['train_round_s']:6.2f} s, one client's state "
+                  f"{p['client_state_mb']:.3f} MiB", flush=True)
+    backbone = _backbone_mb(args.model)
+    smallest = min(points, key=lambda p: p["clients"])
+    overhead = smallest["peak_mb"] - backbone - smallest["sampled"] * smallest["client_state_mb"]
+    print(f"memory bound (issue 18): backbone {backbone:.1f} MiB + sampled x client state x 1.2 "
+          f"+ fixed overhead {overhead:.0f} MiB (the smallest run's peak less its backbone and "
+          f"clients)")
+    for p in points:
+        bound = backbone + p["sampled"] * p["client_state_mb"] * 1.2 + overhead
+        print(f"{p['clients']:>5} clients: peak {p['peak_mb']:.0f} MiB, bound {bound:.0f} MiB, "
+              f"{'within' if p['peak_mb'] <= bound else 'OVER'}")
     if len(points) > 1:
         slope, base = np.polyfit([p["clients"] for p in points],
                                  [p["train_round_s"] for p in points], 1)

@@ -59,3 +59,15 @@ def test_pad_multiple_rounds_the_batch_length_up(multiple, expected):
                                                 [1] * 5 + [0] * (expected - 5)]
     assert batch["input_ids"][1, :5].tolist() == [8, 9, 1, 2, 3]
     assert batch["token_type_ids"][1].tolist() == [0, 0, 1, 1, 1] + [0] * (expected - 5)
+
+
+def test_rows_are_packed_four_bytes_a_token_and_read_back_exactly():
+    rows = [[101, 30521, 7], [], [5] * 4]
+    data = TokenizedSet(rows, [[0, 1, 1], [], [1] * 4], np.array([1, 0, 1]), pad_id=0)
+    assert [data.row(i).tolist() for i in range(3)] == rows
+    assert data.lengths.tolist() == [3, 0, 4]
+    assert data.ids.nbytes == 4 * 7 and data.types is not None and data.types.nbytes == 7
+    batch = data.collate([2, 0])
+    assert batch["input_ids"].tolist() == [[5, 5, 5, 5], [101, 30521, 7, 0]]
+    assert batch["token_type_ids"].tolist() == [[1, 1, 1, 1], [0, 1, 1, 0]]
+    assert batch["input_ids"].dtype == torch.long and batch["labels"].tolist() == [1, 1]

@@ -73,7 +73,9 @@ class ClientRuntime:
     test_sets: dict[str, TokenizedSet]
     # Clients of one group often hold bit-identical models after aggregation: the shared test
     # split is scored once per distinct (task, model), keyed by a digest of the tensors.
-    _test_cache: dict[tuple[str, str], Scored | None] = field(default_factory=dict)
+    # (task, model digest) -> its predictions on the test rows and their unweighted metrics
+    _test_cache: dict[tuple[str, str], tuple[Scored, dict[str, float]] | None] = field(
+        default_factory=dict)
     _val_cache: dict[ClientId, tuple[str, Scored | None]] = field(default_factory=dict)
 
     def handle(self, client: ClientState, plan: PlanT, round_idx: int,
@@ -160,11 +162,13 @@ class ClientRuntime:
         key = (client.task.name, _digest(client.adapter_state(), client.head_state())
                + ("" if split is None else f"/{split}"))
         if key not in self._test_cache:  # clients holding one model share its predictions
-            self._test_cache[key] = run(self.test_sets[client.task.name])
-        test = self._test_cache[key]
+            scored = run(self.test_sets[client.task.name])
+            self._test_cache[key] = None if scored is None else (scored, scored.metrics())
+        cached = self._test_cache[key]
         out: dict[str, float] = {}
-        if test is not None:
-            out = {f"eval_{k}" if k == "loss" else k: v for k, v in test.metrics().items()}
+        if cached is not None:
+            test, metrics = cached
+            out = {f"eval_{k}" if k == "loss" else k: v for k, v in metrics.items()}
             weights = label_mix_weights(client.task, client.train_set.labels, test.labels)
             if weights is not None:  # the same predictions, weighted to the client's label mix
                 own = test.metrics(weights)
