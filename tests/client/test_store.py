@@ -33,6 +33,11 @@ def test_one_resident_client_gives_the_same_run_as_all_in_memory(tiny_cfg, tmp_p
         runs[resident] = load_checkpoint(run.path)
         if resident:
             assert seen and max(seen) == 1  # never more than one client's state in memory
+            # the spilled clients' files were copied into the checkpoint, not loaded to save
+            from atlasfl.engine.checkpoint import latest_checkpoint
+            parts = sorted(p.name for p in latest_checkpoint(run.path).glob("client-*"))
+            assert parts == [f"client-{c}.safetensors" for c in sorted(exp.clients)
+                             if c not in exp.clients.live]
     a, b = runs[0], runs[1]
     assert [[without_timings(r) for r in rnd] for rnd in a.meta["history"]] == \
         [[without_timings(r) for r in rnd] for rnd in b.meta["history"]]

@@ -89,6 +89,13 @@ class ClientStore(Mapping[ClientId, ClientState]):
             return self._load(client_id)
         return self._build(client_id).checkpoint()  # never used: the shared start
 
+    def spilled(self, client_id: ClientId) -> tuple[Path, dict[str, Any]] | None:
+        """The safetensors file and metadata of a client that is on disk now, else None."""
+        if client_id not in self._spilled or client_id in self._live:
+            return None
+        path = self._path(client_id)
+        return path.with_suffix(".safetensors"), json.loads(path.with_suffix(".json").read_text())
+
     def restore(self, client_id: ClientId, tensors: dict[str, Tensor], meta: dict[str, Any]
                 ) -> None:
         """Put a saved client state back (a spilled client stays on disk)."""

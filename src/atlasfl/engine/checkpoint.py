@@ -1,12 +1,14 @@
 """Checkpoints: everything that crosses rounds, saved atomically and verified on load.
 
 A checkpoint is one folder ``<run>/checkpoints/round-NNNNNN/`` holding ``state.safetensors``
-(every tensor: clients' adapters, heads and optimizer moments, server state, RNG state),
+(every tensor: clients' adapters, heads and optimizer moments, server state, RNG state; a
+client spilled to disk by ``federation.resident_clients`` is copied file to file instead, as
+``client-<id>.safetensors``, so saving never holds every client in memory at once),
 ``state.json`` (round, resolved config, history, server and optimizer metadata) and
-``manifest.json`` (SHA-256 of both). It is written under a temporary name, fsynced and renamed,
-so a crash while saving never leaves a folder that looks complete. No pickle anywhere: tensors
-go through safetensors and the rest through JSON; server-state dataclasses are rebuilt only from
-classes inside the ``atlasfl`` package.
+``manifest.json`` (SHA-256 of every file). It is written under a temporary name, fsynced and
+renamed, so a crash while saving never leaves a folder that looks complete. No pickle anywhere:
+tensors go through safetensors and the rest through JSON; server-state dataclasses are rebuilt
+only from classes inside the ``atlasfl`` package.
 
 ``capture`` and ``restore`` are the one place that knows what state exists: a client's state is
 ``ClientState.checkpoint``, a strategy's is its server-state dataclass, walked generically, so a
@@ -21,7 +23,7 @@ import importlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,9 @@ class Snapshot:
     config: dict[str, Any]
     tensors: dict[str, Tensor]
     meta: dict[str, Any]  # history, server-state skeleton, client optimizer metadata, timings
+    # prefix -> a safetensors file whose tensors belong under it (a spilled client's state),
+    # copied into the checkpoint without loading; ``load_checkpoint`` merges them into tensors
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 # -- generic (un)flattening of server-state dataclasses -------------------------------------
@@ -145,10 +150,16 @@ def save_checkpoint(run_path: Path, snapshot: Snapshot, *, keep: int = 2) -> Pat
     meta = {"format": FORMAT, "round": snapshot.round_idx, "config": snapshot.config,
             **snapshot.meta}
     (tmp / META).write_text(json.dumps(meta))
+    parts = {}
+    for prefix, source in snapshot.files.items():
+        name = prefix.strip("/").replace("/", "-") + ".safetensors"
+        shutil.copyfile(source, tmp / name)
+        parts[name] = prefix
+    names = [TENSORS, META, *parts]
     manifest = {"format": FORMAT, "round": snapshot.round_idx,
-                "files": {name: _sha256(tmp / name) for name in (TENSORS, META)}}
+                "files": {name: _sha256(tmp / name) for name in names}, "parts": parts}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for name in (TENSORS, META, MANIFEST):
+    for name in (*names, MANIFEST):
         _fsync(tmp / name)
     if final.exists():  # a later session redoing a round after resuming from an older one
         shutil.rmtree(final)
@@ -209,7 +220,8 @@ def load_checkpoint(path: str | Path) -> Snapshot:
     if manifest.get("format") != FORMAT:
         raise AtlasError(f"checkpoint {path} has format {manifest.get('format')!r}; this "
                          f"atlasfl reads format {FORMAT}")
-    for name in (TENSORS, META):
+    parts = manifest.get("parts", {})
+    for name in (TENSORS, META, *parts):
         file = path / name
         if name not in files or not file.is_file():
             raise AtlasError(f"checkpoint file {file} is missing")
@@ -218,6 +230,8 @@ def load_checkpoint(path: str | Path) -> Snapshot:
                              f"edited); refusing to resume from it")
     try:
         tensors = load_file(str(path / TENSORS))
+        for name, prefix in parts.items():
+            tensors.update({prefix + k: v for k, v in load_file(str(path / name)).items()})
         meta = json.loads((path / META).read_text())
     except (SafetensorError, json.JSONDecodeError, OSError) as exc:
         raise AtlasError(f"checkpoint {path} is unreadable: {exc}") from None

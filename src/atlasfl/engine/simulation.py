@@ -93,8 +93,13 @@ def capture(exp: Experiment, server_state: Any, round_idx: int,
             history: list[list[dict[str, Any]]], elapsed: dict[str, float]) -> Snapshot:
     """Everything that crosses rounds, as tensors + JSON: the one place state is collected."""
     tensors: dict[str, torch.Tensor] = {}
+    files: dict[str, Path] = {}
     clients_meta = {}
-    for cid in exp.clients:  # a spilled client is read from disk, not rebuilt
+    for cid in exp.clients:
+        on_disk = exp.clients.spilled(cid)
+        if on_disk is not None:  # a spilled client's file is copied, never loaded
+            files[f"client/{cid}/"], clients_meta[str(cid)] = on_disk
+            continue
         client_tensors, clients_meta[str(cid)] = exp.clients.checkpoint(cid)
         tensors.update({f"client/{cid}/{k}": v for k, v in client_tensors.items()})
     server = flatten_state(server_state, tensors)
@@ -103,7 +108,7 @@ def capture(exp: Experiment, server_state: Any, round_idx: int,
         tensors["rng/cuda"] = torch.cuda.get_rng_state(exp.device)
     meta = {"history": history, "server": server, "clients": clients_meta, "elapsed": elapsed,
             "strategy": exp.cfg.method}
-    return Snapshot(round_idx, exp.cfg.to_dict(), tensors, meta)
+    return Snapshot(round_idx, exp.cfg.to_dict(), tensors, meta, files)
 
 
 def restore(exp: Experiment, snapshot: Snapshot) -> tuple[Any, list[list[dict[str, Any]]],
