@@ -117,8 +117,11 @@ def to_content(message: Plan | Reply) -> RecordDict:
             _put(config, "split.", message.split)
         case Evaluate():
             _put(config, "split.", message.split)
-        case ProbeReply() | EvaluateReply():
+        case ProbeReply():
             _put_record(config, message.record, message.seconds)
+        case EvaluateReply():
+            _put_record(config, message.record, message.seconds)
+            config["delivered"] = message.delivered
         case TrainReply():
             _put_record(config, message.record, message.seconds)
             config["delivered"] = message.delivered
@@ -165,7 +168,7 @@ def reply_from_content(kind: str, content: RecordDict) -> Reply:
         return TrainReply(cid, update, record, seconds, bool(_get(config, "delivered"))
                           ).with_payload(payload)
     if kind == "evaluate":
-        return EvaluateReply(cid, record, seconds)
+        return EvaluateReply(cid, record, seconds, bool(_get(config, "delivered")))
     raise AtlasError(f"reply kind {kind!r} is unknown; allowed: probe, train, evaluate")
 
 
