@@ -29,12 +29,19 @@ FLAG_KEYS = {
 }
 
 
+ENGINES = ("in-process", "flower-sim")
+
+
 def _session_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rounds", type=int,
                         help="stop cleanly after this many rounds in this session")
     parser.add_argument("--save-every", type=int, help="checkpoint every N rounds (default 1)")
     parser.add_argument("--keep-checkpoints", type=int, help="checkpoints to keep (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--engine", choices=ENGINES, default="in-process",
+                        help="in-process (default) or flower-sim: the same rounds on Flower's "
+                        "simulation runtime (Ray), one virtual SuperNode per client; needs "
+                        "pip install 'atlasfl[flower]'")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -182,7 +189,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         run_dir = RunDir.create(cfg, overwrite=bool(getattr(args, "overwrite", False)))
     stop = _install_stop_handlers()
-    outcome = run_experiment(experiment, run_dir, resume=snapshot, stop=stop)
+    if args.engine == "flower-sim":
+        outcome = _flower_simulation()(experiment, run_dir, resume=snapshot, stop=stop)
+    else:
+        outcome = run_experiment(experiment, run_dir, resume=snapshot, stop=stop)
     if outcome.summary is None:
         if outcome.checkpoint is None and snapshot is None:
             print("atlasfl: stopped before the first round was saved; nothing to resume")
@@ -194,6 +204,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 130 if stop.requested else 0
     _print_summary(outcome.summary, run_dir.path)
     return 0
+
+
+def _flower_simulation():
+    try:
+        from atlasfl.engine.flower.server_app import run_flower_simulation
+    except ImportError as exc:
+        raise AtlasError(f"--engine flower-sim needs Flower ({exc}); install it with "
+                         f"pip install 'atlasfl[flower]'") from None
+    return run_flower_simulation
 
 
 def _run_folder(path: str) -> Path:
