@@ -78,6 +78,11 @@ class FlowerExecutor:
 
         ``wait``: seconds to wait for the nodes to connect (deployment: SuperNodes start late).
         """
+        faults = exp.cfg.faults
+        if faults.drop_before > 0 or faults.drop_during > 0 or faults.deadline_seconds > 0:
+            raise AtlasError("faults.* simulates failures in process; on Flower clients fail for "
+                             "real: set faults.drop_before, faults.drop_during and "
+                             "faults.deadline_seconds to 0 (use timeout for a deadline)")
         need = sorted(exp.clients)
         deadline = time.monotonic() + wait
         nodes = sorted(grid.get_node_ids())
