@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 
 from atlasfl.engine import build_experiment, run_experiment  # noqa: E402
-from atlasfl.engine.flower.server_app import FLOWER_ENV, run_flower_simulation  # noqa: E402
+from atlasfl.engine.flower.server_app import run_flower_simulation  # noqa: E402
 
 pytestmark = pytest.mark.flower
-
-for _key, _value in FLOWER_ENV.items():
-    os.environ.setdefault(_key, _value)
-
 
 def _bits(t: torch.Tensor) -> bytes:
     return t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
