@@ -8,7 +8,7 @@ A plan or reply (``atlasfl.messages``) becomes a ``RecordDict`` of two records:
   bit-exact, the same bytes on the wire.
 - ``config`` (``ConfigRecord``): everything else under flat keys: ``client_id``, the plan's
   settings (``epochs``, ``split.cut``, ``fingerprint.samples``...), a reply's ``record.<key>``
-  and ``seconds``, ``kinds`` (the payload's kinds, so an empty kind survives the trip) and
+  and ``seconds``, ``kinds`` (the payload's kinds, comma-separated: an empty kind survives) and
   ``dtype/<kind>/<name>`` = ``bfloat16`` for each tensor sent as its bit pattern.
 
 The receiver rebuilds the message without tensors from the config and puts the payload back
@@ -54,10 +54,12 @@ _FROM_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
 def payload_to_records(payload: Payload) -> tuple[ArrayRecord, ConfigRecord]:
     """Tensors by kind and name -> an ``ArrayRecord`` with flat keys, and their dtype notes."""
     arrays = ArrayRecord()
-    config = ConfigRecord({"kinds": sorted(payload)})
+    # one string, left out when empty: flwr 1.42's ConfigRecord.count_bytes fails on an empty
+    # list or string
+    config = ConfigRecord({"kinds": ",".join(sorted(payload))} if payload else {})
     for kind, tensors in payload.items():
-        if "/" in kind:  # internal: kinds are the fixed names of atlasfl.messages
-            raise ValueError(f"payload kind {kind!r} holds '/'")
+        if "/" in kind or "," in kind:  # internal: kinds are the fixed names of messages.py
+            raise ValueError(f"payload kind {kind!r} holds '/' or ','")
         for name, tensor in tensors.items():
             key = f"{kind}/{name}"
             t = tensor.detach().cpu().contiguous()
@@ -70,7 +72,8 @@ def payload_to_records(payload: Payload) -> tuple[ArrayRecord, ConfigRecord]:
 
 def records_to_payload(arrays: ArrayRecord, config: ConfigRecord) -> Payload:
     """Inverse of ``payload_to_records``: the same tensors, bit for bit."""
-    payload: Payload = {str(kind): {} for kind in _list(config, "kinds")}
+    kinds = str(config.get("kinds", ""))
+    payload: Payload = {kind: {} for kind in kinds.split(",") if kind}
     for key, array in arrays.items():
         kind, _, name = key.partition("/")
         if kind not in payload:
@@ -197,11 +200,6 @@ def _get(config: ConfigRecord, key: str) -> Any:
     if key not in config:
         raise AtlasError(f"message config lacks {key!r} (it holds {sorted(config)})")
     return config[key]
-
-
-def _list(config: ConfigRecord, key: str) -> list[Any]:
-    value = _get(config, key)
-    return list(value) if isinstance(value, list) else [value]
 
 
 def _put(config: ConfigRecord, prefix: str, spec: Any) -> None:
