@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -48,3 +50,21 @@ def test_flower_simulation_ends_with_the_in_process_adapters_bit_for_bit(tiny_cf
     for a, b in zip(got.summary["clients"], expected.summary["clients"], strict=True):
         assert {k: v for k, v in a.items() if not k.endswith("seconds")} == \
             {k: v for k, v in b.items() if not k.endswith("seconds")}
+
+
+def test_cli_engine_flower_sim_writes_the_rows_an_in_process_run_writes(tmp_path):
+    from atlasfl.cli import main
+
+    tiny = ["run", "--model", "tiny-bert", "--tasks", "cola", "mrpc", "--clients-per-task", "2",
+            "--samples", "16", "--eval-samples", "16", "--max-length", "32", "--rounds", "2",
+            "--method", "fedavg-task", "--no-progress", "--set", "train.threads=1",
+            "--out", str(tmp_path)]
+    assert main([*tiny, "--run-name", "local"]) == 0
+    assert main([*tiny, "--run-name", "flower", "--engine", "flower-sim"]) == 0
+
+    def rows(name):
+        lines = (tmp_path / name / "rounds.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if not k.endswith("seconds")}
+                for x in lines]
+    assert len(rows("flower")) == 2 * 4
+    assert rows("flower") == rows("local")
