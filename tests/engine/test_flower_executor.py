@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("flwr")
 
@@ -136,3 +137,45 @@ def test_checkpoint_and_resume_on_fresh_nodes_end_where_one_in_process_run_ends(
                          executor_of=lambda e, ledger: FlowerExecutor.connect(nodes, e, ledger))
     assert end.completed_rounds == 2
     assert _bits(second) == _bits(whole)
+
+
+def test_deployment_server_app_runs_from_its_run_config_and_resumes_from_the_checkpoint(
+        tiny_cfg, tmp_path):
+    from flwr.app import Context
+
+    from atlasfl.engine.flower.server_app import main
+
+    cfg = tiny_cfg(method="fedavg-task", **{"federation.rounds": 2, "train.threads": 1})
+    whole = build_experiment(cfg)
+    run_experiment(whole)
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+
+    def context(**run_config):
+        return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                       run_config={"config": "", "set": "", "out": str(tmp_path / "runs"),
+                                   "run-name": "dep", "resume": "", "timeout": 0, "wait": 5,
+                                   **run_config})
+
+    # session 1 stops after round 1; session 2 (new nodes) resumes from the run folder with the
+    # checkpoint's own config (no 'config' given)
+    main(LocalGrid([0, 1, 2, 3]), context(config=str(config), set="session.max_rounds=1"))
+    run = tmp_path / "runs" / "dep"
+    assert not (run / "summary.json").exists()
+    main(LocalGrid([0, 1, 2, 3]), context(resume=str(run), set="session.max_rounds=0"))
+    assert (run / "summary.json").exists()
+    snapshot = load_checkpoint(run)
+    assert snapshot.round_idx == 2
+    for cid in whole.clients:
+        for name, t in whole.clients[cid].adapter_state().items():
+            assert torch.equal(snapshot.tensors[f"client/{cid}/adapter/{name}"], t), (cid, name)
+
+
+def test_deployment_server_app_without_a_config_names_the_run_config_key():
+    from flwr.app import Context
+
+    from atlasfl.engine.flower.server_app import main
+
+    with pytest.raises(AtlasError, match="run config 'config' is empty"):
+        main(LocalGrid([0]), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                     run_config={"config": ""}))

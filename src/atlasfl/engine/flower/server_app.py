@@ -4,7 +4,8 @@ Simulation (``run_flower_simulation``, ``atlasfl run --engine flower-sim``) runs
 this process on an experiment already built, with Flower's Ray backend running the ClientApps.
 Deployment (``app`` below, ``flwr run``) builds the experiment from its run config:
 
-- ``config``: path of the experiment's YAML on the SuperLink's machine (required),
+- ``config``: path of the experiment's YAML on the SuperLink's machine (required, except to
+  resume: then the checkpoint's config),
 - ``set``: space-separated ``key=value`` overrides (as ``atlasfl run --set``),
 - ``out``, ``run-name``: where the run folder goes (as ``atlasfl run --out/--run-name``),
 - ``resume``: a run folder or checkpoint to continue,
@@ -14,6 +15,7 @@ Deployment (``app`` below, ``flwr run``) builds the experiment from its run conf
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from atlasfl.config import apply_overrides, from_dict, from_yaml
+from atlasfl.config import apply_overrides, check_same_experiment, from_dict, from_yaml
 from atlasfl.engine.checkpoint import find_run, load_checkpoint, resolve_checkpoint
 from atlasfl.engine.flower.executor import FlowerExecutor
 from atlasfl.engine.ledger import CommLedger
@@ -90,13 +92,16 @@ def run_flower_simulation(exp: Experiment, run_dir: RunDir | None = None, *,
     return result.outcome
 
 
-def config_of(run_config: dict[str, Any]) -> Any:
-    """The experiment config a deployment's run config names (``config`` and ``set``)."""
+def config_of(run_config: dict[str, Any], saved: dict[str, Any] | None = None) -> Any:
+    """The experiment config a deployment's run config names (``config`` and ``set``).
+
+    ``saved``: a checkpoint's config, the base when ``config`` is empty (a resumed run).
+    """
     path = str(run_config.get("config", ""))
-    if not path:
+    if not path and saved is None:
         raise AtlasError("run config 'config' is empty: pass the experiment's YAML, e.g. "
                          "flwr run . <superlink> --run-config 'config=\"/abs/quick.yaml\"'")
-    raw = from_yaml(path)
+    raw: dict[str, Any] = from_yaml(path) if path else copy.deepcopy(saved or {})
     apply_overrides(raw, str(run_config.get("set", "")).split())
     for key, dotted in (("out", "out"), ("run-name", "run_name")):
         if run_config.get(key):
@@ -111,11 +116,13 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Deployment: build the experiment from the run config and run it over the SuperNodes."""
     rc = dict(context.run_config)
-    cfg = config_of(rc)
     snapshot, run_dir = None, None
     if rc.get("resume"):
         checkpoint = resolve_checkpoint(find_run(str(rc["resume"])))
         snapshot, run_dir = load_checkpoint(checkpoint), RunDir(checkpoint.parent.parent)
+    cfg = config_of(rc, None if snapshot is None else snapshot.config)
+    if snapshot is not None:
+        check_same_experiment(snapshot.config, cfg)
     exp = build_experiment(cfg)
     if run_dir is None:
         run_dir = RunDir.create(cfg)
