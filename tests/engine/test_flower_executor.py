@@ -68,7 +68,8 @@ def _task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
 
-def test_a_failing_or_silent_client_is_recorded_and_the_round_goes_on(tiny_cfg, tmp_path):
+def test_a_failing_or_silent_client_is_recorded_and_the_round_goes_on(tiny_cfg, tmp_path,
+                                                                      capsys):
     cfg = tiny_cfg(method="fedavg-task", **{"federation.rounds": 2, "train.threads": 1,
                                             "out": str(tmp_path)})
     exp = build_experiment(cfg)
@@ -76,10 +77,13 @@ def test_a_failing_or_silent_client_is_recorded_and_the_round_goes_on(tiny_cfg, 
     # node 101 serves client 1, node 102 client 2, node 103 client 3
     grid = LocalGrid([0, 1, 2, 3], {(101, "train", "1"): "error",
                                     (102, "train", "2"): "silent",
-                                    (103, "evaluate", "2"): "error"})
+                                    (103, "evaluate", "2"): "error",
+                                    (101, "query.state", ""): "silent"})
     outcome = run_experiment(exp, run_dir, executor_of=lambda e, ledger: FlowerExecutor.connect(
         grid, e, ledger, timeout=5.0))
     assert outcome.completed_rounds == 2
+    err = capsys.readouterr().err
+    assert "client 1 did not send its state (no reply); the checkpoint keeps" in err
     history = [json.loads(line) for line in (run_dir.path / "rounds.jsonl").read_text()
                .splitlines()]
     rows = {(r["round"], r["client"]): r for r in history}

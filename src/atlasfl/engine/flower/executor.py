@@ -133,7 +133,7 @@ class FlowerExecutor:
             cid = plan.client_id
             answer = answers.get(cid)
             if answer is None:
-                reason = f"no reply within {self.timeout:g} s"
+                reason = "no reply" + (f" within {self.timeout:g} s" if self.timeout else "")
             elif answer.has_error():
                 reason = f"its ClientApp failed: {answer.error.reason}"
             else:
@@ -155,11 +155,14 @@ class FlowerExecutor:
     def collect_states(self) -> None:
         """Fetch every client's state from its node into the server's store (checkpoints)."""
         messages = [Message(RecordDict(), node, STATE) for node in self.nodes.values()]
-        for answer in self.grid.send_and_receive(messages, timeout=self.timeout):
-            cid = self._client_of[answer.metadata.src_node_id]
-            if answer.has_error():
-                print(f"atlasfl: client {cid} did not send its state ({answer.error.reason}); "
-                      f"the checkpoint keeps its previous one", file=sys.stderr)
+        answers = {self._client_of[a.metadata.src_node_id]: a
+                   for a in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        for cid in self.nodes:
+            answer = answers.get(cid)
+            if answer is None or answer.has_error():
+                why = "no reply" if answer is None else answer.error.reason
+                print(f"atlasfl: client {cid} did not send its state ({why}); the checkpoint "
+                      f"keeps its previous one", file=sys.stderr)
                 continue
             content = answer.content
             self.clients.restore(cid, *records_to_state(content.array_records[ARRAYS],
