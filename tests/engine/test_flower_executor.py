@@ -33,10 +33,11 @@ pytestmark = pytest.mark.flower
 class LocalGrid:
     """Nodes 100, 101, ... serving partitions 0, 1, ...; ``faults[(node, type, round)]``."""
 
-    def __init__(self, partitions, faults=None):
+    def __init__(self, partitions, faults=None, node_configs=None):
+        extra = node_configs or [{}] * len(partitions)
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i,
-                                          node_config={"partition-id": p}, state=RecordDict(),
-                                          run_config={})
+                                          node_config={"partition-id": p, **extra[i]},
+                                          state=RecordDict(), run_config={})
                          for i, p in enumerate(partitions)}
         self.faults = faults or {}
 
@@ -183,3 +184,30 @@ def test_deployment_server_app_without_a_config_names_the_run_config_key():
     with pytest.raises(AtlasError, match="run config 'config' is empty"):
         main(LocalGrid([0]), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                      run_config={"config": ""}))
+
+
+def test_device_profiles_nodes_report_plan_the_ranks_as_the_same_assignment_in_process(tiny_cfg):
+    # ranks by device (Phase 2): what the nodes report must be what the strategy plans with
+    devices = ["cpu-2gb", "gpu-16gb", "gpu-16gb", "cpu-2gb"]
+    cfg = tiny_cfg(method="hetlora", **{"model.lora.rslora": True, "ranks.grouping": "task",
+                                        "ranks.budget": "device", "ranks.r_max": 64,
+                                        "ranks.utility": "linear", "train.threads": 1,
+                                        "federation.rounds": 2})
+    local = build_experiment(cfg.replace(**{"devices.assignment": devices}))
+    run_experiment(local)
+    exp = build_experiment(cfg)  # its seeded draw differs from the nodes' profiles
+    assert [exp.strategy.clients[c].device for c in range(4)] != devices
+    grid = LocalGrid([0, 1, 2, 3], node_configs=[{"device-profile": d} for d in devices])
+    run_experiment(exp, executor_of=lambda e, ledger: FlowerExecutor.connect(grid, e, ledger))
+    assert [exp.strategy.clients[c].device for c in range(4)] == devices
+    assert _bits(exp) == _bits(local)
+    assert {k: v.shape for k, v in exp.clients[0].adapter_state().items()} != \
+        {k: v.shape for k, v in exp.clients[1].adapter_state().items()}  # ranks differ
+
+
+def test_an_unknown_device_profile_is_refused_naming_the_setting(tiny_cfg):
+    exp = build_experiment(tiny_cfg(**{"data.tasks": ["cola"]}))
+    grid = LocalGrid([0, 1], node_configs=[{}, {"device-profile": "toaster"}])
+    with pytest.raises(AtlasError, match="client 1: node_config device-profile = 'toaster' is "
+                                         "unknown; allowed: .*gpu-16gb"):
+        FlowerExecutor.connect(grid, exp, None, wait=1.0)

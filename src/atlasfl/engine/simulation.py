@@ -288,12 +288,12 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
     ``atlasfl.engine.flower``). The clients' states are collected from it into ``exp.clients``
     for every checkpoint and when the session ends.
     """
+    ledger = CommLedger()
+    executor = executor_of(exp, ledger)  # first: Flower nodes may report their devices
     cfg, strategy, session = exp.cfg, exp.strategy, exp.cfg.session
     stop = stop or StopFlag()
     ids = sorted(exp.clients)
     rounds = cfg.federation.rounds
-    ledger = CommLedger()
-    executor = executor_of(exp, ledger)
     if resume is not None:
         state, history, elapsed = restore(exp, resume)
         executor.restore_states()

@@ -11,8 +11,9 @@ message (deployment) or serve several nodes (simulation): each message restores 
 ``context.state`` before it acts, so neither case leaks state between clients.
 
 Per-node settings come from ``node_config``: ``partition-id`` (which client of the experiment
-the node serves: its data partition), optionally ``data-dir`` (the GLUE folder on that node) and
-``device`` (``cpu``, ``cuda``, ``cuda:N``).
+the node serves: its data partition), optionally ``data-dir`` (the GLUE folder on that node),
+``device`` (``cpu``, ``cuda``, ``cuda:N``) and ``device-profile`` (a ``devices.profiles`` name
+the node reports at setup; the server plans with it instead of the seeded assignment).
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ def setup(msg: Message, context: Context) -> Message:
     context.state[SETUP_KEY] = ConfigRecord(
         {"experiment": str(msg.content.config_records[CONFIG]["experiment"])})
     cid = _client_id(context, _experiment(context))  # bad settings fail here, before round 1
-    return Message(RecordDict({CONFIG: ConfigRecord({"client_id": cid})}), reply_to=msg)
+    answer = ConfigRecord({"client_id": cid})
+    if "device-profile" in context.node_config:  # what this node is (Phase 2 budgets)
+        answer["device_profile"] = str(context.node_config["device-profile"])
+    return Message(RecordDict({CONFIG: answer}), reply_to=msg)
 
 
 def _answer(msg: Message, context: Context) -> Message:

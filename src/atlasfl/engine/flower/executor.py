@@ -18,10 +18,11 @@ marked undelivered (``failed``, no scores), so the strategy sends that client it
 
 Which node serves which client is settled once, by a ``query.setup`` message that carries the
 experiment's resolved config to every node; a node answers with the client it serves (its
-``node_config`` ``partition-id``). Clients keep their state on their node (``context.state``); the
-executor fetches it (``query.state``) for checkpoints and at the end of a session, and puts a
-checkpoint's client states back after a resume (``query.restore``). That traffic is not the
-protocol's and is not counted.
+``node_config`` ``partition-id``) and, if its ``node_config`` names one, its device profile
+(``device-profile``), which replaces the seeded one in the strategy's plans. Clients keep
+their state on their node (``context.state``); the executor fetches it (``query.state``) for
+checkpoints and at the end of a session, and puts a checkpoint's client states back after a
+resume (``query.restore``). That traffic is not the protocol's and is not counted.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from atlasfl.client.store import ClientStore
+from atlasfl.devices import known_profiles
 from atlasfl.engine.channel import InProcessChannel
 from atlasfl.engine.flower.records import (
     ARRAYS,
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     from atlasfl.engine.setup import Experiment
     from atlasfl.engine.split_server import ServerModel, SplitServer
     from atlasfl.messages import Plan, Reply
+    from atlasfl.strategies.base import Strategy
 
 SETUP, STATE, RESTORE = "query.setup", "query.state", "query.restore"
 
@@ -97,6 +100,7 @@ class FlowerExecutor:
         messages = [Message(RecordDict({CONFIG: ConfigRecord({"experiment": experiment})}),
                             node, SETUP) for node in nodes]
         served: dict[ClientId, int] = {}
+        profiles: dict[ClientId, str] = {}
         for reply in grid.send_and_receive(messages, timeout=wait):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -107,10 +111,14 @@ class FlowerExecutor:
                 raise AtlasError(f"Flower nodes {served[cid]} and {node} both serve client {cid} "
                                  f"(node_config partition-id must differ)")
             served[cid] = node
+            if "device_profile" in reply.content[CONFIG]:
+                profiles[cid] = str(reply.content[CONFIG]["device_profile"])
         missing = sorted(set(need) - set(served))
         if missing:
             raise AtlasError(f"no Flower node serves clients {missing} (node_config "
                              f"partition-id); allowed partition-ids: 0..{len(need) - 1}")
+        if profiles:
+            exp.strategy = with_devices(exp, profiles)
         return cls(grid, served, exp.clients, InProcessChannel(ledger), timeout=timeout)
 
     # -- the Executor protocol ------------------------------------------------------------------
@@ -182,6 +190,22 @@ class FlowerExecutor:
                 why = "no reply" if answer is None else answer.error.reason
                 raise AtlasError(f"client {cid} (Flower node {node}) could not take back its "
                                  f"checkpointed state: {why}")
+
+
+def with_devices(exp: Experiment, profiles: dict[ClientId, str]) -> Strategy:
+    """The experiment's strategy rebuilt with the device profiles nodes reported.
+
+    Clients whose node reported none keep their seeded profile (``devices.*``).
+    """
+    known = known_profiles(exp.cfg.devices)
+    for cid, name in sorted(profiles.items()):
+        if name not in known:
+            raise AtlasError(f"client {cid}: node_config device-profile = {name!r} is unknown; "
+                             f"allowed: {', '.join(sorted(known))} (devices.profiles)")
+    old = exp.strategy
+    infos = [dataclasses.replace(info, device=profiles.get(cid, info.device))
+             for cid, info in sorted(old.clients.items())]
+    return type(old)(infos, exp.cfg, old.model)
 
 
 def failed_reply(plan: Plan, reason: str) -> Reply:
