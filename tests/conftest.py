@@ -8,6 +8,10 @@ from pathlib import Path
 # Tests never reach the Hugging Face hub: a failed lookup must fail fast, not wait on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Flower (tests marked flower): no telemetry, no update checks, no installs at run time.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
 import pytest
 

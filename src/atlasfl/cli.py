@@ -30,12 +30,19 @@ FLAG_KEYS = {
 }
 
 
+ENGINES = ("in-process", "flower-sim")
+
+
 def _session_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rounds", type=int,
                         help="stop cleanly after this many rounds in this session")
     parser.add_argument("--save-every", type=int, help="checkpoint every N rounds (default 1)")
     parser.add_argument("--keep-checkpoints", type=int, help="checkpoints to keep (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--engine", choices=ENGINES, default="in-process",
+                        help="in-process (default) or flower-sim: the same rounds on Flower's "
+                        "simulation runtime (Ray), one virtual SuperNode per client; needs "
+                        "pip install 'atlasfl[flower]'")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -184,8 +191,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         new_out = not Path(cfg.out).exists()
         run_dir = RunDir.create(cfg, overwrite=bool(getattr(args, "overwrite", False)))
     stop = _install_stop_handlers()
+    run = _flower_simulation() if args.engine == "flower-sim" else run_experiment
     try:
-        outcome = run_experiment(experiment, run_dir, resume=snapshot, stop=stop)
+        outcome = run(experiment, run_dir, resume=snapshot, stop=stop)
     except AtlasError:  # an input error found once the run started (a device that fits no
         # rank plan): a new run that saved nothing leaves no folder behind
         if snapshot is None and latest_checkpoint(run_dir.path) is None:
@@ -204,6 +212,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 130 if stop.requested else 0
     _print_summary(outcome.summary, run_dir.path)
     return 0
+
+
+def _flower_simulation():
+    try:
+        from atlasfl.engine.flower.server_app import run_flower_simulation
+    except ImportError as exc:
+        raise AtlasError(f"--engine flower-sim needs Flower ({exc}); install it with "
+                         f"pip install 'atlasfl[flower]'") from None
+    return run_flower_simulation
 
 
 def _run_folder(path: str) -> Path:

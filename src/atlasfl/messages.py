@@ -303,6 +303,7 @@ class EvaluateReply:
     client_id: ClientId
     record: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    delivered: bool = True  # False: it failed, so it may not hold what the plan carried
 
     def payload(self) -> Payload:  # noqa: D102
         return {}

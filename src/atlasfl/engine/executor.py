@@ -47,6 +47,14 @@ class Executor(Protocol):
         """The server's half of split learning, holding ``models`` for one exchange."""
         ...
 
+    def collect_states(self) -> None:
+        """Bring every client's state into the experiment's store (before a checkpoint)."""
+        ...
+
+    def restore_states(self) -> None:
+        """Give every client the state the experiment's store holds (after a resume)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Faults:
@@ -141,6 +149,12 @@ class InProcessExecutor:
             answer = server.handle(client_id, arrived)
             return self.channel.send(round_idx, client_id, "down", answer)
         return link
+
+    def collect_states(self) -> None:
+        """Nothing to do: the clients' states are the store's."""
+
+    def restore_states(self) -> None:
+        """Nothing to do: the clients' states are the store's."""
 
     def split_server(self, models: dict[str, ServerModel]) -> SplitServer:  # noqa: D102
         rt = self.runtime

@@ -284,16 +284,24 @@ def _play_round(executor: Executor, strategy: Strategy, state: Any, rnd: RoundIn
 
 
 def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
-                   resume: Snapshot | None = None, stop: StopFlag | None = None) -> RunOutcome:
-    """Run this session's rounds of ``exp`` (all of them unless capped or stopped)."""
+                   resume: Snapshot | None = None, stop: StopFlag | None = None,
+                   executor_of: Callable[[Experiment, CommLedger], Executor] = make_executor
+                   ) -> RunOutcome:
+    """Run this session's rounds of ``exp`` (all of them unless capped or stopped).
+
+    ``executor_of`` builds the executor that delivers plans (in process by default; Flower:
+    ``atlasfl.engine.flower``). The clients' states are collected from it into ``exp.clients``
+    for every checkpoint and when the session ends.
+    """
+    ledger = CommLedger()
+    executor = executor_of(exp, ledger)  # first: Flower nodes may report their devices
     cfg, strategy, session = exp.cfg, exp.strategy, exp.cfg.session
     stop = stop or StopFlag()
     ids = sorted(exp.clients)
     rounds = cfg.federation.rounds
-    ledger = CommLedger()
-    executor = make_executor(exp, ledger)
     if resume is not None:
         state, history, elapsed = restore(exp, resume)
+        executor.restore_states()
         if run_dir is not None:
             run_dir.rewrite_rounds(history)  # drop rows of rounds after the checkpoint
     else:
@@ -338,6 +346,7 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
                    "process": prior["process"] + time.process_time() - cpu0}
         due = session.save_every and round_idx % session.save_every == 0
         if run_dir is not None and (due or round_idx == last or stop.requested):
+            executor.collect_states()
             checkpoint = save_checkpoint(run_dir.path, capture(exp, state, round_idx, history,
                                                                elapsed),
                                          keep=session.keep_checkpoints)
@@ -345,6 +354,8 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
         if stop.requested:
             break
     bar.close()
+    if saved_round != len(history):  # the store holds the clients as the session left them
+        executor.collect_states()
     done_rounds = len(history)
     if done_rounds < rounds:
         return RunOutcome(None, done_rounds, checkpoint, state)

@@ -20,7 +20,8 @@ def summarize(final_rows: list[dict[str, Any]], majority: dict[str, dict[str, fl
     """
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in final_rows:
-        by_task[row["task"]].append(row)
+        if "metric" in row:  # a client whose evaluation failed (a Flower node) has no scores
+            by_task[row["task"]].append(row)
     tasks: dict[str, dict[str, Any]] = {}
     for task, rows in by_task.items():
         entry: dict[str, Any] = {"clients": len(rows), "metric_name": metric_names[task],

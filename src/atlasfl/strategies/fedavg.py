@@ -177,6 +177,6 @@ class FedAvg(Strategy):
 
     def aggregate_evaluate(self, state: Any, rnd: RoundInfo,
                            replies: Sequence[EvaluateReply]) -> RoundOutcome:
-        """The evaluated clients hold what their plans carried."""
-        groups = self.groups(state).acknowledge(r.client_id for r in replies)
+        """The evaluated clients hold what their plans carried (a failed one may not)."""
+        groups = self.groups(state).acknowledge(r.client_id for r in replies if r.delivered)
         return RoundOutcome(self.with_groups(state, groups))

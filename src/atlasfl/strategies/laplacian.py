@@ -137,7 +137,7 @@ class Laplacian(HomoLoRA):
         """As the base strategy; the evaluated clients hold their own latest models."""
         outcome = super().aggregate_evaluate(state, rnd, replies)
         return dataclasses.replace(outcome, state=self.acknowledge_own(
-            outcome.state, [r.client_id for r in replies]))
+            outcome.state, [r.client_id for r in replies if r.delivered]))
 
     # -- the step -----------------------------------------------------------------------------
 

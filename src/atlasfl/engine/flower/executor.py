@@ -1,0 +1,218 @@
+"""The Flower executor: each plan travels as a Flower message to the node of its client.
+
+``FlowerExecutor`` implements ``atlasfl.engine.executor.Executor`` over a Flower ``Grid`` (the
+Message API of a ``ServerApp``): a batch of plans becomes one message per client
+(``train``, ``evaluate``, ``query.fingerprint`` or ``query.importance``, see
+``records.message_type``), sent together with ``grid.send_and_receive``; the replies come back as
+typed replies. Bytes are counted by the same ``InProcessChannel`` at the same place as in process:
+a plan's payload when it leaves for its client, a reply's when it is back (what the
+channel's copy holds is what is serialised, so both sides see identical tensors).
+
+Replies are handed to the round loop in the order of the plans, not of arrival: aggregation then
+sums in one order whatever the network does, and runs are reproducible bit for bit.
+
+A client whose message fails (its ``ClientApp`` raised) or that does not answer within
+``timeout`` seconds is recorded and the round goes on with the others: a train plan gets a reply
+without update (``dropped``), a probe a reply without results (``failed``), an evaluation a reply
+marked undelivered (``failed``, no scores), so the strategy sends that client its model again.
+
+Which node serves which client is settled once, by a ``query.setup`` message that carries the
+experiment's resolved config to every node; a node answers with the client it serves (its
+``node_config`` ``partition-id``) and, if its ``node_config`` names one, its device profile
+(``device-profile``), which replaces the seeded one in the strategy's plans. Clients keep
+their state on their node (``context.state``); the executor fetches it (``query.state``) for
+checkpoints and at the end of a session, and puts a checkpoint's client states back after a
+resume (``query.restore``). That traffic is not the protocol's and is not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from atlasfl.client.store import ClientStore
+from atlasfl.devices import known_profiles
+from atlasfl.engine.channel import InProcessChannel
+from atlasfl.engine.flower.records import (
+    ARRAYS,
+    CONFIG,
+    message_type,
+    records_to_state,
+    reply_from_content,
+    state_to_records,
+    to_content,
+)
+from atlasfl.engine.ledger import CommLedger
+from atlasfl.errors import AtlasError
+from atlasfl.messages import EvaluateReply, Probe, ProbeReply, Train, TrainReply
+from atlasfl.types import ClientId
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+    from atlasfl.engine.setup import Experiment
+    from atlasfl.engine.split_server import ServerModel, SplitServer
+    from atlasfl.messages import Plan, Reply
+    from atlasfl.strategies.base import Strategy
+
+SETUP, STATE, RESTORE = "query.setup", "query.state", "query.restore"
+
+
+class FlowerExecutor:
+    """Delivers plans to Flower nodes, one node per client."""
+
+    def __init__(self, grid: Grid, nodes: dict[ClientId, int], clients: ClientStore,
+                 channel: InProcessChannel, *, timeout: float | None = None):
+        """``nodes``: client id -> node id; ``timeout``: seconds an exchange waits for replies."""
+        self.grid, self.nodes, self.clients, self.channel = grid, dict(nodes), clients, channel
+        self.timeout = timeout
+        self._client_of = {node: cid for cid, node in self.nodes.items()}
+
+    @classmethod
+    def connect(cls, grid: Grid, exp: Experiment, ledger: CommLedger, *,
+                timeout: float | None = None, wait: float = 120.0) -> FlowerExecutor:
+        """Wait for one node per client, send each the config and learn which client it serves.
+
+        ``wait``: seconds to wait for the nodes to connect (deployment: SuperNodes start late).
+        """
+        faults = exp.cfg.faults
+        if faults.drop_before > 0 or faults.drop_during > 0 or faults.deadline_seconds > 0:
+            raise AtlasError("faults.* simulates failures in process; on Flower clients fail for "
+                             "real: set faults.drop_before, faults.drop_during and "
+                             "faults.deadline_seconds to 0 (use timeout for a deadline)")
+        need = sorted(exp.clients)
+        deadline = time.monotonic() + wait
+        nodes = sorted(grid.get_node_ids())
+        while len(nodes) < len(need) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            nodes = sorted(grid.get_node_ids())
+        if len(nodes) < len(need):
+            raise AtlasError(f"{len(nodes)} Flower nodes connected within {wait:g} s but the "
+                             f"experiment has {len(need)} clients (data.tasks x "
+                             f"data.clients_per_task): start one SuperNode per client")
+        experiment = json.dumps(exp.cfg.to_dict())
+        messages = [Message(RecordDict({CONFIG: ConfigRecord({"experiment": experiment})}),
+                            node, SETUP) for node in nodes]
+        served: dict[ClientId, int] = {}
+        profiles: dict[ClientId, str] = {}
+        for reply in grid.send_and_receive(messages, timeout=wait):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise AtlasError(f"Flower node {node} failed to set up its client: "
+                                 f"{reply.error.reason}")
+            cid = int(reply.content[CONFIG]["client_id"])  # type: ignore[arg-type]
+            if cid in served:
+                raise AtlasError(f"Flower nodes {served[cid]} and {node} both serve client {cid} "
+                                 f"(node_config partition-id must differ)")
+            served[cid] = node
+            if "device_profile" in reply.content[CONFIG]:
+                profiles[cid] = str(reply.content[CONFIG]["device_profile"])
+        missing = sorted(set(need) - set(served))
+        if missing:
+            raise AtlasError(f"no Flower node serves clients {missing} (node_config "
+                             f"partition-id); allowed partition-ids: 0..{len(need) - 1}")
+        if profiles:
+            exp.strategy = with_devices(exp, profiles)
+        return cls(grid, served, exp.clients, InProcessChannel(ledger), timeout=timeout)
+
+    # -- the Executor protocol ------------------------------------------------------------------
+
+    def run(self, round_idx: int, plans: Sequence[Plan], server: SplitServer | None = None
+            ) -> Iterator[Reply]:
+        """Send every plan as a message, then yield each client's reply in plan order."""
+        if any(getattr(p, "split", None) is not None for p in plans):
+            raise AtlasError("split.when plans split learning, which the Flower engine does not "
+                             "run yet; use split.when = never or --engine in-process")
+        messages = []
+        for plan in plans:
+            received = self.channel.send(round_idx, plan.client_id, "down", plan)
+            messages.append(Message(to_content(received), self.nodes[plan.client_id],
+                                    message_type(received), group_id=str(round_idx)))
+        answers: dict[ClientId, Message] = {}
+        for got in self.grid.send_and_receive(messages, timeout=self.timeout):
+            answers[self._client_of[got.metadata.src_node_id]] = got
+        for plan in plans:
+            cid = plan.client_id
+            answer = answers.get(cid)
+            if answer is None:
+                reason = "no reply" + (f" within {self.timeout:g} s" if self.timeout else "")
+            elif answer.has_error():
+                reason = f"its ClientApp failed: {answer.error.reason}"
+            else:
+                try:
+                    reply = reply_from_content(plan.kind, answer.content)
+                except AtlasError as exc:
+                    reason = f"its reply is malformed: {exc}"
+                else:
+                    yield self.channel.send(round_idx, cid, "up", reply)
+                    continue
+            print(f"atlasfl: round {round_idx}: client {cid} (Flower node {self.nodes[cid]}) "
+                  f"{reason}; the round goes on without it", file=sys.stderr)
+            yield failed_reply(plan, f"flower: {reason}")
+
+    def split_server(self, models: dict[str, ServerModel]) -> SplitServer:  # noqa: D102
+        raise AtlasError("split.when plans split learning, which the Flower engine does not run "
+                         "yet; use split.when = never or --engine in-process")
+
+    def collect_states(self) -> None:
+        """Fetch every client's state from its node into the server's store (checkpoints)."""
+        messages = [Message(RecordDict(), node, STATE) for node in self.nodes.values()]
+        answers = {self._client_of[a.metadata.src_node_id]: a
+                   for a in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        for cid in self.nodes:
+            answer = answers.get(cid)
+            if answer is None or answer.has_error():
+                why = "no reply" if answer is None else answer.error.reason
+                print(f"atlasfl: client {cid} did not send its state ({why}); the checkpoint "
+                      f"keeps its previous one", file=sys.stderr)
+                continue
+            content = answer.content
+            self.clients.restore(cid, *records_to_state(content.array_records[ARRAYS],
+                                                        content.config_records[CONFIG]))
+
+    def restore_states(self) -> None:
+        """Send every client the state the server's store holds (after a resume)."""
+        messages = []
+        for cid, node in self.nodes.items():
+            arrays, config = state_to_records(*self.clients.checkpoint(cid))
+            messages.append(Message(RecordDict({ARRAYS: arrays, CONFIG: config}), node, RESTORE))
+        answers = {a.metadata.src_node_id: a
+                   for a in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        for cid, node in self.nodes.items():
+            answer = answers.get(node)
+            if answer is None or answer.has_error():
+                why = "no reply" if answer is None else answer.error.reason
+                raise AtlasError(f"client {cid} (Flower node {node}) could not take back its "
+                                 f"checkpointed state: {why}")
+
+
+def with_devices(exp: Experiment, profiles: dict[ClientId, str]) -> Strategy:
+    """The experiment's strategy rebuilt with the device profiles nodes reported.
+
+    Clients whose node reported none keep their seeded profile (``devices.*``).
+    """
+    known = known_profiles(exp.cfg.devices)
+    for cid, name in sorted(profiles.items()):
+        if name not in known:
+            raise AtlasError(f"client {cid}: node_config device-profile = {name!r} is unknown; "
+                             f"allowed: {', '.join(sorted(known))} (devices.profiles)")
+    old = exp.strategy
+    infos = [dataclasses.replace(info, device=profiles.get(cid, info.device))
+             for cid, info in sorted(old.clients.items())]
+    return type(old)(infos, exp.cfg, old.model)
+
+
+def failed_reply(plan: Plan, reason: str) -> Reply:
+    """What the server records for a client that failed or timed out on ``plan``."""
+    cid = plan.client_id
+    if isinstance(plan, Train):
+        return TrainReply(cid, None, {"trained": False, "dropped": reason}, delivered=False)
+    if isinstance(plan, Probe):
+        return ProbeReply(cid, record={"failed": reason})
+    return dataclasses.replace(EvaluateReply(cid, {"failed": reason}), delivered=False)
