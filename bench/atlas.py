@@ -184,7 +184,7 @@ def _sweep_table(args: argparse.Namespace, runs: dict[tuple[str, ...], dict[str,
                   f"{_ms([x['average']['metric'] for x in ss])} | "
                   f"{_ms([x['average']['accuracy'] for x in ss])} |"
                   + (f" {_ms([x['average']['own_metric'] for x in ss])} |" if own else ""))
-        lap = _raw(args).get("laplacian", {})
+        lap = _raw(args, "atlas").get("laplacian", {})  # the setting its atlas runs used
         for m in ("local", "atlas", "fedavg-cluster"):  # the ends the sweep interpolates between
             ss = [v for (mm, _), v in runs.items() if mm == m]
             if ss:

@@ -8,8 +8,10 @@ seconds per training round; then the fit of seconds per round over N (a slope ne
 follows the sample, not the population) and the memory bound of issue 18: backbone + sampled x
 one client's state x 1.2 + the fixed overhead of the smallest run.
 
-    python bench/scale.py --model tiny-bert --clients 100 200 500 1000 --sampled 20
-    python bench/scale.py --model minilm --clients 200 --fraction 0.1
+    python bench/scale.py --model tiny-bert --clients 20 100 200 500 1000 --sampled 20
+    python bench/scale.py --model minilm --clients 20 200 --sampled 20
+
+The first N should equal the sample (every client trains): its overhead is the fixed one.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def run(model: str, clients: int, sampled: int, rounds: int, samples: int, out: 
            "--set", f"federation.resident_clients={sampled}",
            "--set", f"federation.eval_every={rounds}", "--set", "train.threads=1"]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     total = time.perf_counter() - start
     summary = json.loads((out / name / "summary.json").read_text())
     rows = [json.loads(x) for x in (out / name / "rounds.jsonl").read_text().splitlines()]
