@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 
-def run(model: str, clients: int, sampled: int, rounds: int, samples: int, out: Path) -> dict:
+def run(model: str, clients: int, sampled: int, rounds: int, samples: int, out: Path,
+        extra: list[str]) -> dict:
     tasks = ["sst2", "mrpc", "cola", "qnli"]
     name = f"{model}-{clients}"
     cmd = [sys.executable, "-m", "atlasfl.cli", "run", "--method", "fedavg-task", "--model", model,
@@ -36,7 +37,8 @@ def run(model: str, clients: int, sampled: int, rounds: int, samples: int, out: 
            "--out", str(out), "--run-name", name,
            "--set", f"federation.fraction={sampled / clients}",
            "--set", f"federation.resident_clients={sampled}",
-           "--set", f"federation.eval_every={rounds}", "--set", "train.threads=1"]
+           "--set", f"federation.eval_every={rounds}", "--set", "train.threads=1",
+           *[arg for item in extra for arg in ("--set", item)]]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -57,14 +59,18 @@ def _client_state_mb(run: Path) -> float:
     """The largest client state (adapter + head + optimizer moments) in the run's checkpoint."""
     from safetensors import safe_open
 
-    state = sorted((run / "checkpoints").glob("*/state.safetensors"))[-1]
+    latest = sorted((run / "checkpoints").glob("round-*"))[-1]
     sizes: dict[str, int] = {}
-    with safe_open(str(state), "pt") as f:
+    with safe_open(str(latest / "state.safetensors"), "pt") as f:  # clients in memory
         for key in f.keys():
             if key.startswith("client/"):
                 t = f.get_tensor(key)
                 cid = key.split("/")[1]
                 sizes[cid] = sizes.get(cid, 0) + t.numel() * t.element_size()
+    for part in latest.glob("client-*.safetensors"):  # clients spilled to disk
+        with safe_open(str(part), "pt") as f:
+            sizes[part.stem] = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+                                   for k in f.keys())
     return max(sizes.values()) / 2**20
 
 
@@ -83,12 +89,14 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, help="sample this share instead")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=16, help="rows per client")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every point (e.g. train.mmap_threshold_kb=128)")
     args = parser.parse_args()
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.clients:
             sampled = max(1, round(n * args.fraction)) if args.fraction else args.sampled
-            p = run(args.model, n, sampled, args.rounds, args.samples, Path(tmp))
+            p = run(args.model, n, sampled, args.rounds, args.samples, Path(tmp), args.set)
             points.append(p)
             print(f"{p['clients']:>5} clients, {p['sampled']:>3} sampled: peak RSS "
                   f"{p['peak_mb']:7.0f} MiB, process {p['total_s']:6.1f} s, loop "
