@@ -79,3 +79,19 @@ def test_two_hundred_clients_at_ten_percent_hold_only_the_sampled_clients_state(
     assert len(trained) > 2 * sampled  # the rounds did reach different clients
     bound = sampled * max(one) * 1.2
     assert max(held) <= bound, (max(held), bound)
+
+
+def test_a_spilled_clients_file_in_a_checkpoint_is_verified_like_the_rest(tiny_cfg, tmp_path):
+    from atlasfl.engine import RunDir, load_checkpoint
+    from atlasfl.engine.checkpoint import latest_checkpoint
+    from atlasfl.errors import AtlasError
+
+    cfg = tiny_cfg(method="fedavg-task", out=str(tmp_path), run_name="r", **{
+        "federation.rounds": 1, "federation.resident_clients": 1})
+    exp = build_experiment(cfg)
+    run = RunDir.create(exp.cfg)
+    run_experiment(exp, run)
+    part = sorted(latest_checkpoint(run.path).glob("client-*.safetensors"))[0]
+    part.write_bytes(part.read_bytes()[:-8])
+    with pytest.raises(AtlasError, match=f"{part.name} fails its SHA-256 check"):
+        load_checkpoint(run.path)
