@@ -62,25 +62,24 @@ def test_resume_accepts_the_out_folder_of_a_single_run(tmp_path, capsys):
     assert "holds 2 runs with checkpoints; name one: only, two" in capsys.readouterr().err
 
 
+def _custom_task(tmp_path, name, rows):
+    """--set arguments for a custom task whose train and test file holds ``rows``."""
+    path = tmp_path / f"{name}_train.tsv"
+    path.write_text(rows)
+    return ["--set", f"data.custom_tasks=[{{name: {name}, train: {path}, test: {path}}}]",
+            "--tasks", name]
+
+
 def _bad_data(tmp_path):
-    train = tmp_path / "bad_train.tsv"
-    train.write_text("sentence\tlabel\nfine\t0\nno tab here\n")
-    return ["--set", f"data.custom_tasks=[{{name: mine, train: {train}, test: {train}}}]",
-            "--tasks", "mine"]
+    return _custom_task(tmp_path, "bad", "sentence\tlabel\nfine\t0\nno tab here\n")
 
 
 def _bad_label(tmp_path):
-    train = tmp_path / "label_train.tsv"
-    train.write_text("sentence\tlabel\nfine\t0\nodd\tmaybe\n")
-    return ["--set", f"data.custom_tasks=[{{name: mine, train: {train}, test: {train}}}]",
-            "--tasks", "mine"]
+    return _custom_task(tmp_path, "label", "sentence\tlabel\nfine\t0\nodd\tmaybe\n")
 
 
 def _empty_task(tmp_path):
-    rows = tmp_path / "few_train.tsv"
-    rows.write_text("sentence\tlabel\na\t0\nb\t1\nc\t0\n")
-    return ["--set", f"data.custom_tasks=[{{name: few, train: {rows}, test: {rows}}}]",
-            "--tasks", "few"]
+    return _custom_task(tmp_path, "few", "sentence\tlabel\na\t0\nb\t1\nc\t0\n")
 
 
 def _broken_yaml(tmp_path):
