@@ -87,7 +87,11 @@ class ClientStore(Mapping[ClientId, ClientState]):
             return self._live[client_id].checkpoint()
         if client_id in self._spilled:
             return self._load(client_id)
-        return self._build(client_id).checkpoint()  # never used: the shared start
+        return self._build(client_id).checkpoint()  # the shared start
+
+    def untouched(self, client_id: ClientId) -> bool:
+        """Whether the client was never built: it is still at the shared start."""
+        return client_id not in self._live and client_id not in self._spilled
 
     def spilled(self, client_id: ClientId) -> tuple[Path, dict[str, Any]] | None:
         """The safetensors file and metadata of a client that is on disk now, else None."""

@@ -94,8 +94,11 @@ def capture(exp: Experiment, server_state: Any, round_idx: int,
     """Everything that crosses rounds, as tensors + JSON: the one place state is collected."""
     tensors: dict[str, torch.Tensor] = {}
     files: dict[str, Path] = {}
-    clients_meta = {}
+    clients_meta: dict[str, dict[str, Any] | None] = {}
     for cid in exp.clients:
+        if exp.clients.untouched(cid):  # at the shared start: nothing to save (None)
+            clients_meta[str(cid)] = None
+            continue
         on_disk = exp.clients.spilled(cid)
         if on_disk is not None:  # a spilled client's file is copied, never loaded
             files[f"client/{cid}/"], clients_meta[str(cid)] = on_disk
@@ -119,6 +122,8 @@ def restore(exp: Experiment, snapshot: Snapshot) -> tuple[Any, list[list[dict[st
         raise AtlasError(f"checkpoint holds clients {saved_ids}, this experiment has "
                          f"{sorted(exp.clients)}")
     for cid in exp.clients:
+        if snapshot.meta["clients"][str(cid)] is None:  # it never left the shared start
+            continue
         prefix = f"client/{cid}/"
         exp.clients.restore(cid, {k[len(prefix):]: v for k, v in snapshot.tensors.items()
                                   if k.startswith(prefix)}, snapshot.meta["clients"][str(cid)])
