@@ -79,6 +79,18 @@ def test_two_hundred_clients_at_ten_percent_hold_only_the_sampled_clients_state(
     assert len(trained) > 2 * sampled  # the rounds did reach different clients
     bound = sampled * max(one) * 1.2
     assert max(held) <= bound, (max(held), bound)
+    # a checkpoint never gathers every client either: after round 2 (no evaluation yet) the
+    # clients never sampled are saved as "at the shared start", the spilled ones copied as files
+    from safetensors import safe_open
+
+    from atlasfl.engine.checkpoint import checkpoint_dir, load_checkpoint
+    second = checkpoint_dir(tmp_path / "scale", 2)
+    meta = load_checkpoint(second).meta["clients"]
+    untouched = [c for c, m in meta.items() if m is None]
+    assert len(untouched) >= clients - 2 * sampled
+    with safe_open(str(second / "state.safetensors"), "pt") as f:
+        in_memory = {k.split("/")[1] for k in f.keys() if k.startswith("client/")}
+    assert len(in_memory) <= sampled and not in_memory & set(untouched)
 
 
 def test_a_spilled_clients_file_in_a_checkpoint_is_verified_like_the_rest(tiny_cfg, tmp_path):
