@@ -7,6 +7,9 @@ parallel shards (``--shard i/n``; give each process one thread: OMP_NUM_THREADS=
     python bench/atlas.py run --partition iid --methods local fedavg fedavg-task atlas --seeds 0 1 2
     python bench/atlas.py sweep --partition iid --lam 0 0.25 0.5 1 --seeds 0 1 2
     python bench/atlas.py report --partition iid          # tables from the finished folders
+    python bench/atlas.py run --partition iid --methods atlas atlas-no-split --seeds 0 \
+        --tag weak --set 'devices.custom=[{name: weak, memory_gb: 0.4}]' \
+        --set 'devices.profiles=[weak, laptop-8gb]' --set ranks.on_infeasible=exclude
 
 ``report`` prints, per method, each task's metric and the average as mean +- SD across seeds
 (n seeds), the SD across a task's clients (personalisation), the validation average, bytes; the
@@ -24,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from atlasfl.config import from_yaml
+from atlasfl.config import apply_overrides, from_yaml
 from atlasfl.engine.grid import run_grid
 from atlasfl.report.tables import client_sd
 
@@ -47,7 +50,12 @@ def _raw(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
     if method is not None and _uses_laplacian(method) and args.partition in CHOSEN:
         raw["laplacian"] = from_yaml(CHOSEN[args.partition])["laplacian"]
     raw["progress"] = False
-    return raw
+    return apply_overrides(raw, args.set)
+
+
+def _folder(args: argparse.Namespace) -> str:
+    """The partition's folder; ``--tag`` names a variant (run with its ``--set`` overrides)."""
+    return args.partition + (f"-{args.tag}" if args.tag else "")
 
 
 def _shard(points: list[dict[str, Any]], shard: str) -> list[dict[str, Any]]:
@@ -58,14 +66,14 @@ def _shard(points: list[dict[str, Any]], shard: str) -> list[dict[str, Any]]:
 def cmd_run(args: argparse.Namespace) -> None:
     points = [{"method": m, "seed": s} for s in args.seeds for m in args.methods]
     for point in _shard(points, args.shard):
-        run_grid(_raw(args, point["method"]), [point], Path(args.out) / args.partition)
+        run_grid(_raw(args, point["method"]), [point], Path(args.out) / _folder(args))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     points = [{"laplacian.eta": args.eta, "laplacian.lam": lam, "seed": s}
               for s in args.seeds for lam in args.lam]
     raw = {**_raw(args), "method": args.method}
-    run_grid(raw, _shard(points, args.shard), Path(args.out) / f"{args.partition}-sweep")
+    run_grid(raw, _shard(points, args.shard), Path(args.out) / f"{_folder(args)}-sweep")
 
 
 def _summaries(folder: Path) -> dict[tuple[str, ...], dict[str, Any]]:
@@ -89,7 +97,7 @@ def _ms(values: list[float]) -> str:
 def _export(args: argparse.Namespace) -> None:
     """One JSON line per finished run of this partition (table runs and sweep points)."""
     lines = []
-    for folder in (args.partition, f"{args.partition}-sweep"):
+    for folder in (_folder(args), f"{_folder(args)}-sweep"):
         for summary_file in sorted((Path(args.out) / folder).glob("*/summary.json")):
             s = json.loads(summary_file.read_text())
             lines.append(json.dumps({
@@ -111,14 +119,14 @@ def _export(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     if args.jsonl:
         _export(args)
-    runs = _summaries(Path(args.out) / args.partition)
+    runs = _summaries(Path(args.out) / _folder(args))
     if runs:
         _method_tables(args, runs, "metric")
         if all("own_metric" in x["average"] for x in runs.values()):
             print()
             _method_tables(args, runs, "own_metric")
     else:
-        print(f"no finished method runs under {Path(args.out) / args.partition}")
+        print(f"no finished method runs under {Path(args.out) / _folder(args)}")
     _sweep_table(args, runs)
 
 
@@ -170,7 +178,7 @@ def _method_tables(args: argparse.Namespace, runs: dict[tuple[str, ...], dict[st
 
 
 def _sweep_table(args: argparse.Namespace, runs: dict[tuple[str, ...], dict[str, Any]]) -> None:
-    sweep = _summaries(Path(args.out) / f"{args.partition}-sweep")
+    sweep = _summaries(Path(args.out) / f"{_folder(args)}-sweep")
     if sweep:
         print("\nLambda sweep (`atlas`): choose on the validation column\n")
         own = all("own_metric" in x["average"] for x in sweep.values())
@@ -208,6 +216,9 @@ def main() -> None:
         p.add_argument("--out", default="runs/bench-atlas")
         p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
         p.add_argument("--shard", default="0/1", help="i/n: every n-th point from the i-th")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a config override for every run (repeatable); use with --tag")
+        p.add_argument("--tag", default="", help="a variant: its runs go to PARTITION-TAG")
         if name == "run":
             p.add_argument("--methods", nargs="+", default=[
                 "local", "fedavg", "fedavg-task", "fedavg-cluster", "atlas", "mira", "fedsa"])

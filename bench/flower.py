@@ -9,6 +9,10 @@ payload bytes (what the ledger counts, identical on every engine: the tests chec
 traffic (``flwr ls``: every message with its framing, the setup and state messages included).
 
     OMP_NUM_THREADS=1 python bench/flower.py [--method fedavg-task] [--skip-deploy]
+        [--set split.window=3]
+
+Split methods (``splitlora``): every per-batch message is a row ``split <type>``; on Flower
+they travel in windows of ``split.window`` (one ``train.split`` message per window).
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from atlasfl.engine.channel import InProcessChannel
 from atlasfl.engine.checkpoint import latest_checkpoint
 from atlasfl.engine.executor import make_executor
 from atlasfl.engine.flower.loopback import Loopback
-from atlasfl.engine.flower.records import message_type, to_content
+from atlasfl.engine.flower.records import message_type, to_content, window_to_content
 from atlasfl.engine.flower.server_app import FLOWER_ENV, run_flower_simulation
 from atlasfl.engine.ledger import state_bytes
-from atlasfl.messages import Evaluate, Probe, Train
+from atlasfl.messages import Activations, Evaluate, Gradients, Logits, Probe, Train
 
 
 def tiny(method: str, **dotted):
@@ -59,10 +63,13 @@ class CountingChannel(InProcessChannel):
         arrived = super().send(round_idx, client_id, direction, message)
         if isinstance(message, Train | Evaluate | Probe):
             kind = message_type(message)
+        elif isinstance(message, Activations | Gradients | Logits):  # one batch of a window
+            kind = f"split {type(message).__name__}"
         else:
             kind = f"{message.kind} reply"
         payload = sum(state_bytes(t) for t in message.payload().values())
-        content = to_content(arrived)
+        content = (window_to_content(client_id, [arrived])
+                   if kind.startswith("split ") else to_content(arrived))
         records = sum(r.count_bytes() for r in content.values())
         entry = self.tally[(round_idx, direction, kind)]
         entry[0] += payload
@@ -80,6 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", default="fedavg-task")
     parser.add_argument("--skip-deploy", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. split.window=3 (values as YAML)")
     args = parser.parse_args()
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
@@ -87,7 +96,8 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     glue = default_data_root()
-    cfg = tiny(args.method, **{"data.data_dir": str(glue)})
+    overrides = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in args.set)}
+    cfg = tiny(args.method, **{"data.data_dir": str(glue), **overrides})
     rows = []
     tally: dict = defaultdict(lambda: [0, 0, 0])
 
@@ -132,8 +142,8 @@ def main() -> None:
                                    for k, v in want.items())
             traffic = info.get("network-traffic")
 
-    print(f"method {args.method}, 4 clients (cola, mrpc x 2), 2 rounds, tiny-bert, "
-          f"1 torch thread, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print(f"method {args.method} {' '.join(args.set)}, 4 clients (cola, mrpc x 2), 2 rounds, "
+          f"tiny-bert, 1 torch thread, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     print(f"{'engine':<36} {'start to end s':>15} {'round loop s':>13}")
     for name, total, loop in rows:
         print(f"{name:<36} {total:>15.1f} {loop:>13.1f}")

@@ -153,7 +153,8 @@ class SplitPlan:
     The client runs the embeddings and blocks ``0 .. cut - 1``; the server the blocks up to
     ``num_layers - tail``; with ``tail`` > 0 (U-shape) the client runs the last ``tail`` blocks,
     the head and the loss too. ``server_model`` names the server-side model (the client's
-    group) and ``version`` the round of its latest aggregate.
+    group) and ``version`` the round of its latest aggregate. ``window``: batches whose
+    messages travel together (``split.window``, see ``atlasfl.client.split``).
     """
 
     cut: int
@@ -162,6 +163,7 @@ class SplitPlan:
     server_model: str
     outputs: int  # the head the server uses (vanilla): its number of outputs; 1 = regression
     version: int = 0
+    window: int = 1
 
     @property
     def u_shape(self) -> bool:

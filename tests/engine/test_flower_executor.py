@@ -211,3 +211,69 @@ def test_an_unknown_device_profile_is_refused_naming_the_setting(tiny_cfg):
     with pytest.raises(AtlasError, match="client 1: node_config device-profile = 'toaster' is "
                                          "unknown; allowed: .*gpu-16gb"):
         FlowerExecutor.connect(grid, exp, None, wait=1.0)
+
+
+class CountingGrid(LocalGrid):
+    """``LocalGrid`` counting the messages it carries by type."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent = {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        for msg in messages:
+            kind = msg.metadata.message_type
+            self.sent[kind] = self.sent.get(kind, 0) + 1
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def _split_cfg(tiny_cfg, mode, window, **extra):
+    return tiny_cfg(method="splitlora", **{
+        "federation.rounds": 2, "train.threads": 1, "split.mode": mode, "split.window": window,
+        "split.cut": "1" if mode == "vanilla" else "0", "split.min_cut": 0,
+        "data.samples": 40, **extra})
+
+
+@pytest.mark.parametrize(("mode", "window"), [("vanilla", 1), ("u-shape", 1), ("vanilla", 3),
+                                              ("u-shape", 2)])
+def test_split_learning_over_flower_ends_with_the_in_process_models_bit_for_bit(
+        tiny_cfg, mode, window):
+    # every message reaches the ClientApp with only context.state: the client recomputes its
+    # forward when the gradients come, where the in-process client kept its graph
+    cfg = _split_cfg(tiny_cfg, mode, window)
+    local = build_experiment(cfg)
+    expected = run_experiment(local)
+    exp = build_experiment(cfg)
+    grid = CountingGrid([0, 1, 2, 3])
+    got = run_experiment(exp, executor_of=lambda e, ledger: FlowerExecutor.connect(
+        grid, e, ledger))
+    assert got.completed_rounds == 2
+    assert _bits(exp) == _bits(local)
+    assert got.summary["bytes_by_kind"] == expected.summary["bytes_by_kind"]
+    assert got.summary["bytes_by_kind"]["up_activations"] > 0
+    for a, b in zip(got.summary["clients"], expected.summary["clients"], strict=True):
+        assert {k: v for k, v in a.items() if not k.endswith("seconds")} == \
+            {k: v for k, v in b.items() if not k.endswith("seconds")}
+    # one message pair per window (two in U-shape): 4 clients x 2 rounds, 1 local epoch
+    windows = sum(-(-len(exp.clients[c].train_set) // (8 * window)) for c in exp.clients)
+    assert grid.sent["train"] == 8
+    assert grid.sent["train.split"] == 2 * windows * (2 if mode == "u-shape" else 1)
+    assert grid.sent["evaluate.split"] > 0  # split clients are scored across the cut too
+
+
+def test_a_split_client_failing_mid_exchange_is_recorded_and_trains_again_next_round(
+        tiny_cfg, tmp_path, capsys):
+    cfg = _split_cfg(tiny_cfg, "vanilla", 1, out=str(tmp_path))
+    exp = build_experiment(cfg)
+    run_dir = RunDir.create(cfg)
+    grid = LocalGrid([0, 1, 2, 3], {(101, "train.split", "1"): "error"})
+    outcome = run_experiment(exp, run_dir, executor_of=lambda e, ledger: FlowerExecutor.connect(
+        grid, e, ledger))
+    assert outcome.completed_rounds == 2
+    assert ("client 1 (Flower node 101) its ClientApp failed: boom after 1 split windows"
+            in capsys.readouterr().err)
+    rows = {(r["round"], r["client"]): r for r in map(
+        json.loads, (run_dir.path / "rounds.jsonl").read_text().splitlines())}
+    assert rows[(1, 1)]["dropped"] == "flower: its ClientApp failed: boom"
+    assert rows[(1, 1)]["bytes_up"] > 0  # its first window of activations was counted
+    assert rows[(2, 1)]["trained"] is True and "dropped" not in rows[(2, 1)]

@@ -28,7 +28,7 @@ def _states(exp) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("method", ["fedavg-task", "atlas"])
+@pytest.mark.parametrize("method", ["fedavg-task", "atlas", "splitlora"])
 def test_flower_simulation_ends_with_the_in_process_adapters_bit_for_bit(tiny_cfg, method):
     # 4 clients (2 tasks x 2), 2 rounds; one torch thread on both sides (the sums' order)
     cfg = tiny_cfg(method=method, **{"federation.rounds": 2, "train.threads": 1})

@@ -2,7 +2,7 @@
 
 For tiny-bert, tiny-gpt2 and tiny-llama, at every cut, in vanilla and U-shape mode, on a batch
 with padding: the client's part and the server's part run on the one shared backbone through the
-real protocol (``split_step`` -> in-process channel -> ``SplitServer``), and their gradients,
+real protocol (``SplitTraining`` -> in-process channel -> ``SplitServer``), and their gradients,
 together, must equal those of one unsplit forward and backward of the same adapter and head.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from atlasfl.client import make_client
-from atlasfl.client.split import split_step
+from atlasfl.client.split import SplitTraining, drive
 from atlasfl.client.training import forward_logits, task_loss
 from atlasfl.config import LoraSettings, TrainConfig
 from atlasfl.data.batching import TokenizedSet
@@ -93,9 +93,11 @@ class Setup:
             answer = server.handle(0, channel.send(1, 0, "up", message))
             return channel.send(1, 0, "down", answer)
 
-        client.optimizer.zero_grad(set_to_none=True)
-        loss = split_step(self.model, self.binder, client, plan, link, self.batch,
-                          num_layers=self.num_layers)
+        session = SplitTraining(self.model, self.binder, client, self.train, plan,
+                                num_layers=self.num_layers, device=torch.device("cpu"),
+                                batch_of=lambda i: self.batch, count=1, seed=0)
+        drive(session, link)  # one batch; lr 0: the step leaves the gradients and weights
+        loss = session.losses[0]
         part = server.parts["all"]
         grads = {}
         for key in self.adapter:
@@ -232,5 +234,6 @@ def test_the_server_refuses_messages_out_of_protocol():
     with pytest.raises(AtlasError, match="client 1: a gradient without activations before it"):
         server.handle(1, Gradients(1, hidden))
     server.handle(1, Activations(1, hidden, s.batch["attention_mask"]))
-    with pytest.raises(AtlasError, match="client 1: new activations before its gradient"):
+    with pytest.raises(AtlasError, match=r"client 1: more than split.window = 1 batches' "
+                                         r"activations before their gradients"):
         server.handle(1, Activations(1, hidden, s.batch["attention_mask"]))

@@ -56,8 +56,8 @@ def _corrupt(exp, round_idx, clients):
     original = exp.runtime.train_round
     seen = {}
 
-    def train_round(client, plan, seed, link=None):
-        reply = original(client, plan, seed, link)
+    def train_round(client, plan, seed):
+        reply = original(client, plan, seed)
         if seed == exp.runtime_seed(round_idx, client.client_id) and client.client_id in clients:
             with torch.no_grad():
                 for p in client.adapter.values():

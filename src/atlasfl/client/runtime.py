@@ -18,9 +18,9 @@ import torch
 from peft import PeftModel
 
 from atlasfl.client.probe import probe_client
-from atlasfl.client.split import Link, evaluate_split, train_split_client
+from atlasfl.client.split import Link, SplitScoring, SplitTraining, drive
 from atlasfl.client.state import ClientState
-from atlasfl.client.training import Scored, evaluate, train_client
+from atlasfl.client.training import Scored, evaluate, round_batches, train_client
 from atlasfl.config import LoraSettings, TrainConfig
 from atlasfl.data.batching import TokenizedSet
 from atlasfl.data.metrics import label_mix_weights
@@ -88,12 +88,18 @@ class ClientRuntime:
         match plan:
             case Probe():  # the seed draws the probe's examples (and DP noise)
                 return probe_client(self, client, plan, torch.Generator().manual_seed(seed))
+            case Train(split=SplitPlan()) | Evaluate(split=SplitPlan()):
+                if link is None:  # internal: the executor opened no link
+                    raise RuntimeError(f"client {client.client_id} is split without a link")
+                session = self.open_split(client, plan, round_idx)
+                drive(session, link)
+                return self.close_split(client, plan, session)
             case Train():
                 self.receive(client, plan.model)
-                return self.train_round(client, plan, seed, link)
+                return self.train_round(client, plan, seed)
             case Evaluate():
                 self.receive(client, plan.model)
-                return self.evaluate_round(client, plan.split, link)
+                return self.evaluate_round(client)
         raise TypeError(f"no handler for {type(plan).__name__}")  # internal: a new plan type
 
     def receive(self, client: ClientState, model: Model) -> None:
@@ -106,27 +112,25 @@ class ClientRuntime:
         if model.head is not None:
             client.load_head(model.head)
 
-    def train_round(self, client: ClientState, plan: Train, seed: int,
-                    link: Link | None = None) -> TrainReply:
-        """Local training; the update is what the client trained (if it uploads).
+    def train_round(self, client: ClientState, plan: Train, seed: int) -> TrainReply:
+        """Local training of the whole model.
 
-        ``seed`` (per run, round and client) fixes the batch order and the dropout masks. A
-        split client (``plan.split``) trains across the cut through ``link`` and uploads only
-        the modules of its own blocks (and its head in U-shape; the server holds it in vanilla).
+        ``seed`` (per run, round and client) fixes the batch order and the dropout masks.
         """
         torch.manual_seed(seed)  # dropout
-        gen = torch.Generator().manual_seed(seed)
+        metrics = train_client(self.model, self.binder, client, self.train, epochs=plan.epochs,
+                               steps=plan.steps, generator=torch.Generator().manual_seed(seed),
+                               device=self.device)
+        return self.train_reply(client, plan, metrics)
+
+    def train_reply(self, client: ClientState, plan: Train, metrics: dict[str, float]
+                    ) -> TrainReply:
+        """The update is what the client trained (if it uploads).
+
+        A split client (``plan.split``) uploads only the modules of its own blocks (and its head
+        in U-shape; the server holds it in vanilla).
+        """
         split = plan.split
-        if split is None:
-            metrics = train_client(self.model, self.binder, client, self.train,
-                                   epochs=plan.epochs, steps=plan.steps, generator=gen,
-                                   device=self.device)
-        else:
-            if link is None:  # internal: the executor opened no link
-                raise RuntimeError(f"client {client.client_id} trains split without a link")
-            metrics = train_split_client(self.model, self.binder, client, self.train, split,
-                                         link, num_layers=self.num_layers, epochs=plan.epochs,
-                                         steps=plan.steps, generator=gen, device=self.device)
         update = None
         if plan.upload:
             adapter = client.adapter_state()
@@ -141,29 +145,92 @@ class ClientRuntime:
                   **({"cut": split.cut} if split is not None else {})}
         return TrainReply(client.client_id, update, record, metrics["train_seconds"])
 
-    def evaluate_round(self, client: ClientState, split: SplitPlan | None = None,
-                       link: Link | None = None) -> EvaluateReply:
-        """The client's own model on its task's test split (and its validation split).
+    # -- split plans, as windows of messages (atlasfl.client.split) ----------------------------
 
-        Split: the model is the client's part and the server model ``split`` names, evaluated
-        across the cut through ``link``; the cache key names that server model's version.
-        """
+    def open_split(self, client: ClientState, plan: Train | Evaluate, round_idx: int
+                   ) -> SplitTraining | SplitScoring:
+        """The client side of a split plan, its model received, ready to ``begin``."""
+        self.receive(client, plan.model)
+        return self._split_session(client, plan, round_idx)
+
+    def resume_split(self, client: ClientState, plan: Train | Evaluate, round_idx: int,
+                     tensors: dict[str, torch.Tensor], meta: dict[str, object]
+                     ) -> SplitTraining | SplitScoring:
+        """A split plan's session where its ``export`` left it (a later message, a process)."""
+        session = self._split_session(client, plan, round_idx, meta)
+        session.load(tensors, meta)
+        return session
+
+    def close_split(self, client: ClientState, plan: Train | Evaluate,
+                    session: SplitTraining | SplitScoring) -> Reply:
+        """The reply to a split plan whose session is done."""
+        if isinstance(plan, Train):
+            assert isinstance(session, SplitTraining)
+            return self.train_reply(client, plan, session.metrics())
+        assert isinstance(session, SplitScoring) and plan.split is not None
+        return self._scores_reply(client, session.key,
+                                  dict(zip(session.names, session.results(), strict=True)),
+                                  session.seconds)
+
+    def _split_session(self, client: ClientState, plan: Train | Evaluate, round_idx: int,
+                       saved: dict[str, object] | None = None) -> SplitTraining | SplitScoring:
+        split = plan.split
+        assert split is not None
+        if isinstance(plan, Train):
+            seed = client_seed(self.seed, round_idx, client.client_id)
+            order = round_batches(client.train_set, self.train, epochs=plan.epochs,
+                                  steps=plan.steps, generator=torch.Generator().manual_seed(seed))
+
+            def batch_of(i: int) -> dict[str, torch.Tensor]:
+                batch = client.train_set.collate(order[i], pad_multiple=self.train.pad_multiple)
+                return {k: v.to(self.device) for k, v in batch.items()}
+            return SplitTraining(self.model, self.binder, client, self.train, split,
+                                 num_layers=self.num_layers, device=self.device,
+                                 batch_of=batch_of, count=len(order), seed=seed)
+        if saved is None:
+            key, names = self._to_score(client, split)
+        else:  # resumed: the model and sets the session began with
+            key = (str(saved["key"][0]), str(saved["key"][1]))  # type: ignore[index]
+            names = [str(n) for n in saved["names"]]  # type: ignore[attr-defined]
+        data = {"test": self.test_sets[client.task.name], "val": client.val_set}
+        return SplitScoring(self.model, self.binder, client, self.train, split,
+                            {n: data[n] for n in names}, key, num_layers=self.num_layers,
+                            device=self.device)
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def evaluate_round(self, client: ClientState) -> EvaluateReply:
+        """The client's own model on its task's test split (and its validation split)."""
         start = time.perf_counter()
+        key, names = self._to_score(client, None)
+        data = {"test": self.test_sets[client.task.name], "val": client.val_set}
+        results = {n: evaluate(self.model, self.binder, client.adapter, client.head, data[n],
+                               client.task, self.train, device=self.device) for n in names}
+        return self._scores_reply(client, key, results, time.perf_counter() - start)
 
-        def run(data: TokenizedSet) -> Scored | None:
-            if split is None:
-                return evaluate(self.model, self.binder, client.adapter, client.head, data,
-                                client.task, self.train, device=self.device)
-            if link is None:  # internal: the executor opened no link
-                raise RuntimeError(f"client {client.client_id} evaluates split without a link")
-            return evaluate_split(self.model, self.binder, client, data, split, link,
-                                  self.train, num_layers=self.num_layers, device=self.device)
+    def _to_score(self, client: ClientState, split: SplitPlan | None
+                  ) -> tuple[tuple[str, str], list[str]]:
+        """The model's cache key and the data sets (test, val) whose scores are not known.
 
+        Split: the model is the client's part and the server model ``split`` names; the key
+        names that server model's version.
+        """
         key = (client.task.name, _digest(client.adapter_state(), client.head_state())
                + ("" if split is None else f"/{split}"))
-        if key not in self._test_cache:  # clients holding one model share its predictions
-            scored = run(self.test_sets[client.task.name])
+        names = [] if key in self._test_cache else ["test"]
+        last = self._val_cache.get(client.client_id)
+        if last is None or last[0] != key[1]:
+            names.append("val")
+        return key, names
+
+    def _scores_reply(self, client: ClientState, key: tuple[str, str],
+                      results: dict[str, Scored | None], seconds: float) -> EvaluateReply:
+        """Scores of the model ``key`` names: those just computed (``results``) and the known."""
+        if "test" in results:  # clients holding one model share its predictions
+            scored = results["test"]
             self._test_cache[key] = None if scored is None else (scored, scored.metrics())
+        if "val" in results:  # the same model on the same rows: its scores are known after
+            self._val_cache[client.client_id] = (key[1], results["val"])
         cached = self._test_cache[key]
         out: dict[str, float] = {}
         if cached is not None:
@@ -175,16 +242,11 @@ class ClientRuntime:
                 out["own_metric"] = own["metric"]
                 if "accuracy" in own:
                     out["own_accuracy"] = own["accuracy"]
-        last = self._val_cache.get(client.client_id)
-        if last is not None and last[0] == key[1]:
-            val = last[1]  # the same model on the same rows: its scores are known
-        else:
-            val = run(client.val_set)
-            self._val_cache[client.client_id] = (key[1], val)
+        val = self._val_cache[client.client_id][1]
         if client.scored == key[1]:  # not trained or sent anything new since its last scores
             out["unchanged"] = 1.0  # (a resumed process recomputes them, to the same values)
         client.scored = key[1]
         if val is not None:
             scores = val.metrics()
             out["val_loss"], out["val_metric"] = scores["loss"], scores["metric"]
-        return EvaluateReply(client.client_id, out, time.perf_counter() - start)
+        return EvaluateReply(client.client_id, out, seconds)

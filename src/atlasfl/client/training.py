@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,24 @@ def train_client(model: nn.Module, binder: AdapterBinder, client: ClientState, c
                      epochs=epochs, steps=steps, generator=generator, device=device)
 
 
+def round_batches(data: TokenizedSet, cfg: TrainConfig, *, epochs: int, steps: int,
+                  generator: torch.Generator) -> list[np.ndarray]:
+    """Row indices of every batch of a client's round, in order.
+
+    ``epochs`` passes, or epochs drawn until ``steps`` > 0 batches (one permutation per epoch
+    from ``generator``).
+    """
+    out: list[np.ndarray] = []
+    if len(data) == 0:
+        return out
+    for _ in range(epochs if steps <= 0 else 10**9):
+        out.extend(data.batch_indices(cfg.batch_size, generator=generator,
+                                      bucket=cfg.length_bucket))
+        if 0 < steps <= len(out):
+            return out[:steps]
+    return out
+
+
 def run_steps(client: ClientState, cfg: TrainConfig, step: Callable[[dict[str, Tensor]], Tensor],
               params: list[nn.Parameter], *, epochs: int, steps: int,
               generator: torch.Generator, device: torch.device) -> dict[str, float]:
@@ -73,23 +91,17 @@ def run_steps(client: ClientState, cfg: TrainConfig, step: Callable[[dict[str, T
     optimizer step. Returns what ``train_client`` returns.
     """
     start, losses, taken, seen = time.perf_counter(), [], 0, 0
-    target_steps = steps or None
-    for _ in range(epochs if target_steps is None else 10**9):
-        for batch in client.train_set.batches(cfg.batch_size, generator=generator,
-                                              bucket=cfg.length_bucket,
-                                              pad_multiple=cfg.pad_multiple):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            client.optimizer.zero_grad(set_to_none=True)
-            losses.append(step(batch))
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            client.optimizer.step()
-            taken += 1
-            seen += len(batch["labels"])
-            if target_steps is not None and taken >= target_steps:
-                break
-        if target_steps is not None and taken >= target_steps:
-            break
+    for idx in round_batches(client.train_set, cfg, epochs=epochs, steps=steps,
+                             generator=generator):
+        batch = {k: v.to(device) for k, v in
+                 client.train_set.collate(idx, pad_multiple=cfg.pad_multiple).items()}
+        client.optimizer.zero_grad(set_to_none=True)
+        losses.append(step(batch))
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        client.optimizer.step()
+        taken += 1
+        seen += len(batch["labels"])
     train_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
     return {"train_loss": train_loss, "steps": taken, "examples": seen,
             "train_seconds": time.perf_counter() - start}
@@ -135,14 +147,32 @@ def evaluate(model: nn.Module, binder: AdapterBinder, adapter: dict[str, nn.Para
 def score(logits_of: Callable[[dict[str, Tensor]], Tensor], data: TokenizedSet, task: TaskSpec,
           cfg: TrainConfig, *, device: torch.device) -> Scored:
     """Predictions (row order) and mean loss of the logits ``logits_of`` gives ``data``."""
-    preds, total = [], 0.0
+    tally = Tally(task, data)
     for batch in data.batches(cfg.eval_batch_size, pad_multiple=cfg.pad_multiple):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = logits_of(batch)
-        total += float(task_loss(logits, batch["labels"], task.is_regression)) * len(logits)
-        preds.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
-    # batches were length-sorted: put predictions back in row order before scoring
-    order = data.length_order()
-    predictions = np.empty(len(data), dtype=np.float64 if task.is_regression else np.int64)
-    predictions[order] = torch.cat(preds).float().cpu().numpy()
-    return Scored(task, predictions, data.labels, total / len(data))
+        tally.add(batch["labels"], logits_of(batch))
+    return tally.scored()
+
+
+@dataclass
+class Tally:
+    """``score``'s running sums over a data set's length-sorted batches, in batch order."""
+
+    task: TaskSpec
+    data: TokenizedSet
+    preds: list[Tensor] = field(default_factory=list)
+    total: float = 0.0  # summed loss
+
+    def add(self, labels: Tensor, logits: Tensor) -> None:
+        """One batch's logits (its rows in the order ``batch_indices`` gives)."""
+        self.total += float(task_loss(logits, labels, self.task.is_regression)) * len(logits)
+        self.preds.append((logits.squeeze(-1) if self.task.is_regression
+                           else logits.argmax(-1)).detach().cpu())
+
+    def scored(self) -> Scored:
+        """Predictions in row order (batches were length-sorted) and the mean loss."""
+        order = self.data.length_order()
+        predictions = np.empty(len(self.data),
+                               dtype=np.float64 if self.task.is_regression else np.int64)
+        predictions[order] = torch.cat(self.preds).float().numpy()
+        return Scored(self.task, predictions, self.data.labels, self.total / len(self.data))

@@ -189,6 +189,9 @@ class SplitConfig:
     tail: int = 1  # u-shape: blocks at the end the client keeps
     min_cut: int = 1  # privacy floor: shallow activations are easier to invert
     activation_dtype: ActivationDtype = "fp32"  # what crosses the network each batch
+    # batches whose activations (and gradients) travel in one message: 1 = sequential split
+    # learning; K > 1: K-fold fewer round trips, the client's forwards up to K-1 steps stale
+    window: int = 1
     server_compute: float = 20.0  # the server's throughput relative to laptop-8gb (auto cut)
 
     @property

@@ -92,6 +92,7 @@ def validate(cfg: ExperimentConfig) -> None:
            "auto or an integer >= 0 (blocks the client keeps)")
     _check(sp.tail >= 1, "split.tail", sp.tail, "an integer >= 1")
     _check(sp.min_cut >= 0, "split.min_cut", sp.min_cut, "an integer >= 0")
+    _check(sp.window >= 1, "split.window", sp.window, "an integer >= 1")
     _check(sp.fixed_cut is None or sp.fixed_cut >= sp.min_cut, "split.cut", sp.cut,
            f"auto or an integer >= split.min_cut = {sp.min_cut}")
     _check(sp.server_compute > 0, "split.server_compute", sp.server_compute, "a number > 0")

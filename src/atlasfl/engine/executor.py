@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from atlasfl.client import ClientRuntime
+from atlasfl.client.runtime import client_seed
 from atlasfl.client.split import Link
 from atlasfl.client.store import ClientStore
 from atlasfl.config import FaultsConfig
@@ -100,7 +101,7 @@ class InProcessExecutor:
             if split is not None:
                 if server is None:  # internal: a strategy planned split without serving it
                     raise RuntimeError(f"client {cid} was planned split but no server runs")
-                server.open(cid, split)
+                server.open(cid, split, client_seed(self.runtime.seed, round_idx, cid))
                 link = self._link(round_idx, cid, server)
                 if fault is not None:
                     link = _vanishing(link, fault.fraction, self._messages(plan, split.u_shape))

@@ -10,6 +10,10 @@ During an exchange, ``SplitServer`` holds the group models as trainable tensors 
 clients' per-batch messages in the order they arrive: the executor runs clients one after another
 in plan order, each client's batches in its own order, and every batch of a group's clients steps
 the group's server model once (sequential server training, as in SplitLoRA and SplitFed-V2).
+A window of K batches (``split.window``) is answered message by message in the same way; in
+U-shape the K forwards of a window come before their gradients, so each forward runs on a copy of
+the weights it saw and its gradient is applied to the live weights when it arrives. The dropout
+masks of a client's batch come from its seed (``open``) and the batch's number.
 ``snapshot`` gives the models back to the strategy, which merges them with the clients' uploads
 at the end of the round (``atlasfl.strategies.split``).
 """
@@ -17,12 +21,13 @@ at the end of the round (``atlasfl.strategies.split``).
 from __future__ import annotations
 
 import copy
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from atlasfl.client.split import DTYPES
+from atlasfl.client.split import DTYPES, batch_seed
 from atlasfl.client.training import autocast, task_loss
 from atlasfl.config import TrainConfig
 from atlasfl.errors import AtlasError
@@ -58,11 +63,19 @@ class SplitServer:
         self.device, self.models = device, models
         self.parts: dict[str, _Part] = {}
         self.sessions: dict[ClientId, SplitPlan] = {}
-        self.pending: dict[ClientId, tuple[Tensor, Tensor]] = {}  # U-shape: (input, output)
+        self.seeds: dict[ClientId, int] = {}
+        self.batches: dict[ClientId, int] = {}  # training batches answered in the session
+        # U-shape, per client, oldest first: (input, output, the weights the forward ran on)
+        self.pending: dict[ClientId, deque[tuple[Tensor, Tensor, dict[str, nn.Parameter]]]] = {}
 
-    def open(self, client_id: ClientId, plan: SplitPlan) -> None:
-        """A client is about to train or evaluate with ``plan`` (the server issued it)."""
-        self.sessions[client_id] = plan
+    def open(self, client_id: ClientId, plan: SplitPlan, seed: int = 0) -> None:
+        """A client is about to train or evaluate with ``plan`` (the server issued it).
+
+        ``seed``: the client's seed of the round (``atlasfl.client.runtime.client_seed``).
+        """
+        self.sessions[client_id], self.seeds[client_id] = plan, seed
+        self.batches[client_id] = 0
+        self.pending[client_id] = deque()
 
     # -- the group models as tensors --------------------------------------------------------
 
@@ -115,7 +128,7 @@ class SplitServer:
     # -- the protocol -----------------------------------------------------------------------
 
     def abandon(self, client_id: ClientId) -> None:
-        """A client vanished mid-training: drop its half-done batch (U-shape's forward)."""
+        """A client vanished mid-training: drop its half-done batches (U-shape's forwards)."""
         self.pending.pop(client_id, None)
 
     def handle(self, client_id: ClientId, message: SplitMessage) -> SplitMessage:
@@ -129,12 +142,20 @@ class SplitServer:
             raise TypeError(f"split server got {type(message).__name__}")
         training = not message.evaluating
         self.model.train(training)
-        self.binder.bind(part.adapter)
+        weights = part.adapter
+        if training:
+            torch.manual_seed(batch_seed(self.seeds[client_id], self.batches[client_id],
+                                         "server"))
+            self.batches[client_id] += 1
+            if plan.u_shape:  # its gradient comes after the window's other forwards
+                weights = {k: nn.Parameter(p.detach().clone()) for k, p in weights.items()}
+        self.binder.bind(weights)
         mask = message.attention_mask
         if mask is None:  # a client must send the mask with the first cut
             raise AtlasError(f"client {client_id}: activations without an attention mask")
-        if plan.u_shape and client_id in self.pending:
-            raise AtlasError(f"client {client_id}: new activations before its gradient")
+        if plan.u_shape and training and len(self.pending[client_id]) >= plan.window:
+            raise AtlasError(f"client {client_id}: more than split.window = {plan.window} "
+                             f"batches' activations before their gradients")
         hidden = message.hidden.to(self.device, torch.float32).requires_grad_(training)
         stop = self.num_layers - plan.tail
         with torch.set_grad_enabled(training), autocast(self.device, self.train.precision):
@@ -142,7 +163,7 @@ class SplitServer:
                              attention_mask=mask.to(self.device))
             if plan.u_shape:
                 if training:
-                    self.pending[client_id] = (hidden, out)
+                    self.pending[client_id].append((hidden, out, weights))
                 return Activations(client_id, out.detach().to(dtype),
                                    evaluating=message.evaluating)
             head = self._head(part, plan.server_model, plan.outputs)
@@ -161,11 +182,13 @@ class SplitServer:
 
     def _backward(self, client_id: ClientId, part: _Part, message: Gradients,
                   dtype: torch.dtype) -> Gradients:
-        if client_id not in self.pending:
+        if not self.pending.get(client_id):
             raise AtlasError(f"client {client_id}: a gradient without activations before it")
-        hidden, out = self.pending.pop(client_id)
+        hidden, out, weights = self.pending[client_id].popleft()
         self._zero(part)
         out.float().backward(message.grad.to(self.device, out.dtype))
+        for key, param in part.adapter.items():  # the copy's gradient, onto the live weights
+            param.grad = weights[key].grad
         self._step(part, [])
         assert hidden.grad is not None
         return Gradients(client_id, hidden.grad.to(dtype))

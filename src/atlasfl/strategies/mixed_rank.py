@@ -271,7 +271,7 @@ class HomoLoRA(FedAvg):
         group = state.groups.group(client_id)
         return SplitPlan(cut[0], cut[1], self.cfg.split.activation_dtype, group,
                          self.clients[client_id].head_shape[0],
-                         state.groups.versions.get(group, 0))
+                         state.groups.versions.get(group, 0), self.cfg.split.window)
 
     def server_models(self, state: RankState) -> dict[str, ServerModel]:  # noqa: D102
         return state.server

@@ -10,6 +10,13 @@ last scored with, ``ClientState.checkpoint``). A ``ClientApp`` process may be fr
 message (deployment) or serve several nodes (simulation): each message restores its client from
 ``context.state`` before it acts, so neither case leaks state between clients.
 
+A split plan (``Train.split``/``Evaluate.split``) takes several messages: the node answers the
+plan with the first window of its split messages (``atlasfl.client.split``), each
+``train.split``/``evaluate.split`` message (the server's answers) with the next window, and the
+last with the plan's reply. Between them ``context.state`` holds the plan's settings and where
+the session stands (its ``export``), so any process can take the next message; nothing else
+is kept (no autograd graph: the client recomputes its forward when the gradients arrive).
+
 Per-node settings come from ``node_config``: ``partition-id`` (which client of the experiment
 the node serves: its data partition), optionally ``data-dir`` (the GLUE folder on that node),
 ``device`` (``cpu``, ``cuda``, ``cuda:N``) and ``device-profile`` (a ``devices.profiles`` name
@@ -22,7 +29,7 @@ import json
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from atlasfl.client import ClientState
@@ -30,16 +37,23 @@ from atlasfl.config import from_dict
 from atlasfl.engine.flower.records import (
     ARRAYS,
     CONFIG,
+    is_window,
     plan_from_content,
     records_to_state,
     state_to_records,
     to_content,
+    window_from_content,
+    window_to_content,
 )
+from atlasfl.client.split import SplitMessage, SplitScoring, SplitTraining
 from atlasfl.engine.setup import Experiment, build_experiment
 from atlasfl.errors import AtlasError
+from atlasfl.messages import Evaluate, Train
 from atlasfl.types import ClientId
 
 SETUP_KEY, STATE_KEY, META_KEY = "atlasfl.setup", "atlasfl.client", "atlasfl.client.meta"
+# an open split plan: its settings (the plan's config record and type), its session's export
+SPLIT_PLAN, SPLIT_STATE, SPLIT_META = "atlasfl.split.plan", "atlasfl.split", "atlasfl.split.meta"
 
 app = ClientApp()
 
@@ -124,13 +138,63 @@ def _answer(msg: Message, context: Context) -> Message:
     if plan.client_id != cid:
         raise AtlasError(f"a plan for client {plan.client_id} reached the node of client {cid}")
     client = _client(context, exp, cid)
-    reply = exp.runtime.handle(client, plan, int(msg.metadata.group_id))
+    round_idx = int(msg.metadata.group_id)
+    if getattr(plan, "split", None) is None:
+        content = to_content(exp.runtime.handle(client, plan, round_idx))
+    else:
+        assert isinstance(plan, Train | Evaluate)
+        session = exp.runtime.open_split(client, plan, round_idx)
+        config = msg.content.config_records[CONFIG]
+        context.state[SPLIT_PLAN] = ConfigRecord({
+            "type": msg.metadata.message_type,
+            **{k: v for k, v in config.items() if k != "kinds" and not k.startswith("dtype/")}})
+        content = _split_step(context, exp, client, plan, session, session.begin())
     _keep(context, client)
-    return Message(to_content(reply), reply_to=msg)
+    return Message(content, reply_to=msg)
+
+
+def _split_step(context: Context, exp: Experiment, client: ClientState, plan: Train | Evaluate,
+                session: SplitTraining | SplitScoring, requests: list[SplitMessage]
+                ) -> RecordDict:
+    """The next window of a split plan, or (when the session is done) the plan's reply."""
+    if requests:
+        arrays, config = state_to_records(*session.export())
+        context.state[SPLIT_STATE], context.state[SPLIT_META] = arrays, config
+        return window_to_content(client.client_id, requests)
+    for key in (SPLIT_PLAN, SPLIT_STATE, SPLIT_META):
+        if key in context.state:
+            del context.state[key]
+    return to_content(exp.runtime.close_split(client, plan, session))
+
+
+def _continue(msg: Message, context: Context) -> Message:
+    """The server's answers to a split window: the next window, or the plan's reply."""
+    exp = _experiment(context)
+    cid = _client_id(context, exp)
+    saved = context.state.config_records.get(SPLIT_PLAN)
+    if saved is None or SPLIT_STATE not in context.state.array_records:
+        raise AtlasError(f"client {cid} got {msg.metadata.message_type} but has no split plan "
+                         f"open (the server must send the train or evaluate plan first)")
+    if not is_window(msg.content):
+        raise AtlasError(f"{msg.metadata.message_type} must carry a window of split messages")
+    settings = ConfigRecord({k: v for k, v in saved.items() if k != "type"})
+    plan = plan_from_content(str(saved["type"]), RecordDict({ARRAYS: ArrayRecord(),
+                                                             CONFIG: settings}))
+    assert isinstance(plan, Train | Evaluate)
+    client = _client(context, exp, cid)
+    tensors, meta = records_to_state(context.state.array_records[SPLIT_STATE],
+                                     context.state.config_records[SPLIT_META])
+    session = exp.runtime.resume_split(client, plan, int(msg.metadata.group_id), tensors, meta)
+    content = _split_step(context, exp, client, plan, session,
+                          session.answer(window_from_content(msg.content)))
+    _keep(context, client)
+    return Message(content, reply_to=msg)
 
 
 app.train()(_answer)
 app.evaluate()(_answer)
+app.train("split")(_continue)
+app.evaluate("split")(_continue)
 app.query("fingerprint")(_answer)
 app.query("importance")(_answer)
 

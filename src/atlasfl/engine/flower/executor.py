@@ -8,6 +8,13 @@ typed replies. Bytes are counted by the same ``InProcessChannel`` at the same pl
 a plan's payload when it leaves for its client, a reply's when it is back (what the
 channel's copy holds is what is serialised, so both sides see identical tensors).
 
+A split client (a plan with ``split``) exchanges windows of per-batch messages with the server's
+half of split learning (``atlasfl.engine.split_server``, in this process) until it sends its
+reply: its plan, then one ``train.split``/``evaluate.split`` message per window of answers. Each
+per-batch message is counted by the channel as in process, one by one. Split clients run one
+after another in plan order, after the others' plans are out, so the server models step in the
+order the in-process executor steps them.
+
 Replies are handed to the round loop in the order of the plans, not of arrival: aggregation then
 sums in one order whatever the network does, and runs are reproducible bit for bit.
 
@@ -36,19 +43,25 @@ from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from atlasfl.client.runtime import ClientRuntime, client_seed
 from atlasfl.client.store import ClientStore
 from atlasfl.devices import known_profiles
 from atlasfl.engine.channel import InProcessChannel
 from atlasfl.engine.flower.records import (
     ARRAYS,
     CONFIG,
+    SPLIT_TYPES,
+    is_window,
     message_type,
     records_to_state,
     reply_from_content,
     state_to_records,
     to_content,
+    window_from_content,
+    window_to_content,
 )
 from atlasfl.engine.ledger import CommLedger
+from atlasfl.engine.split_server import SplitServer
 from atlasfl.errors import AtlasError
 from atlasfl.messages import EvaluateReply, Probe, ProbeReply, Train, TrainReply
 from atlasfl.types import ClientId
@@ -57,7 +70,7 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
     from atlasfl.engine.setup import Experiment
-    from atlasfl.engine.split_server import ServerModel, SplitServer
+    from atlasfl.engine.split_server import ServerModel
     from atlasfl.messages import Plan, Reply
     from atlasfl.strategies.base import Strategy
 
@@ -68,10 +81,15 @@ class FlowerExecutor:
     """Delivers plans to Flower nodes, one node per client."""
 
     def __init__(self, grid: Grid, nodes: dict[ClientId, int], clients: ClientStore,
-                 channel: InProcessChannel, *, timeout: float | None = None):
-        """``nodes``: client id -> node id; ``timeout``: seconds an exchange waits for replies."""
+                 channel: InProcessChannel, *, timeout: float | None = None,
+                 runtime: ClientRuntime | None = None):
+        """Deliver to ``nodes`` (client id -> node id).
+
+        ``timeout``: seconds an exchange waits for replies; ``runtime``: the experiment's, whose
+        backbone serves split clients.
+        """
         self.grid, self.nodes, self.clients, self.channel = grid, dict(nodes), clients, channel
-        self.timeout = timeout
+        self.timeout, self.runtime = timeout, runtime
         self._client_of = {node: cid for cid, node in self.nodes.items()}
 
     @classmethod
@@ -119,18 +137,18 @@ class FlowerExecutor:
                              f"partition-id); allowed partition-ids: 0..{len(need) - 1}")
         if profiles:
             exp.strategy = with_devices(exp, profiles)
-        return cls(grid, served, exp.clients, InProcessChannel(ledger), timeout=timeout)
+        return cls(grid, served, exp.clients, InProcessChannel(ledger), timeout=timeout,
+                   runtime=exp.runtime)
 
     # -- the Executor protocol ------------------------------------------------------------------
 
     def run(self, round_idx: int, plans: Sequence[Plan], server: SplitServer | None = None
             ) -> Iterator[Reply]:
         """Send every plan as a message, then yield each client's reply in plan order."""
-        if any(getattr(p, "split", None) is not None for p in plans):
-            raise AtlasError("split.when plans split learning, which the Flower engine does not "
-                             "run yet; use split.when = never or --engine in-process")
         messages = []
         for plan in plans:
+            if getattr(plan, "split", None) is not None:
+                continue  # below, one client at a time
             received = self.channel.send(round_idx, plan.client_id, "down", plan)
             messages.append(Message(to_content(received), self.nodes[plan.client_id],
                                     message_type(received), group_id=str(round_idx)))
@@ -139,6 +157,11 @@ class FlowerExecutor:
             answers[self._client_of[got.metadata.src_node_id]] = got
         for plan in plans:
             cid = plan.client_id
+            if getattr(plan, "split", None) is not None:
+                if server is None:  # internal: a strategy planned split without serving it
+                    raise RuntimeError(f"client {cid} was planned split but no server runs")
+                yield self._split_exchange(round_idx, plan, server)
+                continue
             answer = answers.get(cid)
             if answer is None:
                 reason = "no reply" + (f" within {self.timeout:g} s" if self.timeout else "")
@@ -156,9 +179,51 @@ class FlowerExecutor:
                   f"{reason}; the round goes on without it", file=sys.stderr)
             yield failed_reply(plan, f"flower: {reason}")
 
-    def split_server(self, models: dict[str, ServerModel]) -> SplitServer:  # noqa: D102
-        raise AtlasError("split.when plans split learning, which the Flower engine does not run "
-                         "yet; use split.when = never or --engine in-process")
+    def _split_exchange(self, round_idx: int, plan: Plan, server: SplitServer) -> Reply:
+        """A split client's plan, its windows answered by ``server``, until its reply."""
+        cid, node = plan.client_id, self.nodes[plan.client_id]
+        split = getattr(plan, "split", None)
+        assert split is not None and self.runtime is not None
+        received = self.channel.send(round_idx, cid, "down", plan)
+        server.open(cid, split, client_seed(self.runtime.seed, round_idx, cid))
+        message = Message(to_content(received), node, message_type(received),
+                          group_id=str(round_idx))
+        windows = 0
+        while True:
+            got = list(self.grid.send_and_receive([message], timeout=self.timeout))
+            if not got:
+                reason = "no reply" + (f" within {self.timeout:g} s" if self.timeout else "")
+            elif got[0].has_error():
+                reason = f"its ClientApp failed: {got[0].error.reason}"
+            else:
+                try:
+                    if not is_window(got[0].content):
+                        reply = reply_from_content(plan.kind, got[0].content)
+                        return self.channel.send(round_idx, cid, "up", reply)
+                    answers = [self.channel.send(round_idx, cid, "down", server.handle(
+                        cid, self.channel.send(round_idx, cid, "up", request)))
+                        for request in window_from_content(got[0].content)]
+                except AtlasError as exc:
+                    reason = f"its split messages are malformed: {exc}"
+                else:
+                    windows += 1
+                    message = Message(window_to_content(cid, answers), node,
+                                      SPLIT_TYPES[plan.kind], group_id=str(round_idx))
+                    continue
+            server.abandon(cid)  # its unfinished batches never reach the server model
+            print(f"atlasfl: round {round_idx}: client {cid} (Flower node {node}) {reason} "
+                  f"after {windows} split windows; the round goes on without it",
+                  file=sys.stderr)
+            return failed_reply(plan, f"flower: {reason}")
+
+    def split_server(self, models: dict[str, ServerModel]) -> SplitServer:
+        """The server's half of split learning, on this process's copy of the backbone."""
+        rt = self.runtime
+        if rt is None:  # internal: built without the experiment's runtime
+            raise RuntimeError("FlowerExecutor needs the runtime to serve split clients")
+        return SplitServer(rt.model, rt.binder, num_layers=rt.num_layers, train=rt.train,
+                           initial_adapter=rt.initial_adapter, initial_heads=rt.initial_heads,
+                           device=rt.device, models=models)
 
     def collect_states(self) -> None:
         """Fetch every client's state from its node into the server's store (checkpoints)."""

@@ -13,6 +13,12 @@ A plan or reply (``atlasfl.messages``) becomes a ``RecordDict`` of two records:
 
 The receiver rebuilds the message without tensors from the config and puts the payload back
 with the message's own ``with_payload``: the message types define their payloads once.
+
+A window of split messages (``atlasfl.client.split``: activations, gradients or logits of K
+batches) travels as one message: message ``i``'s kinds become ``<i>.<kind>``, and
+``window.count`` and ``window.<i>.type`` (``Activations``...) say what to rebuild. Such a window
+is what a split client answers a ``train``/``evaluate`` plan with until its last, and what
+the server sends back as ``train.split``/``evaluate.split`` (``SPLIT_TYPES``).
 """
 
 from __future__ import annotations
@@ -28,15 +34,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from atlasfl.errors import AtlasError
 from atlasfl.messages import (
+    Activations,
     Evaluate,
     EvaluateReply,
     FingerprintSpec,
+    Gradients,
     ImportanceSpec,
+    Logits,
     Payload,
     Plan,
     Probe,
     ProbeReply,
     Reply,
+    SplitMessage,
     SplitPlan,
     Train,
     TrainReply,
@@ -184,6 +194,64 @@ def message_type(plan: Plan) -> str:
 
 PLAN_TYPES = {"fingerprint": "query.fingerprint", "importance": "query.importance",
               "train": "train", "evaluate": "evaluate"}
+SPLIT_TYPES = {"train": "train.split", "evaluate": "evaluate.split"}  # the server's answers
+
+
+# -- windows of split messages ------------------------------------------------------------------
+
+_SPLIT: dict[str, type[Activations] | type[Gradients] | type[Logits]] = {
+    "Activations": Activations, "Gradients": Gradients, "Logits": Logits}
+
+
+def window_to_content(client_id: int, messages: list[SplitMessage]) -> RecordDict:
+    """The messages of one window (at least one) as the content of a Flower message."""
+    payload: Payload = {}
+    meta: dict[str, Any] = {"window.count": len(messages), "client_id": int(client_id)}
+    for i, message in enumerate(messages):
+        meta[f"window.{i}.type"] = type(message).__name__
+        if isinstance(message, Activations):
+            meta[f"window.{i}.evaluating"] = message.evaluating
+        payload.update({f"{i}.{kind}": tensors for kind, tensors in message.payload().items()})
+    arrays, config = payload_to_records(payload)
+    config.update(meta)
+    return RecordDict({ARRAYS: arrays, CONFIG: config})
+
+
+def is_window(content: RecordDict) -> bool:
+    """Whether a message carries a window of split messages (else a plan or a reply)."""
+    config = content.get(CONFIG)
+    return isinstance(config, ConfigRecord) and "window.count" in config
+
+
+def window_from_content(content: RecordDict) -> list[SplitMessage]:
+    """Inverse of ``window_to_content``."""
+    arrays, config = _records(content)
+    payload = records_to_payload(arrays, config)
+    cid = int(_get(config, "client_id"))
+    count = int(_get(config, "window.count"))
+    if count < 1:
+        raise AtlasError(f"a window of {count} split messages; allowed: at least 1")
+    out: list[SplitMessage] = []
+    blank = torch.empty(0)
+    for i in range(count):
+        name = str(_get(config, f"window.{i}.type"))
+        if name not in _SPLIT:
+            raise AtlasError(f"window.{i}.type = {name!r}; allowed: {', '.join(_SPLIT)}")
+        own = {kind.partition(".")[2]: t for kind, t in payload.items()
+               if kind.partition(".")[0] == str(i)}
+        message: SplitMessage
+        if name == "Activations":
+            message = Activations(cid, blank, evaluating=bool(
+                config.get(f"window.{i}.evaluating", False)))
+        elif name == "Gradients":
+            message = Gradients(cid, blank)
+        else:
+            message = Logits(cid, blank)
+        try:
+            out.append(message.with_payload(own))
+        except KeyError as exc:
+            raise AtlasError(f"window message {i} ({name}) lacks {exc}") from None
+    return out
 
 
 # -- helpers ------------------------------------------------------------------------------------
