@@ -30,10 +30,14 @@ class ClientStore(Mapping[ClientId, ClientState]):
     """Client id -> live ``ClientState``, building or reloading a client on access."""
 
     def __init__(self, build: Callable[[ClientId], ClientState], tasks: Mapping[ClientId, TaskSpec],
-                 sizes: Mapping[ClientId, int], *, resident: int = 0):
-        """``build(cid)``: a client at the shared start; ``sizes``: its training rows."""
+                 sizes: Mapping[ClientId, int], *, resident: int = 0,
+                 release: Callable[[], object] | None = None):
+        """Clients built by ``build(cid)`` (at the shared start), ``sizes`` their training rows.
+
+        ``release``: called after a client is spilled, to give its freed memory back.
+        """
         self._build, self._tasks, self._sizes = build, dict(tasks), dict(sizes)
-        self._resident = resident
+        self._resident, self._release = resident, release
         self._live: OrderedDict[ClientId, ClientState] = OrderedDict()
         self._spilled: set[ClientId] = set()
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -115,6 +119,9 @@ class ClientStore(Mapping[ClientId, ClientState]):
         while self._resident > 0 and len(self._live) > self._resident:
             client_id, client = self._live.popitem(last=False)
             self._save(client_id, *client.checkpoint())
+            del client
+            if self._release is not None:
+                self._release()
 
     def _path(self, client_id: ClientId) -> Path:
         if self._dir is None:  # removed with the store

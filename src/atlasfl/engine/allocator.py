@@ -1,4 +1,4 @@
-"""The C heap under many clients: glibc's mmap threshold (``train.mmap_threshold_kb``).
+"""The C heap under many clients: glibc's mmap threshold and ``malloc_trim``.
 
 Activations of varying shapes (every batch pads to its own length) fragment glibc's heap: freed
 blocks of one shape seldom fit the next, so the heap keeps growing with the number of clients
@@ -7,6 +7,12 @@ peak RSS per MiniLM client). Allocations above the mmap threshold are served by 
 returned to the system when freed; glibc raises that threshold dynamically up to 32 MiB, which
 sends activation-sized blocks back into the fragmenting heap. Fixing it (``mallopt``
 M_MMAP_THRESHOLD, as ``MALLOC_MMAP_THRESHOLD_`` does from the environment) keeps them out.
+
+A client spilled to disk (``federation.resident_clients``) frees its state, about 1 MB of small
+tensors for MiniLM, in the middle of a heap that long-lived objects (rows, caches) keep growing
+above it; glibc keeps such freed pages. ``trim`` (``malloc_trim(0)``, which also releases free
+pages inside the heap) after each spill gives them back, so peak memory follows the resident
+clients, not every client the process has touched (``bench/scale.py``).
 """
 
 from __future__ import annotations
@@ -29,3 +35,25 @@ def set_mmap_threshold(kib: int) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, kib * 1024))
     except (OSError, AttributeError):  # not glibc (musl, macOS): no mallopt
         return False
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def trim() -> bool:
+    """Give the C heap's free pages back to the system; False where there is no glibc."""
+    fn = getattr(_LIBC, "malloc_trim", None)
+    if fn is None:  # not glibc (musl, macOS)
+        return False
+    fn(0)  # 1 if it released memory, 0 if there was none to release
+    return True

@@ -24,7 +24,7 @@ from atlasfl.data.glue import load_task, resolve_data_root
 from atlasfl.data.metrics import majority_baseline
 from atlasfl.data.partition import ClientSplit, drop_test_overlap, partition
 from atlasfl.data.tasks import TaskSpec, resolve_tasks
-from atlasfl.engine.allocator import set_mmap_threshold
+from atlasfl.engine.allocator import set_mmap_threshold, trim
 from atlasfl.errors import AtlasError
 from atlasfl.models.head import ClassificationHead, init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
@@ -174,7 +174,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
 
     clients = ClientStore(build, {c: r[0] for c, r in recipes.items()},
                           {c: len(r[2]) for c, r in recipes.items()},
-                          resident=cfg.federation.resident_clients)
+                          resident=cfg.federation.resident_clients, release=trim)
     devices = assign_devices([i.client_id for i in infos], cfg.devices, seed=cfg.seed)
     infos = [dataclasses.replace(i, device=devices[i.client_id].name) for i in infos]
     shapes = binder.shapes()
