@@ -31,15 +31,15 @@ class ClientStore(Mapping[ClientId, ClientState]):
 
     def __init__(self, build: Callable[[ClientId], ClientState], tasks: Mapping[ClientId, TaskSpec],
                  sizes: Mapping[ClientId, int], *, resident: int = 0,
-                 release: Callable[[], object] | None = None, release_bytes: int = 4 << 20):
+                 release: Callable[[], object] | None = None, release_share: float = 0.1):
         """Clients built by ``build(cid)`` (at the shared start), ``sizes`` their training rows.
 
         ``release``: gives freed memory back to the system; called once the states spilled since
-        its last call reach ``release_bytes`` (it costs ~20 ms on a MiniLM-sized heap: with
-        tiny clients, once per spill would cost more than their training).
+        its last call reach ``release_share`` of the resident clients' (half the slack of issue
+        18's bound, resident x state x 1.2; a call costs ~20 ms on a MiniLM-sized heap).
         """
         self._build, self._tasks, self._sizes = build, dict(tasks), dict(sizes)
-        self._resident, self._release, self._release_bytes = resident, release, release_bytes
+        self._resident, self._release, self._share = resident, release, release_share
         self._freed = 0  # bytes of client state spilled since the last release
         self._live: OrderedDict[ClientId, ClientState] = OrderedDict()
         self._spilled: set[ClientId] = set()
@@ -123,9 +123,11 @@ class ClientStore(Mapping[ClientId, ClientState]):
             client_id, client = self._live.popitem(last=False)
             tensors, meta = client.checkpoint()
             self._save(client_id, tensors, meta)
-            self._freed += sum(t.numel() * t.element_size() for t in tensors.values())
+            state = sum(t.numel() * t.element_size() for t in tensors.values())
+            self._freed += state
             del client, tensors
-            if self._release is not None and self._freed >= self._release_bytes:
+            if (self._release is not None
+                    and self._freed >= self._share * self._resident * state):
                 self._release()
                 self._freed = 0
 
