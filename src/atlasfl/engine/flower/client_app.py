@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from atlasfl.client import ClientState
+from atlasfl.client.split import SplitMessage, SplitScoring, SplitTraining
 from atlasfl.config import from_dict
 from atlasfl.engine.flower.records import (
     ARRAYS,
@@ -45,7 +46,6 @@ from atlasfl.engine.flower.records import (
     window_from_content,
     window_to_content,
 )
-from atlasfl.client.split import SplitMessage, SplitScoring, SplitTraining
 from atlasfl.engine.setup import Experiment, build_experiment
 from atlasfl.errors import AtlasError
 from atlasfl.messages import Evaluate, Train
