@@ -13,7 +13,7 @@ def test_the_threshold_is_set_through_mallopt_and_0_leaves_glibc_alone(monkeypat
         def mallopt(self, param, value):
             calls.append((param, value))
             return 1
-    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(allocator, "_LIBC", FakeLibc())
     assert allocator.set_mmap_threshold(128) is True
     assert calls == [(-3, 128 * 1024)]  # M_MMAP_THRESHOLD, in bytes
     assert allocator.set_mmap_threshold(0) is False and len(calls) == 1

@@ -23,20 +23,6 @@ import ctypes.util
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
-def set_mmap_threshold(kib: int) -> bool:
-    """Fix glibc's mmap threshold at ``kib`` KiB (> 0); False where there is no glibc."""
-    if kib <= 0:
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, kib * 1024))
-    except (OSError, AttributeError):  # not glibc (musl, macOS): no mallopt
-        return False
-
-
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
@@ -48,6 +34,14 @@ def _libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _libc()
+
+
+def set_mmap_threshold(kib: int) -> bool:
+    """Fix glibc's mmap threshold at ``kib`` KiB (> 0); False where there is no glibc."""
+    fn = getattr(_LIBC, "mallopt", None)
+    if kib <= 0 or fn is None:  # not glibc (musl, macOS): no mallopt
+        return False
+    return bool(fn(M_MMAP_THRESHOLD, kib * 1024))
 
 
 def trim() -> bool:
