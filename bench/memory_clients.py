@@ -5,9 +5,11 @@ client trains once) whose summary reports its peak RSS. For each setting the scr
 = fixed + slope x clients over the client counts and compares the slope with one client's own
 state (adapter + head + their AdamW moments, fp32): issue 15 asks for slope <= 1.2 x state.
 Settings: glibc's default heap, `train.mmap_threshold_kb` (allocations above it mmapped and
-returned when freed), `train.pad_multiple` (padded lengths from a fixed set), both.
+returned when freed), `train.pad_multiple` (padded lengths from a fixed set), both; and the speed
+settings (`train.precision=bf16`, `train.length_bucket=8`) alone and with the mmap threshold.
 
-    python bench/memory_clients.py --clients 12 48 96 --samples 64
+    python bench/memory_clients.py --clients 12 48 96 --samples 64 \
+        --jsonl bench/results/memory_clients_cpu.jsonl
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ SETTINGS = {
     "mmap128k": ["--set", "train.mmap_threshold_kb=128"],
     "pad16": ["--set", "train.pad_multiple=16"],
     "mmap128k+pad16": ["--set", "train.mmap_threshold_kb=128", "--set", "train.pad_multiple=16"],
+    # the speed settings (bf16 autocast, length buckets of 8 batches), alone and with mmap
+    "fast": ["--set", "train.precision=bf16", "--set", "train.length_bucket=8"],
+    "fast+mmap128k": ["--set", "train.precision=bf16", "--set", "train.length_bucket=8",
+                      "--set", "train.mmap_threshold_kb=128"],
 }
 
 
@@ -46,6 +52,7 @@ def main() -> None:
     parser.add_argument("--clients", nargs="+", type=int, default=[12, 48, 96])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--jsonl", type=Path, help="append one row per run to this file")
     args = parser.parse_args()
     # one client's own state: LoRA r=8 on query/value of 6 blocks (384 wide) + a 2-way head,
     # each with AdamW's two moments, fp32
@@ -58,6 +65,12 @@ def main() -> None:
             for n in args.clients:
                 summary = run(n, SETTINGS[setting], args.samples, Path(tmp))
                 peaks.append(summary["peak_rss_mb"])
+                if args.jsonl:
+                    with args.jsonl.open("a") as fh:
+                        fh.write(json.dumps({"setting": setting, "clients": summary["num_clients"],
+                                             "samples": args.samples,
+                                             "peak_rss_mb": summary["peak_rss_mb"],
+                                             "wall_seconds": summary["wall_seconds"]}) + "\n")
                 print(f"{setting:>16} {summary['num_clients']:>4} clients: peak RSS "
                       f"{summary['peak_rss_mb']:7.0f} MiB, {summary['wall_seconds']:6.1f} s",
                       flush=True)
