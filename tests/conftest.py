@@ -35,7 +35,9 @@ def tiny_config(**dotted):
         "model": {"name": "tiny-bert", "pooling": "mean"},
         "data": {"tasks": ["cola", "mrpc"], "clients_per_task": 2, "samples": 24,
                  "eval_samples": 32, "val_fraction": 0.25, "max_length": 32},
-        "train": {"batch_size": 8, "lr": 0.01},
+        # fp32 pinned: ``auto`` is bf16 on CPUs with bf16 fast paths, and hand-computed values
+        # and bit-identity must not depend on the machine that runs the tests
+        "train": {"batch_size": 8, "lr": 0.01, "precision": "fp32"},
         "federation": {"rounds": 1},
     }
     return from_dict(raw).replace(**dotted)

@@ -162,7 +162,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from atlasfl.config import check_same_experiment
     from atlasfl.engine import RunDir, build_experiment, load_checkpoint, run_experiment
     from atlasfl.engine.checkpoint import find_run, latest_checkpoint
-    from atlasfl.engine.setup import resolve_threads
+    from atlasfl.engine.setup import resolve_device, resolve_threads
 
     resume_from = args.resume if args.command == "run" else args.run_dir
     if resume_from:
@@ -181,7 +181,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"{cfg.data.clients_per_task} clients per task with {cfg.data.samples} examples "
           f"each ({cfg.data.val_fraction:.0%} held out for validation), "
           f"{cfg.federation.rounds} rounds, "
-          f"{resolve_threads(cfg.train.threads)} torch threads"
+          f"{resolve_threads(cfg.train.threads)} torch threads, "
+          f"{_precision_note(cfg.train.precision, resolve_device(cfg.device))}"
           + (f", resuming after round {snapshot.round_idx}" if snapshot else ""),
           file=sys.stderr)
     experiment = build_experiment(cfg)  # every input error surfaces before a folder is made
@@ -212,6 +213,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 130 if stop.requested else 0
     _print_summary(outcome.summary, run_dir.path)
     return 0
+
+
+def _precision_note(precision: str, device) -> str:
+    from atlasfl.client.training import resolve_precision
+
+    resolved = resolve_precision(precision, device)
+    if precision != "auto":
+        return f"precision {resolved}"
+    why = "bf16 is fast here" if resolved == "bf16" else "no bf16 fast path here"
+    return f"precision {resolved} (auto on {device.type}: {why})"
 
 
 def _flower_simulation():

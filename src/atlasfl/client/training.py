@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,9 +23,36 @@ from atlasfl.models.head import ClassificationHead
 from atlasfl.models.lora import AdapterBinder
 
 
+@functools.cache
+def bf16_fast(device_type: str) -> bool:
+    """Whether this machine runs bf16 matrix products faster than fp32.
+
+    CUDA: when the card supports bf16. CPU: with AVX-512 bf16 or AMX tiles (on other CPUs bf16
+    autocast is emulated and slower than fp32). Measured on an avx512_bf16 CPU: bf16 autocast
+    gave 1.28x per training step (issue 15).
+    """
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch.cpu
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision``: ``auto`` is bf16 where ``bf16_fast`` says so, else fp32."""
+    if precision == "auto":
+        return "bf16" if bf16_fast(device.type) else "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str) -> Any:
-    """bf16 autocast when ``train.precision`` asks for it (or ``auto`` on CUDA), else nothing."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast when ``train.precision`` resolves to bf16, else nothing.
+
+    Only the forward runs under it: LoRA weights, gradients, optimizer state and aggregation
+    stay fp32 (autocast casts weights per operation, never the stored tensors).
+    """
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -27,6 +27,9 @@ from atlasfl.errors import AtlasError
 # Keys that may differ between the sessions of one run: where output goes, how it is shown, and
 # how the session runs. Everything else changes the experiment and is refused on resume.
 RESUMABLE_KEYS = ("out", "run_name", "progress", "session.")
+# ``auto`` resolves per machine (bf16 where it is fast): a checkpoint records what it resolved to
+# and ``atlasfl.engine.simulation.restore`` compares that, so auto against fp32/bf16 is no diff here
+PRECISION = "train.precision"
 
 
 def experiment_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -37,6 +40,8 @@ def experiment_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        elif path == PRECISION and "auto" in (a, b):
+            return  # what auto resolved to is checked against the checkpoint's on restore
         elif a != b and not any(path == k or (k.endswith(".") and path.startswith(k))
                                 for k in RESUMABLE_KEYS):
             out.append((path, a, b))

@@ -94,7 +94,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     eval_batch_size: int = 64
-    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Precision = "auto"  # auto: bf16 autocast where it is fast (CUDA, bf16 CPUs)
     length_bucket: int = 0  # > 0: sort rows by length within chunks of this many batches
     pad_multiple: int = 1  # round each batch's padded length up to a multiple of this
     threads: int = 0  # torch intra-op threads; 0 = the cores this process may use

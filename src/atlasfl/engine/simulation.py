@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from atlasfl.client.training import resolve_precision
 from atlasfl.engine.checkpoint import (
     Snapshot,
     flatten_state,
@@ -110,13 +111,24 @@ def capture(exp: Experiment, server_state: Any, round_idx: int,
     if exp.device.type == "cuda":
         tensors["rng/cuda"] = torch.cuda.get_rng_state(exp.device)
     meta = {"history": history, "server": server, "clients": clients_meta, "elapsed": elapsed,
-            "strategy": exp.cfg.method}
+            "strategy": exp.cfg.method,
+            "precision": resolve_precision(exp.cfg.train.precision, exp.device)}
     return Snapshot(round_idx, exp.cfg.to_dict(), tensors, meta, files)
 
 
 def restore(exp: Experiment, snapshot: Snapshot) -> tuple[Any, list[list[dict[str, Any]]],
                                                            dict[str, float]]:
     """Put a snapshot back into a freshly built experiment; returns server state and history."""
+    now = resolve_precision(exp.cfg.train.precision, exp.device)
+    saved = snapshot.meta.get("precision")
+    if saved is None:  # a checkpoint from before it was saved: auto was then fp32 on CPU
+        saved = exp.cfg.train.precision
+        if saved == "auto":
+            saved = "bf16" if exp.device.type == "cuda" else "fp32"
+    if saved is not None and saved != now:
+        raise AtlasError(f"train.precision resolves to {now!r} on this machine but the checkpoint "
+                         f"was trained in {saved!r}; resume with --set train.precision={saved} "
+                         f"(auto follows each machine's bf16 support)")
     saved_ids = sorted(int(c) for c in snapshot.meta["clients"])
     if saved_ids != sorted(exp.clients):
         raise AtlasError(f"checkpoint holds clients {saved_ids}, this experiment has "
@@ -145,6 +157,7 @@ def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict
     summary.update(
         method=cfg.method, model=cfg.model.name, seed=cfg.seed, rounds=cfg.federation.rounds,
         num_clients=len(exp.clients), device=str(exp.device),
+        precision=resolve_precision(cfg.train.precision, exp.device),
         wall_seconds=elapsed["wall"], process_seconds=elapsed["process"],
         cpu_utilisation=elapsed["process"] / elapsed["wall"] if elapsed["wall"] else 0.0,
         bytes_up=sum(r["bytes_up"] for r in rows), bytes_down=sum(r["bytes_down"] for r in rows),
