@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from peft import PeftModel
 
+from atlasfl.client.batched import train_batched
 from atlasfl.client.probe import probe_client
 from atlasfl.client.split import Link, SplitScoring, SplitTraining, drive
 from atlasfl.client.state import ClientState
@@ -45,6 +46,12 @@ from atlasfl.types import AdapterState, ClientId
 def client_seed(seed: int, round_idx: int, client_id: ClientId) -> int:
     """Seed of one client's round: independent of the order clients run in (exact resume)."""
     return zlib.crc32(f"{seed}/{round_idx}/{client_id}".encode())
+
+
+def group_seed(seed: int, round_idx: int, client_ids: list[ClientId]) -> int:
+    """Seed of a batched group's round (its dropout masks): from its members, not their order."""
+    members = "+".join(str(c) for c in sorted(client_ids))
+    return zlib.crc32(f"{seed}/{round_idx}/{members}".encode())
 
 
 def _digest(*states: AdapterState) -> str:
@@ -122,6 +129,30 @@ class ClientRuntime:
                                steps=plan.steps, generator=torch.Generator().manual_seed(seed),
                                device=self.device)
         return self.train_reply(client, plan, metrics)
+
+    def train_group(self, clients: list[ClientState], plans: list[Train], round_idx: int
+                    ) -> list[TrainReply]:
+        """Answer the whole-model Train plans of clients that train together (in plan order).
+
+        Each client receives its plan's model and draws its batch order from its own seed, as in
+        ``train_round``; then the group trains one batched step per batch
+        (``atlasfl.client.batched``; the plans must give equal batch sizes) and each client gets
+        the reply ``train_round`` gives. Dropout masks come from the group's seed
+        (``group_seed``), not each client's: with dropout on they differ from the one-by-one
+        path's, with dropout off the results are the same up to float rounding.
+        """
+        orders = []
+        for client, plan in zip(clients, plans, strict=True):
+            assert plan.split is None, "internal: a split plan cannot be batched"
+            self.receive(client, plan.model)
+            seed = client_seed(self.seed, round_idx, client.client_id)
+            orders.append(round_batches(client.train_set, self.train, epochs=plan.epochs,
+                                        steps=plan.steps,
+                                        generator=torch.Generator().manual_seed(seed)))
+        torch.manual_seed(group_seed(self.seed, round_idx, [c.client_id for c in clients]))
+        metrics = train_batched(self.model, self.binder, clients, orders, self.train,
+                                device=self.device)
+        return [self.train_reply(c, p, m) for c, p, m in zip(clients, plans, metrics, strict=True)]
 
     def train_reply(self, client: ClientState, plan: Train, metrics: dict[str, float]
                     ) -> TrainReply:

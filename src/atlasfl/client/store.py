@@ -82,6 +82,11 @@ class ClientStore(Mapping[ClientId, ClientState]):
         return self._sizes[client_id]
 
     @property
+    def resident(self) -> int:
+        """At most this many clients in memory at once (0: all of them)."""
+        return self._resident
+
+    @property
     def live(self) -> Sequence[ClientId]:
         """The clients in memory now, least recently used first."""
         return list(self._live)

@@ -99,6 +99,11 @@ class TrainConfig:
     pad_multiple: int = 1  # round each batch's padded length up to a multiple of this
     threads: int = 0  # torch intra-op threads; 0 = the cores this process may use
     mmap_threshold_kb: int = 0  # > 0: glibc serves allocations above it by mmap (flat memory)
+    # > 0: clients of one exchange whose whole-model Train plans give the same batch sizes
+    # train together, at most this many per group, as one forward/backward over their stacked
+    # adapters (atlasfl.client.batched; for GPUs). Exact with dropout off; with dropout on the
+    # masks come from the group's seed, not each client's. 0: each client on its own
+    batch_clients: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from atlasfl.client import ClientRuntime
+from atlasfl.client.batched import group_by_key, step_sizes, supports_batching
 from atlasfl.client.runtime import client_seed
 from atlasfl.client.split import Link
 from atlasfl.client.store import ClientStore
@@ -83,42 +84,94 @@ class InProcessExecutor:
 
     def run(self, round_idx: int, plans: Sequence[Plan], server: SplitServer | None = None
             ) -> Iterator[Reply]:
-        """Deliver every plan and yield each client's reply as it arrives."""
-        for plan in plans:
-            cid = plan.client_id
-            fault = None
-            if self.faults is not None and isinstance(plan, Train):
-                fault = draw_fault(self.faults.cfg, seed=self.faults.seed, round_idx=round_idx,
-                                   client_id=cid)
-            if fault is not None and fault.kind == "before":  # the plan never arrives
-                yield TrainReply(cid, None, {"trained": False,
-                                             "dropped": "vanished before training"},
-                                 delivered=False)
+        """Deliver every plan and yield each client's reply as it arrives.
+
+        With ``train.batch_clients`` > 0 the plans of a group (``_groups``) are delivered
+        together when the first of them comes up, trained in one batched step each batch, and
+        their replies yielded in plan order like any other's.
+        """
+        groups = self._groups(round_idx, plans)
+        trained: dict[int, Reply] = {}
+        for i, plan in enumerate(plans):
+            if i not in groups:
+                yield self._deliver(round_idx, plan, server)
                 continue
-            received = self.channel.send(round_idx, cid, "down", plan)
-            link = None
-            split = getattr(plan, "split", None)
-            if split is not None:
-                if server is None:  # internal: a strategy planned split without serving it
-                    raise RuntimeError(f"client {cid} was planned split but no server runs")
-                server.open(cid, split, client_seed(self.runtime.seed, round_idx, cid))
-                link = self._link(round_idx, cid, server)
-                if fault is not None:
-                    link = _vanishing(link, fault.fraction, self._messages(plan, split.u_shape))
-            try:
-                reply = self.runtime.handle(self.clients[cid], received, round_idx, link)
-            except ClientVanished as exc:
-                assert server is not None
-                server.abandon(cid)  # the unfinished batch never reaches the server model
-                yield TrainReply(cid, None, {"trained": True, "dropped": str(exc)})
-                continue
-            if fault is not None:  # it trained, then vanished before uploading
-                assert isinstance(reply, TrainReply)
-                yield dataclasses.replace(reply, update=None, record={
-                    **reply.record, "dropped": "vanished after training, before its upload"})
-                continue
-            arrived = self.channel.send(round_idx, cid, "up", reply)
+            if i not in trained:
+                trained.update(self._train_group(round_idx, plans, groups[i]))
+            arrived = self.channel.send(round_idx, plan.client_id, "up", trained.pop(i))
             yield self._on_time(round_idx, arrived)
+
+    def _groups(self, round_idx: int, plans: Sequence[Plan]) -> dict[int, list[int]]:
+        """Plan index -> the indices of its batched group (``train.batch_clients``).
+
+        Whole-model Train plans whose batches have the same sizes step for step, at most
+        ``train.batch_clients`` (and ``federation.resident_clients``: a group is live at once)
+        per group. None when simulated faults are on (they act on one client's plan).
+        """
+        rt = self.runtime
+        size = rt.train.batch_clients
+        if self.clients.resident > 0:
+            size = min(size, self.clients.resident)
+        if size < 2 or self.faults is not None or not supports_batching(rt.binder):
+            return {}
+        keys = [self._batch_key(round_idx, p) for p in plans]
+        return {i: group for group in group_by_key(keys, size) for i in group}
+
+    def _batch_key(self, round_idx: int, plan: Plan) -> tuple[int, ...] | None:
+        """A whole-model Train plan's batch sizes, step by step; None: it trains on its own."""
+        if not isinstance(plan, Train) or plan.split is not None:
+            return None
+        cid, rt = plan.client_id, self.runtime
+        sizes = step_sizes(self.clients.num_examples(cid), rt.train, epochs=plan.epochs,
+                           steps=plan.steps, seed=client_seed(rt.seed, round_idx, cid))
+        return sizes or None  # no rows: nothing to batch
+
+    def _train_group(self, round_idx: int, plans: Sequence[Plan], group: list[int]
+                     ) -> dict[int, Reply]:
+        """Deliver a group's plans (counted) and train them together; replies by plan index."""
+        received = []
+        for i in group:
+            plan = plans[i]
+            assert isinstance(plan, Train)
+            received.append(self.channel.send(round_idx, plan.client_id, "down", plan))
+        clients = [self.clients[p.client_id] for p in received]
+        replies = self.runtime.train_group(clients, received, round_idx)
+        return dict(zip(group, replies, strict=True))
+
+    def _deliver(self, round_idx: int, plan: Plan, server: SplitServer | None
+                 ) -> Reply:
+        """Deliver one plan and bring its client's reply back."""
+        cid = plan.client_id
+        fault = None
+        if self.faults is not None and isinstance(plan, Train):
+            fault = draw_fault(self.faults.cfg, seed=self.faults.seed, round_idx=round_idx,
+                               client_id=cid)
+        if fault is not None and fault.kind == "before":  # the plan never arrives
+            return TrainReply(cid, None, {"trained": False,
+                                          "dropped": "vanished before training"},
+                              delivered=False)
+        received = self.channel.send(round_idx, cid, "down", plan)
+        link = None
+        split = getattr(plan, "split", None)
+        if split is not None:
+            if server is None:  # internal: a strategy planned split without serving it
+                raise RuntimeError(f"client {cid} was planned split but no server runs")
+            server.open(cid, split, client_seed(self.runtime.seed, round_idx, cid))
+            link = self._link(round_idx, cid, server)
+            if fault is not None:
+                link = _vanishing(link, fault.fraction, self._messages(plan, split.u_shape))
+        try:
+            reply = self.runtime.handle(self.clients[cid], received, round_idx, link)
+        except ClientVanished as exc:
+            assert server is not None
+            server.abandon(cid)  # the unfinished batch never reaches the server model
+            return TrainReply(cid, None, {"trained": True, "dropped": str(exc)})
+        if fault is not None:  # it trained, then vanished before uploading
+            assert isinstance(reply, TrainReply)
+            return dataclasses.replace(reply, update=None, record={
+                **reply.record, "dropped": "vanished after training, before its upload"})
+        arrived = self.channel.send(round_idx, cid, "up", reply)
+        return self._on_time(round_idx, arrived)
 
     def _messages(self, plan: Plan, u_shape: bool) -> int:
         """How many link calls a split client's training makes (one or two per batch)."""
