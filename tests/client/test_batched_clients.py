@@ -80,14 +80,14 @@ def test_a_batched_group_trains_each_client_as_it_trains_alone(tiny_cfg, max_gra
                             generator=torch.Generator().manual_seed(
                                 client_seed(runtime.seed, ROUND, c.client_id)))
               for c in clients]
-    widths = [{int(c.train_set.lengths[o[s]].max()) for c, o in zip(clients, orders)}
+    widths = [{int(c.train_set.lengths[o[s]].max()) for c, o in zip(clients, orders, strict=True)}
               for s in range(3)]
     assert all(len(w) > 1 for w in widths)
 
     for round_idx in (ROUND, ROUND + 1):  # the second round starts from AdamW moments
         # Execute: one by one, as ClientRuntime.handle does; then as one group
         expected = [runtime.train_round(c, p, client_seed(runtime.seed, round_idx, c.client_id))
-                    for c, p in zip(alone, plans)]
+                    for c, p in zip(alone, plans, strict=True)]
         replies = runtime.train_group(clients, plans, round_idx)
 
         # Assert
@@ -111,7 +111,7 @@ def test_each_slice_of_the_batch_is_computed_with_its_own_adapter(tiny_cfg):
     assert len({p["input_ids"].shape[1] for p in parts}) > 1
     width = max(p["input_ids"].shape[1] for p in parts)
     alone = []
-    for client, part in zip(clients, parts):
+    for client, part in zip(clients, parts, strict=True):
         exp.binder.bind(client.adapter)
         inputs = {k: v for k, v in part.items() if k != "labels"}
         alone.append(model(**inputs).last_hidden_state)  # (2, T_c, H)
@@ -124,7 +124,7 @@ def test_each_slice_of_the_batch_is_computed_with_its_own_adapter(tiny_cfg):
 
     # Assert: each client's rows, on its real tokens, as its model alone gives them
     assert together.shape[:2] == (6, width)
-    for c, (part, mine) in enumerate(zip(parts, alone)):
+    for c, (part, mine) in enumerate(zip(parts, alone, strict=True)):
         rows = together[2 * c : 2 * c + 2]
         mask = part["attention_mask"].bool()
         torch.testing.assert_close(rows[:, : mine.shape[1]][mask], mine[mask], **TOL)
@@ -151,8 +151,12 @@ def test_the_lora_layers_forward_is_restored_after_the_batched_step(tiny_cfg):
     assert torch.equal(forward(), before)
 
 
-def test_a_run_with_batched_clients_equals_the_run_without(tiny_cfg, monkeypatch):
-    # hetlora, device budget: clients of other per-module ranks (rank plans received first)
+@pytest.mark.parametrize(("resident", "expected"), [(0, [[0, 1, 2, 3]]),
+                                                    (2, [[0, 1], [2, 3]])])
+def test_a_run_with_batched_clients_equals_the_run_without(tiny_cfg, monkeypatch, resident,
+                                                            expected):
+    # hetlora, device budget: clients of other per-module ranks (rank plans received first);
+    # resident 2: the others spilled to disk, groups of two
     groups = []
     original = ClientRuntime.train_group
 
@@ -166,14 +170,15 @@ def test_a_run_with_batched_clients_equals_the_run_without(tiny_cfg, monkeypatch
         exp = _experiment(tiny_cfg, method="hetlora", **{
             "model.lora.rslora": True, "ranks.r_max": 12, "ranks.budget": "device",
             "devices.assignment": ["cpu-2gb", "gpu-16gb", "gpu-16gb", "cpu-2gb"],
-            "federation.rounds": 2, "train.batch_clients": batch_clients})
+            "federation.rounds": 2, "federation.resident_clients": resident,
+            "train.batch_clients": batch_clients})
         summary = run_experiment(exp).summary
         return exp, summary
 
     one_by_one, plain = run(0)
     assert groups == []
     batched_exp, batched = run(4)
-    assert groups == [[0, 1, 2, 3]] * 2  # both rounds trained as one group
+    assert groups == expected * 2  # both rounds trained in groups
     assert len({tuple(c.ranks().values()) for c in batched_exp.clients.values()}) > 1
     for key in ("bytes_up", "bytes_down", "bytes_by_kind"):
         assert batched[key] == plain[key]
@@ -187,8 +192,8 @@ def test_a_run_with_batched_clients_equals_the_run_without(tiny_cfg, monkeypatch
                 assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
             else:
                 assert got[key] == value, key
-    for cid, client in one_by_one.clients.items():
-        _assert_same_client(client, batched_exp.clients[cid])
+    for cid in one_by_one.clients:
+        _assert_same_client(one_by_one.clients[cid], batched_exp.clients[cid])
 
 
 def test_groups_hold_equal_keys_in_order_at_most_size_each():
@@ -214,7 +219,7 @@ def test_step_sizes_are_the_batches_round_batches_gives(tiny_cfg, bucket):
         (4, 3, 4, 4, 4, 4), (4, 4, 4, 3, 4, 4)}
 
 
-def test_a_split_plan_or_simulated_faults_train_one_by_one(tiny_cfg):
+def test_split_plans_and_simulated_faults_train_one_by_one(tiny_cfg):
     from atlasfl.engine.executor import make_executor
     from atlasfl.engine.ledger import CommLedger
     from atlasfl.messages import SplitPlan
@@ -227,9 +232,27 @@ def test_a_split_plan_or_simulated_faults_train_one_by_one(tiny_cfg):
     assert executor._groups(ROUND, [Train(0, steps=2), Train(1, steps=3)]) == {}
     exp = _experiment(tiny_cfg, **{"train.batch_clients": 3, "faults.drop_during": 0.5})
     assert make_executor(exp, CommLedger())._groups(ROUND, plans) == {}
+    # a group is live at once: no larger than federation.resident_clients
+    exp = _experiment(tiny_cfg, **{"train.batch_clients": 4, "federation.resident_clients": 2})
+    assert make_executor(exp, CommLedger())._groups(ROUND, [Train(c) for c in range(4)]) == {
+        0: [0, 1], 1: [0, 1], 2: [2, 3], 3: [2, 3]}
 
 
 @pytest.mark.parametrize("value", [-1, -4])
 def test_a_negative_batch_clients_is_refused_by_name(tiny_cfg, value):
     with pytest.raises(AtlasError, match=r"train\.batch_clients.*allowed: 0 \(off\)"):
         tiny_cfg(**{"train.batch_clients": value})
+
+
+def test_batched_clients_run_under_bf16_autocast(tiny_cfg):
+    # bf16 rounds differently in another batch shape: the same losses to bf16 precision only
+    exp = _experiment(tiny_cfg, **{"train.precision": "bf16"})
+    clients = _mixed_clients(exp)
+    alone = copy.deepcopy(clients)
+    plans = [Train(c.client_id) for c in clients]
+    runtime = exp.runtime
+    expected = [runtime.train_round(c, p, client_seed(runtime.seed, ROUND, c.client_id))
+                for c, p in zip(alone, plans, strict=True)]
+    replies = runtime.train_group(clients, plans, ROUND)
+    for want, got in zip(expected, replies, strict=True):
+        assert got.record["train_loss"] == pytest.approx(want.record["train_loss"], rel=2e-3)

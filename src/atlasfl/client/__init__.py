@@ -2,6 +2,7 @@
 
 ``state`` holds what a client owns (adapter, head, optimizer, data); ``training`` trains and
 evaluates it; ``probe`` computes its fingerprint and module importance (Phases 1 and 2);
+``batched`` trains clients of equal batch sizes as one batched step (``train.batch_clients``);
 ``runtime`` answers a plan (``atlasfl.messages``) with a reply, the same code in-process and on
 Flower.
 """

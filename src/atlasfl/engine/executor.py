@@ -5,7 +5,9 @@ client) it sends each through the channel (counted), lets the client side answer
 (``atlasfl.client.ClientRuntime``) and returns each reply through the channel (counted), as it
 arrives. A split client talks to the server's half of split learning during its plan
 (``atlasfl.engine.split_server``): every per-batch message crosses the same channel and is
-counted by kind. It runs no algorithm of its own.
+counted by kind. With ``train.batch_clients`` > 0 it hands the client side groups of Train
+plans that can share one batched step (``atlasfl.client.batched``); only the schedule changes,
+not the replies or the bytes counted. It runs no algorithm of its own.
 """
 
 from __future__ import annotations
