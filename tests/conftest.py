@@ -21,6 +21,19 @@ from atlasfl.data.glue import default_data_root
 GLUE = default_data_root()
 
 
+@pytest.fixture(autouse=True)
+def _auto_precision_is_fp32(monkeypatch):
+    """``train.precision=auto`` resolves to fp32 in the test process, whatever the CPU.
+
+    auto is bf16 on CPUs with bf16 fast paths; hand-computed values and comparisons between
+    runs must not depend on the machine the tests run on. Tests of auto itself patch it again
+    (tests/client/test_precision.py); runs in subprocesses compare with each other only.
+    """
+    from atlasfl.client import training
+
+    monkeypatch.setattr(training, "bf16_fast", lambda device_type: False)
+
+
 @pytest.fixture(scope="session")
 def glue_root() -> Path:
     if GLUE is None:
