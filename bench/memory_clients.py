@@ -6,7 +6,8 @@ client trains once) whose summary reports its peak RSS. For each setting the scr
 state (adapter + head + their AdamW moments, fp32): issue 15 asks for slope <= 1.2 x state.
 Settings: glibc's default heap, `train.mmap_threshold_kb` (allocations above it mmapped and
 returned when freed), `train.pad_multiple` (padded lengths from a fixed set), both; and the speed
-settings (`train.precision=bf16`, `train.length_bucket=8`) alone and with the mmap threshold.
+settings (`train.precision=bf16`, `train.length_bucket=8`) alone, with padded lengths in
+multiples of 16 and with the mmap threshold.
 
     python bench/memory_clients.py --clients 12 48 96 --samples 64 \
         --jsonl bench/results/memory_clients_cpu.jsonl
@@ -30,6 +31,8 @@ SETTINGS = {
     "mmap128k+pad16": ["--set", "train.mmap_threshold_kb=128", "--set", "train.pad_multiple=16"],
     # the speed settings (bf16 autocast, length buckets of 8 batches), alone and with mmap
     "fast": ["--set", "train.precision=bf16", "--set", "train.length_bucket=8"],
+    "fast+pad16": ["--set", "train.precision=bf16", "--set", "train.length_bucket=8",
+                   "--set", "train.pad_multiple=16"],
     "fast+mmap128k": ["--set", "train.precision=bf16", "--set", "train.length_bucket=8",
                       "--set", "train.mmap_threshold_kb=128"],
 }
