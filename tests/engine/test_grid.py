@@ -107,8 +107,13 @@ def test_a_finished_point_of_another_config_is_refused_and_a_new_default_key_is_
     assert "holds a finished run of another experiment" in err and "train.lr" in err
     # a key added to the config after a run was saved (at its default) is no difference
     saved = yaml.safe_load((out / "seed=0" / "config.yaml").read_text())
-    del saved["train"]["length_bucket"]
+    del saved["train"]["batch_clients"]
     check_same_experiment(saved, tiny_cfg(**{"federation.rounds": 1}))
     saved["train"]["length_bucket"] = 4
-    with pytest.raises(AtlasError, match="train.length_bucket: checkpoint 4, now 0"):
+    with pytest.raises(AtlasError, match="train.length_bucket: checkpoint 4, now 8"):
         check_same_experiment(saved, tiny_cfg(**{"federation.rounds": 1}))
+    # a key whose default changed since: a run saved before the key existed ran without it
+    del saved["train"]["length_bucket"]
+    with pytest.raises(AtlasError, match="train.length_bucket: checkpoint 0, now 8"):
+        check_same_experiment(saved, tiny_cfg(**{"federation.rounds": 1}))
+    check_same_experiment(saved, tiny_cfg(**{"federation.rounds": 1, "train.length_bucket": 0}))

@@ -20,7 +20,7 @@ TASKS = {"sst2": "accuracy", "cola": "mcc"}
 
 def fake_run(root: Path, name: str, *, method: str, seed: int, clients: list[tuple[str, float]],
              lam: float | None = None, finished: bool = True, rounds: int = 2,
-             train: dict | None = None) -> Path:
+             train: dict | None = None, summary_extra: dict | None = None) -> Path:
     """A run folder as the runner writes it: clients' final metrics given, earlier rounds lower."""
     path = root / name
     path.mkdir(parents=True)
@@ -51,7 +51,7 @@ def fake_run(root: Path, name: str, *, method: str, seed: int, clients: list[tup
         summary = {"tasks": tasks, "average": average, "method": method, "seed": seed,
                    "clients": final, "bytes_up": sum(r["bytes_up"] for r in rows),
                    "bytes_down": sum(r["bytes_down"] for r in rows), "wall_seconds": 10.0 + seed,
-                   "peak_rss_mb": 100.0}
+                   "peak_rss_mb": 100.0, **(summary_extra or {})}
         (path / "summary.json").write_text(json.dumps(summary))
     return path
 
@@ -216,3 +216,18 @@ def test_a_key_added_since_an_old_run_was_written_does_not_split_its_arm(tmp_pat
              train={"length_bucket": 8})
     assert list(arms(find_runs([tmp_path]))) == ["local length_bucket=0", "local length_bucket=8"]
     assert [r.seed for r in arms(find_runs([tmp_path]))["local length_bucket=0"]] == [0, 1]
+
+
+def test_runs_that_auto_ran_in_other_precisions_are_two_arms(tmp_path):
+    clients = [("sst2", 0.7), ("cola", 0.1)]
+    fake_run(tmp_path, "old-cpu", method="local", seed=0, clients=clients)  # auto was fp32 on CPU
+    fake_run(tmp_path, "new-cpu", method="local", seed=1, clients=clients,
+             summary_extra={"precision": "fp32"})
+    fake_run(tmp_path, "bf16-cpu", method="local", seed=0, clients=clients,
+             summary_extra={"precision": "bf16"})
+    fake_run(tmp_path, "old-gpu", method="local", seed=2, clients=clients,
+             summary_extra={"device": "cuda:0"})  # auto was bf16 on CUDA
+    found = arms(find_runs([tmp_path]))
+    assert list(found) == ["local precision=bf16", "local precision=fp32"]
+    assert [r.seed for r in found["local precision=fp32"]] == [0, 1]
+    assert [r.seed for r in found["local precision=bf16"]] == [0, 2]

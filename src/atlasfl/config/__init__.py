@@ -7,9 +7,11 @@ reproduced from it.
 """
 
 from atlasfl.config.load import (
+    EARLIER_DEFAULTS,
     RESUMABLE_KEYS,
     apply_overrides,
     check_same_experiment,
+    complete_saved,
     experiment_diff,
     from_dict,
     from_yaml,
@@ -34,10 +36,12 @@ from atlasfl.config.schema import (
 )
 from atlasfl.config.validate import validate
 
-__all__ = ["RESUMABLE_KEYS", "ClusteringConfig", "CustomTaskConfig", "DataConfig",
+__all__ = ["EARLIER_DEFAULTS", "RESUMABLE_KEYS", "ClusteringConfig", "CustomTaskConfig",
+           "DataConfig",
            "DeviceProfileConfig", "DevicesConfig", "ExperimentConfig", "FaultsConfig",
            "FederationConfig", "LaplacianConfig",
            "LoraSettings", "ModelConfig", "RanksConfig", "SessionConfig", "SplitConfig",
            "TrainConfig",
-           "apply_overrides", "check_same_experiment", "experiment_diff", "from_dict",
+           "apply_overrides", "check_same_experiment", "complete_saved", "experiment_diff",
+           "from_dict",
            "from_yaml", "set_dotted", "validate"]

@@ -50,6 +50,26 @@ def experiment_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
     return out
 
 
+# Keys whose default changed after they were added (issue 15 made length buckets and padded
+# shapes the default): a saved config without the key was written before it existed and ran
+# with the value here, not with today's default.
+EARLIER_DEFAULTS: dict[str, Any] = {"train.length_bucket": 0, "train.pad_multiple": 1}
+
+
+def complete_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (run folder, checkpoint) with ``EARLIER_DEFAULTS`` for keys it lacks.
+
+    Other missing keys are left to today's defaults, which they ran with.
+    """
+    out = copy.deepcopy(saved)
+    for dotted, value in EARLIER_DEFAULTS.items():
+        section, key = dotted.split(".")
+        part = out.setdefault(section, {})
+        if isinstance(part, dict):
+            part.setdefault(key, value)
+    return out
+
+
 def check_same_experiment(saved: dict[str, Any], cfg: ExperimentConfig) -> None:
     """Refuse to continue a checkpoint (its config ``saved``) under a config that changes it.
 
@@ -57,7 +77,7 @@ def check_same_experiment(saved: dict[str, Any], cfg: ExperimentConfig) -> None:
     checkpoint was written (at its default) is no difference.
     """
     try:
-        saved = from_dict(copy.deepcopy(saved)).to_dict()
+        saved = from_dict(complete_saved(saved)).to_dict()
     except AtlasError:
         pass  # a key since removed or renamed: compare as saved, and name it
     diff = experiment_diff(saved, cfg.to_dict())

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from atlasfl.config import complete_saved
 from atlasfl.errors import AtlasError
 
 CHECKPOINTS = "checkpoints"
@@ -235,4 +236,5 @@ def load_checkpoint(path: str | Path) -> Snapshot:
         meta = json.loads((path / META).read_text())
     except (SafetensorError, json.JSONDecodeError, OSError) as exc:
         raise AtlasError(f"checkpoint {path} is unreadable: {exc}") from None
-    return Snapshot(int(meta.pop("round")), meta.pop("config"), tensors, meta)
+    # a checkpoint written before a key's default changed resumes at the value it ran with
+    return Snapshot(int(meta.pop("round")), complete_saved(meta.pop("config")), tensors, meta)

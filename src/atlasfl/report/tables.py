@@ -9,7 +9,6 @@ seeds. MB = 10^6 bytes.
 
 from __future__ import annotations
 
-import copy
 import csv
 import math
 import io
@@ -19,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from atlasfl.config import from_dict
+from atlasfl.config import complete_saved, from_dict
 from atlasfl.errors import AtlasError
 from atlasfl.report.runs import RunRecord
 from atlasfl.report.stats import Paired, Spread, paired, spread
@@ -55,7 +54,7 @@ def arms(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
     Raises when one arm holds two runs of one seed (the same experiment given twice).
     """
     finished = [r for r in records if r.status == "finished"]
-    flats = [_flat(_complete(r.config)) for r in finished]
+    flats = [_flat(_complete(r.config)) | _precision(r) for r in finished]
     varying: dict[str, list[str]] = {}  # per method: the settings its runs differ in
     for method in {r.method for r in finished}:
         mine = [f for r, f in zip(finished, flats, strict=True) if r.method == method]
@@ -82,9 +81,23 @@ def _complete(config: dict[str, Any]) -> dict[str, Any]:
     one experiment would land in two arms. A config this version cannot read is taken as saved.
     """
     try:
-        return from_dict(copy.deepcopy(config)).to_dict()
+        return from_dict(complete_saved(config)).to_dict()
     except AtlasError:
         return config
+
+
+def _precision(record: RunRecord) -> dict[str, Any]:
+    """``train.precision`` as the run resolved it: ``auto`` is bf16 on some machines only.
+
+    From the summary; a run from before summaries said (``auto`` was then bf16 on CUDA, fp32
+    elsewhere) from its device. Runs in fp32 and bf16 are two arms, whatever their configs say.
+    """
+    asked = record.config.get("train", {}).get("precision", "auto")
+    summary = record.summary or {}
+    if asked != "auto":
+        return {"train.precision": asked}
+    legacy = "bf16" if str(summary.get("device", "cpu")).startswith("cuda") else "fp32"
+    return {"train.precision": summary.get("precision", legacy)}
 
 
 def _summary(record: RunRecord) -> dict[str, Any]:
