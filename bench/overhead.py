@@ -15,6 +15,8 @@ figure is called inconclusive.
 
     python bench/overhead.py --pairs 6 --threads 1
     python bench/overhead.py --runner-set train.length_bucket=8 --runner-set train.precision=bf16
+    python bench/overhead.py --runner-set train.precision=auto --runner-set train.length_bucket=8 \
+        --runner-set train.pad_multiple=16                  # the runner at today's defaults
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def runner_raw(samples: int) -> dict:
         "model": {"name": "minilm", "pooling": "mean", "lora": {"r": 8, "alpha": 16}},
         "data": {"tasks": ["sst2", "mrpc", "cola", "qnli"], "clients_per_task": 3,
                  "samples": samples, "eval_samples": 1, "val_fraction": 0.0, "max_length": 128},
-        "train": {"batch_size": 16, "lr": 0.002, "local_epochs": 1, "precision": "fp32"},
+        # the plain loop's settings, pinned (today's defaults differ: --runner-set gives them)
+        "train": {"batch_size": 16, "lr": 0.002, "local_epochs": 1, "precision": "fp32",
+                  "length_bucket": 0, "pad_multiple": 1},
         "federation": {"rounds": 1},
     }
 
