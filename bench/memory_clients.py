@@ -4,10 +4,10 @@ Each point is a fresh process (`atlasfl run`, fedavg-task, all-MiniLM-L6-v2, one
 client trains once) whose summary reports its peak RSS. For each setting the script fits peak RSS
 = fixed + slope x clients over the client counts and compares the slope with one client's own
 state (adapter + head + their AdamW moments, fp32): issue 15 asks for slope <= 1.2 x state.
-Settings: glibc's default heap, `train.mmap_threshold_kb` (allocations above it mmapped and
-returned when freed), `train.pad_multiple` (padded lengths from a fixed set), both; and the speed
-settings (`train.precision=bf16`, `train.length_bucket=8`) alone, with padded lengths in
-multiples of 16 and with the mmap threshold.
+Settings (each pins precision, length buckets and padding): the defaults before issue 15 (fp32,
+no buckets, dynamic padding), with `train.mmap_threshold_kb=128` (allocations above it mmapped
+and returned when freed) or with padded lengths in multiples of 16; bf16 autocast with padding
+to 16, with length buckets of 8 batches, and with both (today's defaults on a bf16 CPU).
 
     python bench/memory_clients.py --clients 12 48 96 --samples 64 \
         --jsonl bench/results/memory_clients_cpu.jsonl
@@ -24,17 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
+# every setting pins the three speed keys, so a row means the same whatever today's defaults are
+BEFORE = ["--set", "train.precision=fp32", "--set", "train.length_bucket=0",
+          "--set", "train.pad_multiple=1"]  # the defaults before issue 15
+BF16 = ["--set", "train.precision=bf16"]
 SETTINGS = {
-    "default": [],
-    "mmap128k": ["--set", "train.mmap_threshold_kb=128"],
-    "pad16": ["--set", "train.pad_multiple=16"],
-    "mmap128k+pad16": ["--set", "train.mmap_threshold_kb=128", "--set", "train.pad_multiple=16"],
-    # the speed settings (bf16 autocast, length buckets of 8 batches), alone and with mmap
-    "fast": ["--set", "train.precision=bf16", "--set", "train.length_bucket=8"],
-    "fast+pad16": ["--set", "train.precision=bf16", "--set", "train.length_bucket=8",
-                   "--set", "train.pad_multiple=16"],
-    "fast+mmap128k": ["--set", "train.precision=bf16", "--set", "train.length_bucket=8",
-                      "--set", "train.mmap_threshold_kb=128"],
+    "before": BEFORE,
+    "before+mmap128k": [*BEFORE, "--set", "train.mmap_threshold_kb=128"],
+    "before+pad16": [*BEFORE, "--set", "train.pad_multiple=16"],
+    "bf16+pad16": [*BF16, "--set", "train.length_bucket=0", "--set", "train.pad_multiple=16"],
+    "bf16+bucket8": [*BF16, "--set", "train.length_bucket=8", "--set", "train.pad_multiple=1"],
+    # today's defaults where auto is bf16 (a CPU with bf16 fast paths, or CUDA)
+    "bf16+bucket8+pad16": [*BF16, "--set", "train.length_bucket=8",
+                           "--set", "train.pad_multiple=16"],
 }
 
 
