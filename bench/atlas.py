@@ -37,6 +37,13 @@ PARTITIONS = {"iid": {}, "dirichlet": {"data.partition": "dirichlet", "data.alph
 CHOSEN = {"dirichlet": Path(__file__).resolve().parents[1] / "configs" / "quick-dirichlet.yaml"}
 
 
+# The Phase 4 tables were run before issue 15 changed the speed defaults: fp32, no length
+# buckets, dynamic padding. Pinned so that the folders resume and fill as they were started;
+# --set overrides them (--tag fast --set train.precision=bf16 --set train.length_bucket=8 was
+# issue 15's accuracy arm).
+MEASURED_WITH = {"precision": "fp32", "length_bucket": 0, "pad_multiple": 1}
+
+
 def _uses_laplacian(method: str) -> bool:
     return method == "mira" or (method.startswith("atlas") and method != "atlas-no-laplacian")
 ABLATIONS = ["atlas-no-laplacian", "atlas-no-split", "atlas-homo-rank", "atlas-oracle-clusters"]
@@ -50,6 +57,7 @@ def _raw(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
     if method is not None and _uses_laplacian(method) and args.partition in CHOSEN:
         raw["laplacian"] = from_yaml(CHOSEN[args.partition])["laplacian"]
     raw["progress"] = False
+    raw.setdefault("train", {}).update(MEASURED_WITH)
     return apply_overrides(raw, args.set)
 
 

@@ -82,3 +82,30 @@ def test_a_run_records_its_precision_and_refuses_to_resume_under_another(
     done = run_experiment(build_experiment(pinned), run_dir, resume=snapshot)
     assert done.summary["precision"] == "bf16"
     assert json.loads((run_dir.path / "summary.json").read_text())["precision"] == "bf16"
+
+
+def test_a_checkpoint_from_before_precision_was_saved_resumes_as_fp32_on_cpu(
+        fast, tiny_cfg, tmp_path):
+    import hashlib
+
+    from atlasfl.engine.checkpoint import MANIFEST, META
+
+    fast(False)  # written when auto meant fp32 on CPU
+    cfg = tiny_cfg(**{"train.precision": "auto", "federation.rounds": 2, "out": str(tmp_path)})
+    run_dir = RunDir.create(cfg)
+    outcome = run_experiment(build_experiment(cfg.replace(**{"session.max_rounds": 1})), run_dir)
+    state = outcome.checkpoint / META
+    meta = json.loads(state.read_text())
+    del meta["precision"]  # as written before checkpoints recorded it
+    state.write_text(json.dumps(meta))
+    manifest = json.loads((outcome.checkpoint / MANIFEST).read_text())
+    manifest["files"][META] = hashlib.sha256(state.read_bytes()).hexdigest()
+    (outcome.checkpoint / MANIFEST).write_text(json.dumps(manifest))
+    snapshot = load_checkpoint(outcome.checkpoint)
+
+    fast(True)  # today auto is bf16 here: the old run must not switch precision silently
+    with pytest.raises(AtlasError, match=r"resolves to 'bf16'.*trained in 'fp32'"):
+        run_experiment(build_experiment(cfg), run_dir, resume=snapshot)
+    pinned = cfg.replace(**{"train.precision": "fp32"})
+    assert run_experiment(build_experiment(pinned), run_dir,
+                          resume=snapshot).summary["precision"] == "fp32"

@@ -122,7 +122,7 @@ def restore(exp: Experiment, snapshot: Snapshot) -> tuple[Any, list[list[dict[st
     now = resolve_precision(exp.cfg.train.precision, exp.device)
     saved = snapshot.meta.get("precision")
     if saved is None:  # a checkpoint from before it was saved: auto was then fp32 on CPU
-        saved = exp.cfg.train.precision
+        saved = snapshot.config.get("train", {}).get("precision", "auto")
         if saved == "auto":
             saved = "bf16" if exp.device.type == "cuda" else "fp32"
     if saved is not None and saved != now:
