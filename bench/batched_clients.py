@@ -32,6 +32,7 @@ from atlasfl.client.batched import group_by_key, step_sizes
 from atlasfl.config import apply_overrides, from_dict, from_yaml
 from atlasfl.engine import build_experiment
 from atlasfl.messages import Train
+from atlasfl.report.stats import quartiles
 
 ROUND = 1
 
@@ -68,13 +69,6 @@ def run_arm(exp, clients, plans, groups: list[list[int]] | None) -> dict[str, fl
     if device.type == "cuda":
         out["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 4:
-        return min(values), max(values)
-    q = statistics.quantiles(values, n=4)
-    return q[0], q[2]
 
 
 def main() -> None:

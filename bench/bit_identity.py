@@ -26,8 +26,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import tiny_config  # noqa: E402
 from atlasfl.engine import RunDir, build_experiment, run_experiment  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 
 WATCH = {"devices.custom": [{"name": "watch", "memory_gb": 1e-4}],
          "devices.profiles": ["watch", "gpu-16gb"], "seed": 3}

@@ -35,6 +35,7 @@ from atlasfl.engine import build_experiment, run_experiment
 from atlasfl.models.head import init_head
 from atlasfl.models.lora import lora_config
 from atlasfl.models.registry import load_backbone
+from atlasfl.report.stats import quartiles
 
 
 def runner_raw(samples: int) -> dict:
@@ -91,13 +92,6 @@ def runner_epoch(exp) -> tuple[float, float, int]:
     run_experiment(exp)
     steps = sum(-(-c.num_examples // exp.cfg.train.batch_size) for c in exp.clients.values())
     return time.perf_counter() - wall, time.process_time() - cpu, steps
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 4:
-        return min(values), max(values)
-    q = statistics.quantiles(values, n=4)
-    return q[0], q[2]
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ def _append(name: str, row: dict) -> None:
 # ----------------------------------------------------------------------------- steps
 
 def steps(args: argparse.Namespace) -> None:
+    import numpy as np
     import torch
 
     from atlasfl.client import make_client
@@ -80,8 +81,6 @@ def steps(args: argparse.Namespace) -> None:
     from atlasfl.models.lora import AdapterBinder, inject_lora
     from atlasfl.models.registry import load_backbone
     from atlasfl.strategies.split import ServerModel
-
-    import numpy as np
 
     torch.manual_seed(0)
     backbone = load_backbone("minilm")
@@ -201,13 +200,13 @@ def equivalence(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- memory
 
 def memory_child(args: argparse.Namespace) -> dict:
+    import memory as benchmem
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    import memory as benchmem
     from atlasfl.models.registry import FAMILY_TARGETS
 
     torch.set_num_threads(1)
@@ -254,6 +253,7 @@ def memory_child(args: argparse.Namespace) -> dict:
 
 def memory(args: argparse.Namespace) -> None:
     import memory as benchmem
+
     from atlasfl.phases.memory import estimate_memory, model_dims
     from atlasfl.phases.split import split_memory
 

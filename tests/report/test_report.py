@@ -231,3 +231,11 @@ def test_runs_that_auto_ran_in_other_precisions_are_two_arms(tmp_path):
     assert list(found) == ["local precision=bf16", "local precision=fp32"]
     assert [r.seed for r in found["local precision=fp32"]] == [0, 1]
     assert [r.seed for r in found["local precision=bf16"]] == [0, 2]
+
+
+def test_quartiles_by_hand():
+    from atlasfl.report.stats import quartiles
+
+    # exclusive method on 1..7: positions 2 and 6 of the sorted values
+    assert quartiles([7.0, 1.0, 5.0, 3.0, 2.0, 6.0, 4.0]) == (2.0, 6.0)
+    assert quartiles([1.0, 9.0, 4.0]) == (1.0, 9.0)  # too few: min and max

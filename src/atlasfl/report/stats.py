@@ -52,6 +52,14 @@ class Paired:
     wins: int  # seeds where x > y
 
 
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartiles (``statistics.quantiles``, exclusive); under 4 values, min, max."""
+    if len(values) < 4:
+        return min(values), max(values)
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
 def paired(x: Mapping[int, float], y: Mapping[int, float]) -> Paired | None:
     """Paired comparison of ``x`` and ``y`` (seed -> value) over their common seeds.
 
