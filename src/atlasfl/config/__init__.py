@@ -15,6 +15,7 @@ from atlasfl.config.load import (
     experiment_diff,
     from_dict,
     from_yaml,
+    precision_ran,
     set_dotted,
 )
 from atlasfl.config.schema import (
@@ -30,8 +31,8 @@ from atlasfl.config.schema import (
     LoraSettings,
     ModelConfig,
     RanksConfig,
-    SplitConfig,
     SessionConfig,
+    SplitConfig,
     TrainConfig,
 )
 from atlasfl.config.validate import validate
@@ -44,4 +45,4 @@ __all__ = ["EARLIER_DEFAULTS", "RESUMABLE_KEYS", "ClusteringConfig", "CustomTask
            "TrainConfig",
            "apply_overrides", "check_same_experiment", "complete_saved", "experiment_diff",
            "from_dict",
-           "from_yaml", "set_dotted", "validate"]
+           "from_yaml", "precision_ran", "set_dotted", "validate"]

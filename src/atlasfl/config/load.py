@@ -9,7 +9,6 @@ are errors that list close matches.
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 import difflib
 import math
@@ -68,6 +67,19 @@ def complete_saved(saved: dict[str, Any]) -> dict[str, Any]:
         if isinstance(part, dict):
             part.setdefault(key, value)
     return out
+
+
+def precision_ran(asked: str, device_type: str, recorded: str | None) -> str:
+    """The precision a saved run trained in: as its checkpoint or summary ``recorded`` it.
+
+    Runs from before they recorded it ran what ``asked`` meant then: ``auto`` was bf16 on CUDA
+    and fp32 elsewhere.
+    """
+    if recorded is not None:
+        return recorded
+    if asked != "auto":
+        return asked
+    return "bf16" if device_type == "cuda" else "fp32"
 
 
 def check_same_experiment(saved: dict[str, Any], cfg: ExperimentConfig) -> None:

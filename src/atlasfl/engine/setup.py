@@ -7,8 +7,8 @@ is created.
 from __future__ import annotations
 
 import copy
-import os
 import dataclasses
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -24,12 +24,12 @@ from atlasfl.data.glue import load_task, resolve_data_root
 from atlasfl.data.metrics import majority_baseline
 from atlasfl.data.partition import ClientSplit, drop_test_overlap, partition
 from atlasfl.data.tasks import TaskSpec, resolve_tasks
+from atlasfl.devices import assign_devices
 from atlasfl.engine.allocator import set_mmap_threshold, trim
 from atlasfl.errors import AtlasError
 from atlasfl.models.head import ClassificationHead, init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
 from atlasfl.models.registry import Backbone, load_backbone
-from atlasfl.devices import assign_devices
 from atlasfl.phases.memory import model_dims
 from atlasfl.strategies.base import ClientInfo, ModelInfo, Strategy, get_strategy
 

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from atlasfl.client.training import resolve_precision
+from atlasfl.config import precision_ran
 from atlasfl.engine.checkpoint import (
     Snapshot,
     flatten_state,
@@ -120,12 +121,9 @@ def restore(exp: Experiment, snapshot: Snapshot) -> tuple[Any, list[list[dict[st
                                                            dict[str, float]]:
     """Put a snapshot back into a freshly built experiment; returns server state and history."""
     now = resolve_precision(exp.cfg.train.precision, exp.device)
-    saved = snapshot.meta.get("precision")
-    if saved is None:  # a checkpoint from before it was saved: auto was then fp32 on CPU
-        saved = snapshot.config.get("train", {}).get("precision", "auto")
-        if saved == "auto":
-            saved = "bf16" if exp.device.type == "cuda" else "fp32"
-    if saved is not None and saved != now:
+    saved = precision_ran(snapshot.config.get("train", {}).get("precision", "auto"),
+                          exp.device.type, snapshot.meta.get("precision"))
+    if saved != now:
         raise AtlasError(f"train.precision resolves to {now!r} on this machine but the checkpoint "
                          f"was trained in {saved!r}; resume with --set train.precision={saved} "
                          f"(auto follows each machine's bf16 support)")

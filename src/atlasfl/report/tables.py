@@ -10,15 +10,15 @@ seeds. MB = 10^6 bytes.
 from __future__ import annotations
 
 import csv
-import math
 import io
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from atlasfl.config import complete_saved, from_dict
+from atlasfl.config import complete_saved, from_dict, precision_ran
 from atlasfl.errors import AtlasError
 from atlasfl.report.runs import RunRecord
 from atlasfl.report.stats import Paired, Spread, paired, spread
@@ -89,15 +89,14 @@ def _complete(config: dict[str, Any]) -> dict[str, Any]:
 def _precision(record: RunRecord) -> dict[str, Any]:
     """``train.precision`` as the run resolved it: ``auto`` is bf16 on some machines only.
 
-    From the summary; a run from before summaries said (``auto`` was then bf16 on CUDA, fp32
-    elsewhere) from its device. Runs in fp32 and bf16 are two arms, whatever their configs say.
+    From the summary, or for a run from before summaries said, from its config and device
+    (``precision_ran``). Runs in fp32 and bf16 are two arms, whatever their configs say.
     """
-    asked = record.config.get("train", {}).get("precision", "auto")
     summary = record.summary or {}
-    if asked != "auto":
-        return {"train.precision": asked}
-    legacy = "bf16" if str(summary.get("device", "cpu")).startswith("cuda") else "fp32"
-    return {"train.precision": summary.get("precision", legacy)}
+    device_type = str(summary.get("device", "cpu")).split(":")[0]
+    return {"train.precision": precision_ran(record.config.get("train", {}).get("precision",
+                                                                                "auto"),
+                                             device_type, summary.get("precision"))}
 
 
 def _summary(record: RunRecord) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from atlasfl.messages import (
     ProbeReply,
     TrainReply,
 )
+from atlasfl.runfiles import CLUSTERS_FILE
 from atlasfl.strategies.base import RoundInfo, RoundOutcome, Stage, Strategy, register
 from atlasfl.strategies.groups import (
     Combine,
@@ -39,7 +40,6 @@ from atlasfl.strategies.groups import (
     initial_members,
     recluster_due,
 )
-from atlasfl.runfiles import CLUSTERS_FILE
 from atlasfl.types import AdapterState, ClientId, Grouping
 
 

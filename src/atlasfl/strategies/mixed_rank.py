@@ -34,7 +34,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-
 from atlasfl.config import ExperimentConfig
 from atlasfl.devices import known_profiles
 from atlasfl.errors import AtlasError
@@ -48,13 +47,12 @@ from atlasfl.messages import (
     TrainReply,
 )
 from atlasfl.models.lora import lora_scaling
-from atlasfl.phases.aggregation import aggregate_mixed, redistribute
 from atlasfl.models.split import client_side, split_tensors
+from atlasfl.phases.aggregation import aggregate_mixed, redistribute
 from atlasfl.phases.memory import ModelDims, estimate_memory
 from atlasfl.phases.ranks import Importance, RankPlan
 from atlasfl.phases.split import CutOption, split_memory
 from atlasfl.runfiles import CLIENTS_FILE
-from atlasfl.units import mib
 from atlasfl.strategies.base import ClientInfo, ModelInfo, RoundInfo, RoundOutcome, register
 from atlasfl.strategies.fedavg import FedAvg
 from atlasfl.strategies.groups import Combine, Groups
@@ -67,6 +65,7 @@ from atlasfl.strategies.split import (
     split_record,
 )
 from atlasfl.types import AdapterState, ClientId, Grouping, SplitWhen
+from atlasfl.units import mib
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ whole) aggregates the same way.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from collections.abc import Callable
 from atlasfl.config import ExperimentConfig, SplitConfig
 from atlasfl.devices import DeviceProfile
 from atlasfl.errors import AtlasError
