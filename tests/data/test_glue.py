@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
+from atlasfl.config import CustomTaskConfig
 from atlasfl.data.glue import load_task, read_examples
 from atlasfl.data.partition import drop_test_overlap
 from atlasfl.data.tasks import GLUE_TASKS, custom_task_spec, resolve_tasks
-from atlasfl.config import CustomTaskConfig
 from atlasfl.errors import AtlasError
 
 # Row counts from ../shared/data/glue/README.md

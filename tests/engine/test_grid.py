@@ -117,3 +117,19 @@ def test_a_finished_point_of_another_config_is_refused_and_a_new_default_key_is_
     with pytest.raises(AtlasError, match="train.length_bucket: checkpoint 0, now 8"):
         check_same_experiment(saved, tiny_cfg(**{"federation.rounds": 1}))
     check_same_experiment(saved, tiny_cfg(**{"federation.rounds": 1, "train.length_bucket": 0}))
+
+
+def test_a_finished_run_in_another_precision_is_refused(tiny_cfg, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_cfg(**{"federation.rounds": 1,
+                                                 "train.precision": "auto"}).to_dict()))
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(config), "--set", "seed=0", "--out", str(out)]
+    assert main(argv) == 0
+    summary_file = out / "seed=0" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    assert summary["precision"] == "fp32"  # auto in the test process
+    assert main(argv) == 0 and "finished, skipped" in capsys.readouterr().err
+    summary_file.write_text(json.dumps(summary | {"precision": "bf16"}))  # as on a bf16 machine
+    assert main(argv) == 2
+    assert "train.precision: the run trained in 'bf16'" in capsys.readouterr().err

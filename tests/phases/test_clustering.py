@@ -7,8 +7,8 @@ from atlasfl.errors import AtlasError
 from atlasfl.phases import clustering
 from atlasfl.phases.clustering import (
     cluster_fingerprints,
-    embed,
     eigengaps,
+    embed,
     purity,
     score_candidates,
     signal_fraction,

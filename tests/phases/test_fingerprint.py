@@ -11,8 +11,8 @@ from atlasfl.phases.fingerprint import (
     _projection_block,
     compute_fingerprint,
     fingerprint_modules,
-    per_example_grads,
     gaussian_sigma,
+    per_example_grads,
     select_blocks,
     transformer_blocks,
 )

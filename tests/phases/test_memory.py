@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from atlasfl.errors import AtlasError
+from atlasfl.phases.memory import _ARCHS as ARCHS
 from atlasfl.phases.memory import (
     MemoryEstimate,
     ModelDims,
@@ -18,7 +19,6 @@ from atlasfl.phases.memory import (
     estimate_memory,
     model_dims,
 )
-from atlasfl.phases.memory import _ARCHS as ARCHS
 
 H, MLP, HEADS = 32, 48, 4
 TINY = {

@@ -10,8 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from atlasfl.devices import BUILTIN_PROFILES, assign_devices
 from atlasfl.config import DevicesConfig
+from atlasfl.devices import BUILTIN_PROFILES, assign_devices
 from atlasfl.errors import AtlasError
 from atlasfl.phases.ranks import ImportanceMeter, allocate_ranks, module_importance
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 from atlasfl.engine import build_experiment, run_experiment
 from atlasfl.messages import Update

@@ -10,9 +10,9 @@ import torch
 
 from atlasfl.engine import RunDir, build_experiment, run_experiment
 from atlasfl.engine.executor import make_executor
-from atlasfl.messages import FingerprintSpec, ImportanceSpec, Probe, TrainReply
 from atlasfl.engine.ledger import CommLedger
 from atlasfl.errors import AtlasError
+from atlasfl.messages import FingerprintSpec, ImportanceSpec, Probe, TrainReply
 from atlasfl.models.lora import ADAPTER
 
 

@@ -23,10 +23,17 @@ from typing import Any
 
 import yaml
 
-from atlasfl.config import apply_overrides, check_same_experiment, from_dict
+from atlasfl.client.training import resolve_precision
+from atlasfl.config import (
+    ExperimentConfig,
+    apply_overrides,
+    check_same_experiment,
+    from_dict,
+    precision_ran,
+)
 from atlasfl.engine.checkpoint import latest_checkpoint, load_checkpoint
 from atlasfl.engine.rundir import RunDir
-from atlasfl.engine.setup import build_experiment
+from atlasfl.engine.setup import build_experiment, resolve_device
 from atlasfl.engine.simulation import StopFlag, run_experiment
 from atlasfl.errors import AtlasError
 from atlasfl.runfiles import CONFIG_FILE, SUMMARY_FILE
@@ -62,6 +69,22 @@ def point_name(point: Point) -> str:
     return "".join(ch if ch.isalnum() or ch in "=._-+" else "-" for ch in name) or "default"
 
 
+def _check_same_precision(saved: dict[str, Any], summary: dict[str, Any],
+                          cfg: ExperimentConfig) -> None:
+    """Refuse a finished run that trained in another precision than ``cfg`` resolves to here.
+
+    ``check_same_experiment`` lets ``auto`` match fp32 and bf16 (resume compares what it
+    resolved to with the checkpoint's); a finished run is compared here, from its summary.
+    """
+    device = str(summary.get("device", "cpu"))
+    ran = precision_ran(saved.get("train", {}).get("precision", "auto"), device.split(":")[0],
+                        summary.get("precision"))
+    wanted = resolve_precision(cfg.train.precision, resolve_device(cfg.device))
+    if ran != wanted:
+        raise AtlasError(f"train.precision: the run trained in {ran!r}, this point resolves "
+                         f"to {wanted!r}")
+
+
 def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path,
              stop: StopFlag | None = None) -> list[tuple[Point, Path, dict[str, Any] | None]]:
     """Run (or skip, or resume) every point; returns (point, run folder, summary or None)."""
@@ -76,13 +99,16 @@ def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path,
         path = out / point_name(point)
         label = f"[{i}/{len(points)}] {point_name(point)}"
         if (path / SUMMARY_FILE).is_file():
+            saved = yaml.safe_load((path / CONFIG_FILE).read_text())
+            summary = json.loads((path / SUMMARY_FILE).read_text())
             try:  # a finished run of another config is not this point's result
-                check_same_experiment(yaml.safe_load((path / CONFIG_FILE).read_text()), cfg)
+                check_same_experiment(saved, cfg)
+                _check_same_precision(saved, summary, cfg)
             except AtlasError as exc:
                 raise AtlasError(f"{path} holds a finished run of another experiment: "
                                  f"{exc}; use another --out") from None
             print(f"atlasfl sweep: {label}: finished, skipped", file=sys.stderr)
-            results.append((point, path, json.loads((path / SUMMARY_FILE).read_text())))
+            results.append((point, path, summary))
             continue
         snapshot = load_checkpoint(path) if latest_checkpoint(path) is not None else None
         if snapshot is not None:
