@@ -7,6 +7,7 @@ parallel shards (``--shard i/n``; give each process one thread: OMP_NUM_THREADS=
     python bench/atlas.py run --partition iid --methods local fedavg fedavg-task atlas --seeds 0 1 2
     python bench/atlas.py sweep --partition iid --lam 0 0.25 0.5 1 --seeds 0 1 2
     python bench/atlas.py report --partition iid          # tables from the finished folders
+    python bench/atlas.py compare --partition iid --tag fast  # a --tag arm against the plain one
     python bench/atlas.py run --partition iid --methods atlas atlas-no-split --seeds 0 \
         --tag weak --set 'devices.custom=[{name: weak, memory_gb: 0.4}]' \
         --set 'devices.profiles=[weak, laptop-8gb]' --set ranks.on_infeasible=exclude
@@ -15,6 +16,9 @@ parallel shards (``--shard i/n``; give each process one thread: OMP_NUM_THREADS=
 (n seeds), the SD across a task's clients (personalisation), the validation average, bytes; the
 ablations as paired differences against ``atlas`` over seeds; and the lambda sweep with its
 validation column, on which lambda is chosen (test rows are reported, never used to choose).
+``compare`` pairs each run of a ``--tag`` arm with the untagged run of the same method and seed
+(issue 15's precision table): per method the two averages and their difference, and over all
+pairs the mean difference with its 95% interval and tests (``atlasfl.report.stats.paired``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 from atlasfl.config import apply_overrides, from_yaml
 from atlasfl.engine.grid import run_grid
+from atlasfl.report.stats import paired
 from atlasfl.report.tables import client_sd
 
 PARTITIONS = {"iid": {}, "dirichlet": {"data.partition": "dirichlet", "data.alpha": 0.5}}
@@ -214,10 +219,57 @@ def _sweep_table(args: argparse.Namespace, runs: dict[tuple[str, ...], dict[str,
                          if own else ""))
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    """The ``--tag`` arm against the untagged arm of the partition, run for run."""
+    if not args.tag:
+        raise SystemExit("compare needs --tag: the arm compared with the untagged runs")
+    plain = _summaries(Path(args.out) / args.partition)
+    tagged = _summaries(Path(args.out) / _folder(args))
+    common = sorted(k for k in tagged if k in plain)
+    if not common:
+        raise SystemExit(f"no method and seed finished in both {args.partition} and "
+                         f"{_folder(args)} under {args.out}")
+    methods = sorted({m for m, _ in common}, key=lambda m: (m.startswith("atlas-"), m))
+    print(f"## {_folder(args)} against {args.partition}: average metric, run for run\n")
+    print(f"| method | seeds | {args.partition} | {args.tag} | change (points) | "
+          f"avg acc {args.partition} / {args.tag} |\n|---|---|---|---|---|---|")
+    pooled: dict[int, tuple[float, float]] = {}
+    seen: dict[tuple[str, float, float], str] = {}  # a run equal to another method's run
+    for m in methods:
+        seeds = [s for mm, s in common if mm == m]
+        x = [plain[(m, s)]["average"] for s in seeds]
+        y = [tagged[(m, s)]["average"] for s in seeds]
+        runs = [(s, a["metric"], b["metric"]) for s, a, b in zip(seeds, x, y, strict=True)]
+        twins = {seen.setdefault(run, m) for run in runs} - {m}
+        note = f" (runs equal to `{'`, `'.join(sorted(twins))}`'s counted once)" if twins else ""
+        for run in runs:
+            if seen[run] == m:  # counted once: the first method with this exact pair
+                pooled[len(pooled)] = run[1:]
+        diffs = [100 * (b - a) for _, a, b in runs]
+        print(f"| `{m}`{note} | {','.join(seeds)} | {statistics.mean(r[1] for r in runs):.3f} | "
+              f"{statistics.mean(r[2] for r in runs):.3f} | {statistics.mean(diffs):+.1f} | "
+              f"{statistics.mean(a['accuracy'] for a in x):.3f} / "
+              f"{statistics.mean(b['accuracy'] for b in y):.3f} |")
+    test = paired({i: 100 * b for i, (_, b) in pooled.items()},
+                  {i: 100 * a for i, (a, _) in pooled.items()})
+    assert test is not None  # pooled holds at least the first method's runs
+    line = (f"\n{test.n} pairs (a run equal to another method's counted once): "
+            f"mean change {test.mean_diff:+.2f} points")
+    if test.ci_low is not None:
+        line += (f", 95% CI {test.ci_low:+.2f} to {test.ci_high:+.2f}, paired t p = "
+                 f"{_p(test.t_p)}, Wilcoxon p = {_p(test.wilcoxon_p)}, "
+                 f"{args.tag} better in {test.wins}/{test.n}")
+    print(line)
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "sweep", "report"):
+    for name in ("run", "sweep", "report", "compare"):
         p = sub.add_parser(name)
         p.add_argument("--config", default="configs/quick.yaml")
         p.add_argument("--partition", choices=sorted(PARTITIONS), default="iid")
@@ -241,7 +293,8 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}[args.command](args)
+    commands = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "compare": cmd_compare}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

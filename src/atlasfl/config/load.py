@@ -25,7 +25,7 @@ from atlasfl.errors import AtlasError
 
 # Keys that may differ between the sessions of one run: where output goes, how it is shown, and
 # how the session runs. Everything else changes the experiment and is refused on resume.
-RESUMABLE_KEYS = ("out", "run_name", "progress", "session.")
+RESUMABLE_KEYS = ("out", "run_name", "progress", "session.", "train.onednn_cache")
 # ``auto`` resolves per machine (bf16 where it is fast): a checkpoint records what it resolved to
 # and ``atlasfl.engine.simulation.restore`` compares that, so auto against fp32/bf16 is no diff here
 PRECISION = "train.precision"

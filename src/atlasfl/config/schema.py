@@ -102,6 +102,10 @@ class TrainConfig:
     pad_multiple: int = 16
     threads: int = 0  # torch intra-op threads; 0 = the cores this process may use
     mmap_threshold_kb: int = 0  # > 0: glibc serves allocations above it by mmap (flat memory)
+    # oneDNN primitives kept per process (ONEDNN_PRIMITIVE_CACHE_CAPACITY and PyTorch's
+    # LRU_CACHE_CAPACITY, unless set in the environment): bf16 on CPU builds one per shape, and
+    # the libraries' 1024 held ~1 GB on the main job; 8 measured no slower. 0: the libraries'
+    onednn_cache: int = 8
     # > 0: clients of one exchange whose whole-model Train plans give the same batch sizes
     # train together, at most this many per group, as one forward/backward over their stacked
     # adapters (atlasfl.client.batched; for GPUs). Exact with dropout off; with dropout on the

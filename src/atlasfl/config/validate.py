@@ -56,6 +56,8 @@ def validate(cfg: ExperimentConfig) -> None:
            "0 (all in memory) or more")
     _check(t.mmap_threshold_kb >= 0, "train.mmap_threshold_kb", t.mmap_threshold_kb,
            "0 (glibc's default) or a size in KiB")
+    _check(t.onednn_cache >= 0, "train.onednn_cache", t.onednn_cache,
+           "0 (the libraries' default, 1024) or a number of primitives")
     fl = cfg.faults
     _check(fl.max_update_norm >= 0, "faults.max_update_norm", fl.max_update_norm,
            "0 (off) or a number > 0")

@@ -13,12 +13,19 @@ tensors for MiniLM, in the middle of a heap that long-lived objects (rows, cache
 above it; glibc keeps such freed pages. ``trim`` (``malloc_trim(0)``, which also releases free
 pages inside the heap) after each spill gives them back, so peak memory follows the resident
 clients, not every client the process has touched (``bench/scale.py``).
+
+bf16 on a CPU runs its matrix products through oneDNN, which builds a primitive per shape and
+keeps up to 1024 of them (oneDNN's cache and PyTorch's own, ``LRU_CACHE_CAPACITY``). Over the
+shapes of a whole run (lengths, batch sizes, per-module LoRA ranks) that held about 1 GB on the
+main job; ``set_onednn_cache`` caps both. The libraries read the capacity once, when they build
+their first primitive, so it is set before the model runs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
@@ -51,3 +58,20 @@ def trim() -> bool:
         return False
     fn(0)  # 1 if it released memory, 0 if there was none to release
     return True
+
+
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def set_onednn_cache(entries: int) -> list[str]:
+    """Cap oneDNN's primitive caches at ``entries`` (> 0); the variables it set.
+
+    A variable already in the environment is the user's choice and is left as it is. Takes
+    effect only before the process builds its first oneDNN primitive (the libraries read it once).
+    """
+    if entries <= 0:
+        return []
+    unset = [name for name in ONEDNN_CACHE_VARIABLES if name not in os.environ]
+    for name in unset:
+        os.environ[name] = str(entries)
+    return unset

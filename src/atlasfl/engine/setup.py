@@ -25,7 +25,7 @@ from atlasfl.data.metrics import majority_baseline
 from atlasfl.data.partition import ClientSplit, drop_test_overlap, partition
 from atlasfl.data.tasks import TaskSpec, resolve_tasks
 from atlasfl.devices import assign_devices
-from atlasfl.engine.allocator import set_mmap_threshold, trim
+from atlasfl.engine.allocator import set_mmap_threshold, set_onednn_cache, trim
 from atlasfl.errors import AtlasError
 from atlasfl.models.head import ClassificationHead, init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
@@ -108,6 +108,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     strategy_cls = get_strategy(cfg.method)
     torch.set_num_threads(resolve_threads(cfg.train.threads))
     set_mmap_threshold(cfg.train.mmap_threshold_kb)
+    set_onednn_cache(cfg.train.onednn_cache)
     specs: list[TaskSpec] = resolve_tasks(cfg.data.tasks, cfg.data.custom_tasks)
     device = resolve_device(cfg.device)
     root = resolve_data_root(cfg.data.data_dir)
