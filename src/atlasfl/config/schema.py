@@ -104,7 +104,7 @@ class TrainConfig:
     mmap_threshold_kb: int = 0  # > 0: glibc serves allocations above it by mmap (flat memory)
     # oneDNN primitives kept per process (ONEDNN_PRIMITIVE_CACHE_CAPACITY and PyTorch's
     # LRU_CACHE_CAPACITY, unless set in the environment): bf16 on CPU builds one per shape, and
-    # the libraries' 1024 held ~1 GB on the main job; 8 measured no slower. 0: the libraries'
+    # the libraries' 1024 held ~1 GB on the main job; 8 measured no slower. 0: theirs (1024)
     onednn_cache: int = 8
     # > 0: clients of one exchange whose whole-model Train plans give the same batch sizes
     # train together, at most this many per group, as one forward/backward over their stacked
