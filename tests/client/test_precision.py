@@ -111,13 +111,14 @@ def test_a_checkpoint_from_before_precision_was_saved_resumes_as_fp32_on_cpu(
                           resume=snapshot).summary["precision"] == "fp32"
 
 
-@pytest.mark.parametrize(("asked", "device_type", "recorded", "expected"), [
+@pytest.mark.parametrize(("asked", "device", "recorded", "expected"), [
     ("auto", "cpu", "bf16", "bf16"),   # recorded wins
     ("auto", "cpu", None, "fp32"),     # before runs recorded it: auto was fp32 off CUDA
     ("auto", "cuda", None, "bf16"),    # and bf16 on CUDA
+    ("auto", "cuda:1", None, "bf16"),  # a summary's device names the card
     ("bf16", "cpu", None, "bf16"),     # an explicit choice ran as asked
 ])
-def test_precision_ran_by_hand(asked, device_type, recorded, expected):
+def test_precision_ran_by_hand(asked, device, recorded, expected):
     from atlasfl.config import precision_ran
 
-    assert precision_ran(asked, device_type, recorded) == expected
+    assert precision_ran(asked, device, recorded) == expected

@@ -69,17 +69,17 @@ def complete_saved(saved: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def precision_ran(asked: str, device_type: str, recorded: str | None) -> str:
+def precision_ran(asked: str, device: str, recorded: str | None) -> str:
     """The precision a saved run trained in: as its checkpoint or summary ``recorded`` it.
 
-    Runs from before they recorded it ran what ``asked`` meant then: ``auto`` was bf16 on CUDA
-    and fp32 elsewhere.
+    Runs from before they recorded it ran what ``asked`` meant then on ``device`` ("cpu",
+    "cuda:0"): ``auto`` was bf16 on CUDA and fp32 elsewhere.
     """
     if recorded is not None:
         return recorded
     if asked != "auto":
         return asked
-    return "bf16" if device_type == "cuda" else "fp32"
+    return "bf16" if device.split(":")[0] == "cuda" else "fp32"
 
 
 def check_same_experiment(saved: dict[str, Any], cfg: ExperimentConfig) -> None:

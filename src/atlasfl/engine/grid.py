@@ -76,9 +76,8 @@ def _check_same_precision(saved: dict[str, Any], summary: dict[str, Any],
     ``check_same_experiment`` lets ``auto`` match fp32 and bf16 (resume compares what it
     resolved to with the checkpoint's); a finished run is compared here, from its summary.
     """
-    device = str(summary.get("device", "cpu"))
-    ran = precision_ran(saved.get("train", {}).get("precision", "auto"), device.split(":")[0],
-                        summary.get("precision"))
+    ran = precision_ran(saved.get("train", {}).get("precision", "auto"),
+                        str(summary.get("device", "cpu")), summary.get("precision"))
     wanted = resolve_precision(cfg.train.precision, resolve_device(cfg.device))
     if ran != wanted:
         raise AtlasError(f"train.precision: the run trained in {ran!r}, this point resolves "

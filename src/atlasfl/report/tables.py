@@ -93,10 +93,9 @@ def _precision(record: RunRecord) -> dict[str, Any]:
     (``precision_ran``). Runs in fp32 and bf16 are two arms, whatever their configs say.
     """
     summary = record.summary or {}
-    device_type = str(summary.get("device", "cpu")).split(":")[0]
-    return {"train.precision": precision_ran(record.config.get("train", {}).get("precision",
-                                                                                "auto"),
-                                             device_type, summary.get("precision"))}
+    asked = record.config.get("train", {}).get("precision", "auto")
+    return {"train.precision": precision_ran(asked, str(summary.get("device", "cpu")),
+                                             summary.get("precision"))}
 
 
 def _summary(record: RunRecord) -> dict[str, Any]:
