@@ -14,8 +14,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atlasfl.errors import AtlasError
+
+if TYPE_CHECKING:
+    import torch
 
 # CLI flag -> dotted config key
 FLAG_KEYS = {
@@ -158,11 +162,21 @@ def _install_stop_handlers():
     return stop
 
 
+def _threads_note(threads: int, workers: int, device: torch.device) -> str:
+    """How clients run: torch threads, and worker processes when there are several."""
+    from atlasfl.engine.setup import resolve_threads, resolve_workers
+
+    total, procs = resolve_threads(threads), resolve_workers(workers, threads, device)
+    if procs <= 1:
+        return f"{total} torch threads"
+    return f"{procs} worker processes x {max(1, total // procs)} torch thread(s)"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from atlasfl.config import check_same_experiment
     from atlasfl.engine import RunDir, build_experiment, load_checkpoint, run_experiment
     from atlasfl.engine.checkpoint import find_run, latest_checkpoint
-    from atlasfl.engine.setup import resolve_device, resolve_threads
+    from atlasfl.engine.setup import resolve_device
 
     resume_from = args.resume if args.command == "run" else args.run_dir
     if resume_from:
@@ -181,7 +195,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"{cfg.data.clients_per_task} clients per task with {cfg.data.samples} examples "
           f"each ({cfg.data.val_fraction:.0%} held out for validation), "
           f"{cfg.federation.rounds} rounds, "
-          f"{resolve_threads(cfg.train.threads)} torch threads, "
+          f"{_threads_note(cfg.train.threads, cfg.train.workers, resolve_device(cfg.device))}, "
           f"{_precision_note(cfg.train.precision, resolve_device(cfg.device))}"
           + (f", resuming after round {snapshot.round_idx}" if snapshot else ""),
           file=sys.stderr)

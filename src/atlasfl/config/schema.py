@@ -101,11 +101,16 @@ class TrainConfig:
     length_bucket: int = 8
     pad_multiple: int = 16
     threads: int = 0  # torch intra-op threads; 0 = the cores this process may use
+    # processes answering clients' plans on a CPU, each with threads // workers torch threads and
+    # its own copy of the model: 1 = this process; 0 (auto) = one per core (train.threads) on a
+    # CPU, 1 on a GPU. On 2 cores quick.yaml's loop measured 0.94x with 2.3x the memory
+    workers: int = 1
     mmap_threshold_kb: int = 0  # > 0: glibc serves allocations above it by mmap (flat memory)
     # oneDNN primitives kept per process (ONEDNN_PRIMITIVE_CACHE_CAPACITY and PyTorch's
     # LRU_CACHE_CAPACITY, unless set in the environment): bf16 on CPU builds one per shape, and
-    # the libraries' 1024 held ~1 GB on the main job; 8 measured no slower. 0: theirs (1024)
-    onednn_cache: int = 8
+    # the libraries' 1024 held ~0.7-1 GB on the main job; 64 measured as fast as 1024 there, 8
+    # slower (per-module ranks bring many shapes). 0: theirs (1024)
+    onednn_cache: int = 64
     # > 0: clients of one exchange whose whole-model Train plans give the same batch sizes
     # train together, at most this many per group, as one forward/backward over their stacked
     # adapters (atlasfl.client.batched; for GPUs). Exact with dropout off; with dropout on the

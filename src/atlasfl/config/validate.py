@@ -50,6 +50,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.length_bucket >= 0, "train.length_bucket", t.length_bucket, "0 (off) or more")
     _check(t.pad_multiple >= 1, "train.pad_multiple", t.pad_multiple, "an integer >= 1")
     _check(t.threads >= 0, "train.threads", t.threads, "0 (auto) or more")
+    _check(t.workers >= 0, "train.workers", t.workers, "0 (auto: one per core on a CPU) or more")
     _check(t.batch_clients >= 0, "train.batch_clients", t.batch_clients,
            "0 (off) or an integer >= 1 (clients per batched group)")
     _check(f.resident_clients >= 0, "federation.resident_clients", f.resident_clients,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -60,10 +61,14 @@ def flatten_state(obj: Any, tensors: dict[str, Tensor], prefix: str = "server",
     """Replace every tensor in a nested dataclass/dict/list by a reference; collect tensors.
 
     A tensor whose memory another collected tensor already uses (one aggregate held in two
-    places of the state) is stored as a copy: safetensors refuses shared memory.
+    places of the state) is stored as a copy: safetensors refuses shared memory. A numpy array
+    is stored as a tensor and comes back as an array.
     """
     if seen is None:
         seen = {t.untyped_storage().data_ptr() for t in tensors.values()}
+    if isinstance(obj, np.ndarray):
+        ref = flatten_state(torch.from_numpy(obj.copy()), tensors, prefix, seen)
+        return {"__ndarray__": ref["__tensor__"]}
     if isinstance(obj, Tensor):
         key = f"{prefix}/{len(tensors)}"
         tensor = obj.detach().cpu().contiguous()
@@ -97,6 +102,8 @@ def unflatten_state(obj: Any, tensors: dict[str, Tensor], device: torch.device) 
         return obj
     if "__tensor__" in obj:
         return tensors[obj["__tensor__"]].to(device)
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy()
     if "__dataclass__" in obj:
         module, _, name = obj["__dataclass__"].partition(":")
         if not module.startswith("atlasfl."):

@@ -6,14 +6,16 @@ client) it sends each through the channel (counted), lets the client side answer
 arrives. A split client talks to the server's half of split learning during its plan
 (``atlasfl.engine.split_server``): every per-batch message crosses the same channel and is
 counted by kind. With ``train.batch_clients`` > 0 it hands the client side groups of Train
-plans that can share one batched step (``atlasfl.client.batched``); only the schedule changes,
-not the replies or the bytes counted. It runs no algorithm of its own.
+plans that can share one batched step (``atlasfl.client.batched``); with ``train.workers`` > 1 it
+hands plans that need no server during their work to worker processes (``atlasfl.engine.pool``).
+Only the schedule changes, not the replies or the bytes counted. It runs no algorithm of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,8 +27,10 @@ from atlasfl.client.store import ClientStore
 from atlasfl.config import FaultsConfig
 from atlasfl.devices import DeviceProfile, known_profiles
 from atlasfl.engine.channel import InProcessChannel
-from atlasfl.engine.faults import ClientVanished, draw_fault, simulated_seconds
+from atlasfl.engine.faults import ClientVanished, Fault, draw_fault, simulated_seconds
 from atlasfl.engine.ledger import CommLedger, state_bytes
+from atlasfl.engine.pool import ClientPool, Payload
+from atlasfl.engine.setup import resolve_threads, resolve_workers
 from atlasfl.engine.split_server import ServerModel, SplitServer
 from atlasfl.messages import SplitMessage, Train, TrainReply
 from atlasfl.types import ClientId
@@ -59,6 +63,14 @@ class Executor(Protocol):
         """Give every client the state the experiment's store holds (after a resume)."""
         ...
 
+    def usage(self) -> dict[str, float]:
+        """CPU seconds and peak RSS (MiB) of work done in other processes here (workers)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the executor started (worker processes); called when a session ends."""
+        ...
+
 
 @dataclass(frozen=True)
 class Faults:
@@ -77,12 +89,14 @@ class Faults:
 
 
 class InProcessExecutor:
-    """All clients in this process, sharing one frozen backbone."""
+    """All clients in this process, sharing one frozen backbone (or in its worker processes)."""
 
     def __init__(self, runtime: ClientRuntime, clients: ClientStore,
-                 channel: InProcessChannel, faults: Faults | None = None):
+                 channel: InProcessChannel, faults: Faults | None = None,
+                 pool: ClientPool | None = None):
         self.runtime, self.clients, self.channel = runtime, clients, channel
         self.faults = faults if faults is not None and faults.active else None
+        self.pool = pool
 
     def run(self, round_idx: int, plans: Sequence[Plan], server: SplitServer | None = None
             ) -> Iterator[Reply]:
@@ -90,11 +104,26 @@ class InProcessExecutor:
 
         With ``train.batch_clients`` > 0 the plans of a group (``_groups``) are delivered
         together when the first of them comes up, trained in one batched step each batch, and
-        their replies yielded in plan order like any other's.
+        their replies yielded in plan order like any other's. With a pool of workers, the plans
+        that need no server during their work go to the workers, at most two per worker queued
+        ahead, and their replies are yielded in plan order too.
         """
         groups = self._groups(round_idx, plans)
         trained: dict[int, Reply] = {}
+        pooled = iter([] if self.pool is None else
+                      [i for i, p in enumerate(plans)
+                       if i not in groups and getattr(p, "split", None) is None])
+        queued: dict[int, tuple[Future[Payload] | Reply, Fault | None]] = {}
         for i, plan in enumerate(plans):
+            if self.pool is not None:  # keep the workers busy: queue plans ahead of this one
+                while len(queued) < 2 * self.pool.workers:
+                    j = next(pooled, None)
+                    if j is None:
+                        break
+                    queued[j] = self._submit(round_idx, plans[j], self.pool)
+            if i in queued:
+                yield self._collect(round_idx, plan, *queued.pop(i))
+                continue
             if i not in groups:
                 yield self._deliver(round_idx, plan, server)
                 continue
@@ -140,18 +169,42 @@ class InProcessExecutor:
         replies = self.runtime.train_group(clients, received, round_idx)
         return dict(zip(group, replies, strict=True))
 
+    def _fault(self, round_idx: int, plan: Plan) -> Fault | None:
+        """The simulated failure of a Train plan's client in this round, if any."""
+        if self.faults is None or not isinstance(plan, Train):
+            return None
+        return draw_fault(self.faults.cfg, seed=self.faults.seed, round_idx=round_idx,
+                          client_id=plan.client_id)
+
+    def _submit(self, round_idx: int, plan: Plan, pool: ClientPool
+                ) -> tuple[Future[Payload] | Reply, Fault | None]:
+        """Deliver a plan (counted) to a worker, with its client's state.
+
+        A client that vanishes before its plan arrives gets its reply here instead.
+        """
+        fault = self._fault(round_idx, plan)
+        if fault is not None and fault.kind == "before":
+            return _never_arrived(plan.client_id), fault
+        received = self.channel.send(round_idx, plan.client_id, "down", plan)
+        return pool.submit(received, round_idx, self.clients.checkpoint(plan.client_id)), fault
+
+    def _collect(self, round_idx: int, plan: Plan, queued: Future[Payload] | Reply,
+                 fault: Fault | None) -> Reply:
+        """A worker's reply, its client's new state written into the store."""
+        if not isinstance(queued, Future):
+            return queued
+        assert self.pool is not None
+        reply, state = self.pool.answer(queued)
+        self.clients.restore(plan.client_id, *state)
+        return self._returned(round_idx, reply, fault)
+
     def _deliver(self, round_idx: int, plan: Plan, server: SplitServer | None
                  ) -> Reply:
         """Deliver one plan and bring its client's reply back."""
         cid = plan.client_id
-        fault = None
-        if self.faults is not None and isinstance(plan, Train):
-            fault = draw_fault(self.faults.cfg, seed=self.faults.seed, round_idx=round_idx,
-                               client_id=cid)
+        fault = self._fault(round_idx, plan)
         if fault is not None and fault.kind == "before":  # the plan never arrives
-            return TrainReply(cid, None, {"trained": False,
-                                          "dropped": "vanished before training"},
-                              delivered=False)
+            return _never_arrived(cid)
         received = self.channel.send(round_idx, cid, "down", plan)
         link = None
         split = getattr(plan, "split", None)
@@ -168,11 +221,15 @@ class InProcessExecutor:
             assert server is not None
             server.abandon(cid)  # the unfinished batch never reaches the server model
             return TrainReply(cid, None, {"trained": True, "dropped": str(exc)})
+        return self._returned(round_idx, reply, fault)
+
+    def _returned(self, round_idx: int, reply: Reply, fault: Fault | None) -> Reply:
+        """A client's answer on its way back (counted), unless its client vanished first."""
         if fault is not None:  # it trained, then vanished before uploading
             assert isinstance(reply, TrainReply)
             return dataclasses.replace(reply, update=None, record={
                 **reply.record, "dropped": "vanished after training, before its upload"})
-        arrived = self.channel.send(round_idx, cid, "up", reply)
+        arrived = self.channel.send(round_idx, reply.client_id, "up", reply)
         return self._on_time(round_idx, arrived)
 
     def _messages(self, plan: Plan, u_shape: bool) -> int:
@@ -212,11 +269,26 @@ class InProcessExecutor:
     def restore_states(self) -> None:
         """Nothing to do: the clients' states are the store's."""
 
+    def usage(self) -> dict[str, float]:
+        """The workers' CPU seconds and summed peak RSS; empty without workers."""
+        return {} if self.pool is None else self.pool.usage()
+
+    def close(self) -> None:
+        """Stop the workers, if any."""
+        if self.pool is not None:
+            self.pool.close()
+
     def split_server(self, models: dict[str, ServerModel]) -> SplitServer:  # noqa: D102
         rt = self.runtime
         return SplitServer(rt.model, rt.binder, num_layers=rt.num_layers, train=rt.train,
                            initial_adapter=rt.initial_adapter, initial_heads=rt.initial_heads,
                            device=rt.device, models=models)
+
+
+def _never_arrived(client_id: ClientId) -> TrainReply:
+    """The reply of a client that vanished before its plan arrived."""
+    return TrainReply(client_id, None, {"trained": False, "dropped": "vanished before training"},
+                      delivered=False)
 
 
 def _vanishing(link: Link, fraction: float, total: int) -> Link:
@@ -241,4 +313,7 @@ def make_executor(exp: Experiment, ledger: CommLedger) -> InProcessExecutor:
     devices = {cid: profiles[info.device] for cid, info in
                ((i.client_id, i) for i in exp.strategy.clients.values())}
     faults = Faults(cfg.faults, cfg.seed, devices, cfg.train.batch_size)
-    return InProcessExecutor(exp.runtime, exp.clients, InProcessChannel(ledger), faults)
+    workers = resolve_workers(cfg.train.workers, cfg.train.threads, exp.device)
+    pool = (ClientPool(cfg, workers, resolve_threads(cfg.train.threads)) if workers > 1
+            else None)
+    return InProcessExecutor(exp.runtime, exp.clients, InProcessChannel(ledger), faults, pool)

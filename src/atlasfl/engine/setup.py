@@ -98,6 +98,20 @@ def resolve_threads(threads: int) -> int:
         return os.cpu_count() or 1
 
 
+def resolve_workers(workers: int, threads: int, device: torch.device) -> int:
+    """``train.workers``: processes answering clients' plans (``atlasfl.engine.pool``).
+
+    0 (auto): one per core ``resolve_threads`` gives on a CPU (each then runs one torch thread),
+    1 on a GPU, where clients share the card in this process.
+    """
+    if workers == 0:
+        return resolve_threads(threads) if device.type == "cpu" else 1
+    if workers > 1 and device.type != "cpu":
+        raise AtlasError(f"train.workers = {workers} runs clients in CPU processes but the device "
+                         f"is {device}; use 1 (or 0, auto) on a GPU")
+    return workers
+
+
 def _pool(splits: list[ClientSplit]) -> list[ClientSplit]:
     return [ClientSplit(np.sort(np.concatenate([s.train_idx for s in splits])),
                         np.sort(np.concatenate([s.val_idx for s in splits])))]

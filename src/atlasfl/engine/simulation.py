@@ -144,8 +144,8 @@ def restore(exp: Experiment, snapshot: Snapshot) -> tuple[Any, list[list[dict[st
     return server, snapshot.meta["history"], snapshot.meta["elapsed"]
 
 
-def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict[str, float]
-             ) -> dict[str, Any]:
+def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict[str, float],
+             workers: dict[str, float]) -> dict[str, Any]:
     cfg = exp.cfg
     final_rows = history[-1]  # the last round is always evaluated
     rows = [row for round_rows in history for row in round_rows]
@@ -161,6 +161,8 @@ def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict
         bytes_up=sum(r["bytes_up"] for r in rows), bytes_down=sum(r["bytes_down"] for r in rows),
         bytes_by_kind=_bytes_by_kind(rows),
         data=exp.data_notes, **peak_memory_mb(exp.device),
+        # worker processes (train.workers): their peaks summed, beside this process's
+        **({"workers_peak_rss_mb": workers["peak_rss_mb"]} if workers else {}),
         clients=[{k: v for k, v in row.items() if k not in ("round", "trained")}
                  for row in final_rows],
     )
@@ -307,10 +309,19 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
 
     ``executor_of`` builds the executor that delivers plans (in process by default; Flower:
     ``atlasfl.engine.flower``). The clients' states are collected from it into ``exp.clients``
-    for every checkpoint and when the session ends.
+    for every checkpoint and when the session ends; it is closed when the session ends.
     """
     ledger = CommLedger()
     executor = executor_of(exp, ledger)  # first: Flower nodes may report their devices
+    try:
+        return _run_rounds(exp, executor, ledger, run_dir, resume, stop)
+    finally:
+        executor.close()
+
+
+def _run_rounds(exp: Experiment, executor: Executor, ledger: CommLedger, run_dir: RunDir | None,
+                resume: Snapshot | None, stop: StopFlag | None) -> RunOutcome:
+    """``run_experiment``'s rounds, with its executor."""
     cfg, strategy, session = exp.cfg, exp.strategy, exp.cfg.session
     stop = stop or StopFlag()
     ids = sorted(exp.clients)
@@ -336,6 +347,7 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
     bar = tqdm(total=sum(expected(r) for r in schedule.values()), unit="client",
                disable=not live, file=sys.stderr, desc=cfg.method, dynamic_ncols=True)
     wall0, cpu0 = time.perf_counter(), time.process_time()
+    workers0 = executor.usage().get("cpu_seconds", 0.0)  # CPU time of worker processes
     prior = dict(elapsed)
     saved_round = first - 1 if resume is not None else 0
     checkpoint: Path | None = None
@@ -359,7 +371,8 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
         if run_dir is not None:
             run_dir.append_rounds(history[-1])
         elapsed = {"wall": prior["wall"] + time.perf_counter() - wall0,
-                   "process": prior["process"] + time.process_time() - cpu0}
+                   "process": prior["process"] + time.process_time() - cpu0
+                   + executor.usage().get("cpu_seconds", 0.0) - workers0}
         due = session.save_every and round_idx % session.save_every == 0
         if run_dir is not None and (due or round_idx == last or stop.requested):
             executor.collect_states()
@@ -375,7 +388,7 @@ def run_experiment(exp: Experiment, run_dir: RunDir | None = None, *,
     done_rounds = len(history)
     if done_rounds < rounds:
         return RunOutcome(None, done_rounds, checkpoint, state)
-    summary = _summary(exp, history, elapsed)
+    summary = _summary(exp, history, elapsed, executor.usage())
     if run_dir is not None:
         run_dir.write_summary(summary)
     return RunOutcome(summary, done_rounds, checkpoint, state)

@@ -256,6 +256,13 @@ class FlowerExecutor:
                 raise AtlasError(f"client {cid} (Flower node {node}) could not take back its "
                                  f"checkpointed state: {why}")
 
+    def usage(self) -> dict[str, float]:
+        """Nothing measured here: the nodes' processes are Flower's (``flwr`` reports them)."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing to release: Flower owns the nodes."""
+
 
 def with_devices(exp: Experiment, profiles: dict[ClientId, str]) -> Strategy:
     """The experiment's strategy rebuilt with the device profiles nodes reported.
