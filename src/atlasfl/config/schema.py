@@ -103,7 +103,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = the cores this process may use
     # processes answering clients' plans on a CPU, each with threads // workers torch threads and
     # its own copy of the model: 1 = this process; 0 (auto) = one per core (train.threads) on a
-    # CPU, 1 on a GPU. On 2 cores quick.yaml's loop measured 0.94x with 2.3x the memory
+    # CPU, 1 on a GPU. Off by default: on 2 cores it barely helped (README "Speed and memory")
     workers: int = 1
     mmap_threshold_kb: int = 0  # > 0: glibc serves allocations above it by mmap (flat memory)
     # oneDNN primitives kept per process (ONEDNN_PRIMITIVE_CACHE_CAPACITY and PyTorch's

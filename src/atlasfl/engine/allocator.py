@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
@@ -75,3 +76,8 @@ def set_onednn_cache(entries: int) -> list[str]:
     for name in unset:
         os.environ[name] = str(entries)
     return unset
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -31,8 +31,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import resource
-import sys
 import time
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -41,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load, save
 
+from atlasfl.engine.allocator import peak_rss_mb
 from atlasfl.engine.checkpoint import flatten_state, unflatten_state
 
 if TYPE_CHECKING:
@@ -54,12 +53,6 @@ State = tuple[dict[str, "Tensor"], dict[str, Any]]
 Payload = tuple[bytes, str]  # safetensors bytes, JSON
 
 _WORKER: dict[str, Experiment] = {}  # the experiment this worker process built
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory, MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def encode(obj: Any) -> Payload:
@@ -100,7 +93,7 @@ def _answer(payload: Payload) -> Payload:
     reply = exp.runtime.handle(client, plan, round_idx)
     tensors, meta = client.checkpoint()
     usage = {"pid": os.getpid(), "cpu_seconds": time.process_time() - cpu,
-             "peak_rss_mb": _peak_rss_mb()}
+             "peak_rss_mb": peak_rss_mb()}
     return encode((reply, tensors, meta, usage))
 
 

@@ -16,7 +16,6 @@ checkpointed, and otherwise finishes it and saves.
 from __future__ import annotations
 
 import dataclasses
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from atlasfl.client.training import resolve_precision
 from atlasfl.config import precision_ran
+from atlasfl.engine.allocator import peak_rss_mb
 from atlasfl.engine.checkpoint import (
     Snapshot,
     flatten_state,
@@ -85,7 +85,7 @@ def _is_eval_round(round_idx: int, rounds: int, every: int) -> bool:
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
     """Peak resident memory of this process (and of the GPU when used), in MiB."""
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
