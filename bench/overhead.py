@@ -25,6 +25,7 @@ import argparse
 import os
 import statistics
 import time
+import warnings
 
 import torch
 from peft import get_peft_model
@@ -32,6 +33,7 @@ from peft import get_peft_model
 from atlasfl.client import client_seed
 from atlasfl.config import apply_overrides, from_dict
 from atlasfl.engine import build_experiment, run_experiment
+from atlasfl.engine.host import host_facts
 from atlasfl.models.head import init_head
 from atlasfl.models.lora import lora_config
 from atlasfl.models.registry import load_backbone
@@ -105,6 +107,8 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    # the runner's 1-row evaluation holds one label: scikit-learn's warning says nothing here
+    warnings.filterwarnings("ignore", message="A single label was found")
     torch.set_num_threads(args.threads)
     base = runner_raw(args.samples)
     runner_cfg = from_dict(apply_overrides(base | {"train": {**base["train"],
@@ -116,8 +120,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     plain = Plain(plain_cfg)
     plain.epoch(batches[:4])  # warm-up: allocator, thread pool, first calls
-    print(f"{len(batches)} optimizer steps per epoch, {args.threads} torch thread(s), runner "
-          f"settings: {' '.join(args.runner_set) or 'as the plain loop'}")
+    print(f"{len(batches)} optimizer steps per epoch, {args.threads} torch thread(s) on "
+          f"{host_facts(torch.device('cpu'))['cpu']}, runner settings: "
+          f"{' '.join(args.runner_set) or 'as the plain loop'}")
     ratios, loads, utils = [], [], {"runner": [], "plain": []}
     for pair in range(args.pairs):
         arms = ("runner", "plain") if pair % 2 == 0 else ("plain", "runner")

@@ -260,7 +260,9 @@ def _print_summary(summary: dict, run_path: Path) -> None:
     from atlasfl.report import format_table
 
     print(format_table(summary))
-    print(f"\n{summary['num_clients']} clients, {summary['wall_seconds']:.1f} s wall "
+    host = summary.get("host")  # absent from summaries written before it was recorded
+    on = f" on {host.get('gpu') or host['cpu']}" if host else ""
+    print(f"\n{summary['num_clients']} clients, {summary['wall_seconds']:.1f} s wall{on} "
           f"(cpu/wall {summary['cpu_utilisation']:.2f}), "
           f"peak RSS {summary['peak_rss_mb']:.0f} MiB, "
           f"{summary['bytes_up'] / 2**20:.2f} MiB up, {summary['bytes_down'] / 2**20:.2f} MiB down")

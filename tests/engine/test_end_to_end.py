@@ -79,6 +79,8 @@ def test_own_mix_scores_reweight_the_shared_test_rows_to_each_clients_labels(tin
         assert entry["own_accuracy"] == pytest.approx(np.mean([r["own_accuracy"] for r in rows]))
     assert summary["average"]["own_metric"] == pytest.approx(
         np.mean([t["own_metric"] for t in summary["tasks"].values()]))
+    assert summary["host"]["torch_threads"] == torch.get_num_threads()  # the machine is named
+    assert summary["host"]["cpu"]
 
 
 def test_local_steps_replace_epochs_and_cross_epoch_boundaries(tiny_cfg):

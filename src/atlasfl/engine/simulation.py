@@ -37,6 +37,7 @@ from atlasfl.engine.checkpoint import (
     unflatten_state,
 )
 from atlasfl.engine.executor import Executor, make_executor
+from atlasfl.engine.host import host_facts
 from atlasfl.engine.ledger import CommLedger
 from atlasfl.engine.rundir import RunDir
 from atlasfl.engine.setup import Experiment
@@ -154,7 +155,7 @@ def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict
                          for c in exp.clients})
     summary.update(
         method=cfg.method, model=cfg.model.name, seed=cfg.seed, rounds=cfg.federation.rounds,
-        num_clients=len(exp.clients), device=str(exp.device),
+        num_clients=len(exp.clients), device=str(exp.device), host=host_facts(exp.device),
         precision=resolve_precision(cfg.train.precision, exp.device),
         wall_seconds=elapsed["wall"], process_seconds=elapsed["process"],
         cpu_utilisation=elapsed["process"] / elapsed["wall"] if elapsed["wall"] else 0.0,
