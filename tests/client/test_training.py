@@ -73,3 +73,21 @@ def test_an_empty_split_has_no_metrics():
     data = TokenizedSet([], None, np.array([], dtype=np.int64), pad_id=0)
     assert evaluate(FirstTokenModel(), NoBinder(), {}, _identity_head(2), data,
                     GLUE_TASKS["sst2"], TrainConfig(), device=torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("fedavg-task", {}),
+    ("fedavg-task", {"train.batch_clients": 2}),
+    ("splitlora", {"split.cut": "1", "split.min_cut": 0, "ranks.aggregation": "zero-pad"}),
+])
+def test_clients_hold_no_gradients_between_rounds(tiny_cfg, method, extra):
+    # a resident client keeps adapter, head and AdamW state; its last step's gradients are not
+    # state, and holding them would cost a copy of the adapter and head per client
+    from atlasfl.engine import build_experiment, run_experiment
+
+    exp = build_experiment(tiny_cfg(method=method, **extra))
+    run_experiment(exp)
+    params = [(cid, name, p) for cid, c in exp.clients.items()
+              for name, p in [*c.adapter.items(), *c.head.named_parameters()]]
+    assert any(c.optimizer.state for c in exp.clients.values())  # the clients did train
+    assert [(cid, name) for cid, name, p in params if p.grad is not None] == []

@@ -159,8 +159,12 @@ class ClientRuntime:
         """The update is what the client trained (if it uploads).
 
         A split client (``plan.split``) uploads only the modules of its own blocks (and its head
-        in U-shape; the server holds it in vanilla).
+        in U-shape; the server holds it in vanilla). Every way of training ends here, so the
+        last step's gradients are freed here: they are not state (each step starts from none),
+        and a resident client would otherwise hold a copy of its adapter and head until it
+        next trains.
         """
+        client.optimizer.zero_grad(set_to_none=True)
         split = plan.split
         update = None
         if plan.upload:
