@@ -33,7 +33,7 @@ from peft import get_peft_model
 from atlasfl.client import client_seed
 from atlasfl.config import apply_overrides, from_dict
 from atlasfl.engine import build_experiment, run_experiment
-from atlasfl.engine.host import host_facts
+from atlasfl.engine.host import host_facts, usable_cores
 from atlasfl.models.head import init_head
 from atlasfl.models.lora import lora_config
 from atlasfl.models.registry import load_backbone
@@ -143,7 +143,7 @@ def main() -> None:
               f"load {loads[-1]:.1f}", flush=True)
     low, high = quartiles(ratios)
     median = statistics.median(ratios)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     print(f"runner speed / plain PEFT loop (cpu per step): median {median:.3f}, quartiles "
           f"{low:.3f}-{high:.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}, {len(ratios)} "
           f"pairs; load average {statistics.mean(loads):.1f} on {cores} cores; cpu/wall runner "

@@ -26,16 +26,22 @@ def cpu_model(cpuinfo: str) -> str | None:
     return None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity on Linux, else every core)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def host_facts(device: torch.device) -> dict[str, Any]:
     """The CPU's name, the cores this process may use, torch's threads and, on CUDA, the card."""
     try:
         cpu = cpu_model(CPUINFO.read_text(errors="replace"))
     except OSError:  # not Linux
         cpu = None
-    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else os.cpu_count() or 1)
     out: dict[str, Any] = {"cpu": cpu or platform.processor() or platform.machine(),
-                           "cores": cores, "torch_threads": torch.get_num_threads()}
+                           "cores": usable_cores(), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     return out

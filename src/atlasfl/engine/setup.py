@@ -26,6 +26,7 @@ from atlasfl.data.partition import ClientSplit, drop_test_overlap, partition
 from atlasfl.data.tasks import TaskSpec, resolve_tasks
 from atlasfl.devices import assign_devices
 from atlasfl.engine.allocator import set_mmap_threshold, set_onednn_cache, trim
+from atlasfl.engine.host import usable_cores
 from atlasfl.errors import AtlasError
 from atlasfl.models.head import ClassificationHead, init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
@@ -92,10 +93,7 @@ def resolve_threads(threads: int) -> int:
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 def resolve_workers(workers: int, threads: int, device: torch.device) -> int:
