@@ -1,8 +1,7 @@
 """What machine a run ran on, recorded in its summary.
 
 Timings compare only on one machine: bf16's gain on the main job differed by host (README,
-"Speed and memory"), and an earlier host's CPU went unrecorded. So every summary names its CPU
-(and card), its cores and its torch threads.
+"Speed and memory"). So every summary names its CPU (and card), its cores and its torch threads.
 """
 
 from __future__ import annotations
