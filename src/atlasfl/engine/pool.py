@@ -1,7 +1,6 @@
 """Worker processes that answer clients' plans: the in-process executor's parallelism on a CPU.
 
-A small model's products are too small for many torch threads to help (on this project's 2-core
-host two threads train quick.yaml's clients ~1.35x faster than one), while processes answer
+A small model's products are too small for many torch threads to help, while processes answer
 clients side by side. With ``train.workers`` > 1 the in-process executor hands every plan that
 needs no server during its work (all but split plans) to a ``ClientPool``:
 
@@ -20,10 +19,9 @@ walk over dataclasses, so only atlasfl's dataclasses are rebuilt and no code run
 not through torch's shared-memory file descriptors, which run out with many small tensors in
 flight. Nothing is written to disk. The workers' CPU time and peak memory are reported
 (``usage``) so a run's ``process_seconds`` and memory count them. Each worker holds its own copy
-of the model: memory grows by one process per worker. Measured on the 2-core host, quick.yaml's
-loop took 0.94x the time of one 2-thread process (one pair of runs, README "Speed and memory")
-with 2.3x the memory, so it is off by default; it is meant for hosts with many cores, where it is
-not yet measured.
+of the model: memory grows by one process per worker. On 2 cores it saved little time for much
+more memory (README, "Speed and memory"), so it is off by default; it is meant for hosts with
+many cores, where it is not yet measured.
 """
 
 from __future__ import annotations
