@@ -69,12 +69,12 @@ def main() -> None:
           "| dropped | late | refused |")
     print("|---|---|---|---|---|---|---|---|---|")
     for seed, c, f, ev in rows:
-        print(f"| {seed} | {c['metric']:.3f} | {f['metric']:.3f} | {c['accuracy']:.3f} | "
-              f"{f['accuracy']:.3f} | {ev['delivered']} | {ev['dropped']} | {ev['late']} | "
-              f"{ev['refused']} |")
+        print(f"| {seed} | {c['global_metric']:.3f} | {f['global_metric']:.3f} | "
+              f"{c['global_accuracy']:.3f} | {f['global_accuracy']:.3f} | {ev['delivered']} | "
+              f"{ev['dropped']} | {ev['late']} | {ev['refused']} |")
     if len(rows) > 1:
-        diffs = [f["metric"] - c["metric"] for _, c, f, _ in rows]
-        accs = [f["accuracy"] - c["accuracy"] for _, c, f, _ in rows]
+        diffs = [f["global_metric"] - c["global_metric"] for _, c, f, _ in rows]
+        accs = [f["global_accuracy"] - c["global_accuracy"] for _, c, f, _ in rows]
         print(f"\nfaulty minus clean over {len(rows)} seeds: metric {statistics.mean(diffs):+.3f} "
               f"± {statistics.stdev(diffs):.3f}, accuracy {statistics.mean(accs):+.3f} ± "
               f"{statistics.stdev(accs):.3f}")

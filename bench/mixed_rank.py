@@ -55,9 +55,9 @@ def run_one(config: str, variant: str, seed: int) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     summary = run_experiment(build_experiment(cfg)).summary
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"variant": variant, "seed": seed, "avg_accuracy": summary["average"]["accuracy"],
-            "avg_metric": summary["average"]["metric"],
-            "tasks": {t: round(v["accuracy"], 4) for t, v in summary["tasks"].items()},
+    return {"variant": variant, "seed": seed, "avg_accuracy": summary["average"]["global_accuracy"],
+            "avg_metric": summary["average"]["global_metric"],
+            "tasks": {t: round(v["global_accuracy"], 4) for t, v in summary["tasks"].items()},
             "bytes_up": summary["bytes_up"], "bytes_down": summary["bytes_down"],
             "wall_s": round(wall, 1), "cpu_over_wall": round(cpu / wall, 2)}
 

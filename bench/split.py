@@ -331,12 +331,12 @@ def participation(args: argparse.Namespace) -> None:
         got = _run({**PARTICIPATION, "seed": args.seed, **extra})
         s = got["summary"]
         trained = [c["client"] for c in s["clients"] if c.get("steps")]
-        accs = [c["accuracy"] for c in s["clients"]]
+        accs = [c["global_accuracy"] for c in s["clients"]]
         row = {"variant": label, "seed": args.seed, "devices": got["devices"],
                "excluded": got["excluded"], "split": got["split"], "cuts": got["cuts"],
                "trained": trained, "num_clients": len(s["clients"]),
                "accuracy_all_clients": sum(accs) / len(accs), "tasks": {
-                   t: v["accuracy"] for t, v in s["tasks"].items()},
+                   t: v["global_accuracy"] for t, v in s["tasks"].items()},
                "bytes_per_round": got["bytes_per_round"], "wall": got["wall"],
                "cpu_over_wall": got["cpu_over_wall"]}
         rows.append(row)
@@ -357,9 +357,9 @@ def quick(args: argparse.Namespace) -> None:
                         "ranks.aggregation": "zero-pad", "split.activation_dtype": dtype,
                         "seed": seed}, config)
             s = got["summary"]
-            row = {"seed": seed, "dtype": dtype, "avg_accuracy": s["average"]["accuracy"],
-                   "avg_metric": s["average"]["metric"],
-                   "tasks": {t: v["accuracy"] for t, v in s["tasks"].items()},
+            row = {"seed": seed, "dtype": dtype, "avg_accuracy": s["average"]["global_accuracy"],
+                   "avg_metric": s["average"]["global_metric"],
+                   "tasks": {t: v["global_accuracy"] for t, v in s["tasks"].items()},
                    "cuts": got["cuts"], "bytes_per_round": got["bytes_per_round"],
                    "wall": got["wall"], "cpu_over_wall": got["cpu_over_wall"]}
             _append("split_quick_cpu.jsonl", row)

@@ -19,12 +19,15 @@ def test_end_to_end_run_writes_config_rounds_and_summary(tmp_path, capsys):
     run = tmp_path / "e2e"
     rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 4  # rounds x clients
-    keys = ("train_loss", "eval_loss", "metric", "accuracy", "bytes_up", "bytes_down", "seconds")
+    keys = ("train_loss", "global_loss", "global_metric", "global_accuracy", "local_loss",
+            "local_metric", "local_accuracy", "val_metric", "bytes_up", "bytes_down", "seconds")
     for key in keys:
         assert all(key in r for r in rows), key
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["tasks"]) == {"cola", "mrpc"}
     assert summary["tasks"]["cola"]["metric_name"] == "mcc"
+    assert {"local_metric", "global_metric", "val_metric"} <= set(summary["average"])
+    assert set(summary["references"]) == {"majority", "own_majority"}
     assert "federation:\n  rounds: 2" in (run / "config.yaml").read_text()
 
 
@@ -50,7 +53,8 @@ def test_resume_accepts_the_out_folder_of_a_single_run(tmp_path, capsys):
     args = [*TINY, "--method", "local", "--out", str(tmp_path), "--run-name", "only"]
     assert main([*args, "--max-rounds", "1"]) == 0
     err = capsys.readouterr().err
-    assert "2 clients per task with 16 examples each (10% held out for validation)" in err
+    assert ("2 clients per task with 16 examples each (10% held out for validation, 20% as "
+            "its local test)") in err
     assert main(["resume", str(tmp_path), "--no-progress"]) == 0
     assert f"{tmp_path} holds one run: resuming {tmp_path / 'only'}" in capsys.readouterr().err
     assert (tmp_path / "only" / "summary.json").is_file()

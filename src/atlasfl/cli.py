@@ -129,18 +129,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _resolve_config(args: argparse.Namespace, raw: dict | None = None):
-    from atlasfl.config import apply_overrides, from_dict, from_yaml, set_dotted
+    """The file (or a checkpoint's config), its method's settings, then flags, then ``--set``."""
+    from atlasfl.config import from_dict, from_yaml, layered, parse_overrides
 
     if raw is None:
         raw = from_yaml(args.config) if args.config else {}
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            set_dotted(raw, key, value)
+    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()
+             if getattr(args, flag, None) is not None}
     if args.no_progress:
-        raw["progress"] = False
-    apply_overrides(raw, getattr(args, "set", []))
-    return from_dict(raw)
+        flags["progress"] = False
+    return from_dict(layered(raw, flags, parse_overrides(getattr(args, "set", []))))
 
 
 def _install_stop_handlers():
@@ -193,7 +191,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_same_experiment(snapshot.config, cfg)
     print(f"atlasfl: {cfg.method} on {cfg.model.name}, tasks {' '.join(cfg.data.tasks)}, "
           f"{cfg.data.clients_per_task} clients per task with {cfg.data.samples} examples "
-          f"each ({cfg.data.val_fraction:.0%} held out for validation), "
+          f"each ({cfg.data.val_fraction:.0%} held out for validation, "
+          f"{cfg.data.test_fraction:.0%} as its local test), "
           f"{cfg.federation.rounds} rounds, "
           f"{_threads_note(cfg.train.threads, cfg.train.workers, resolve_device(cfg.device))}, "
           f"{_precision_note(cfg.train.precision, resolve_device(cfg.device))}"
@@ -270,19 +269,19 @@ def _print_summary(summary: dict, run_path: Path) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from atlasfl.config import apply_overrides, from_yaml
+    from atlasfl.config import from_yaml, parse_overrides
     from atlasfl.engine.grid import expand_grid, grid_table, run_grid
 
     raw = from_yaml(args.config) if args.config else {}
-    apply_overrides(raw, args.fixed)
+    fixed = parse_overrides(args.fixed)
     if args.method:
-        raw["method"] = args.method
+        fixed["method"] = args.method
     if args.no_progress:
-        raw["progress"] = False
+        fixed["progress"] = False
     points = expand_grid(args.set)
     out = Path(args.out)
     stop = _install_stop_handlers()
-    results = run_grid(raw, points, out, stop=stop)
+    results = run_grid(raw, points, out, fixed=fixed, stop=stop)
     markdown, table = grid_table(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.md").write_text(markdown + "\n")
@@ -293,14 +292,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from atlasfl.config import apply_overrides, from_yaml
+    from atlasfl.config import from_yaml, parse_overrides
     from atlasfl.engine.grid import run_grid
     from atlasfl.report import write_report
 
     raw = from_yaml(args.config) if args.config else {}
-    apply_overrides(raw, args.set)
+    fixed = parse_overrides(args.set)
     if args.no_progress:
-        raw["progress"] = False
+        fixed["progress"] = False
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -310,7 +309,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     points = [{"method": m, "seed": s} for m in methods for s in seeds]
     out = Path(args.out)
     stop = _install_stop_handlers()
-    run_grid(raw, points, out, stop=stop)
+    run_grid(raw, points, out, fixed=fixed, stop=stop)
     if stop.requested:
         return 130
     report_dir = out / "report"

@@ -55,58 +55,29 @@ def test_correlation_with_constant_labels_is_zero():
     assert m["pearson"] == 0.0 and m["spearman"] == 0.0 and m["metric"] == 0.0
 
 
-def test_label_mix_weights_make_accuracy_the_own_mix_of_class_accuracies():
-    from atlasfl.data.metrics import label_mix_weights
+def test_references_by_hand_task_majority_and_each_clients_own():
+    from atlasfl.data.metrics import reference_scores
     spec = GLUE_TASKS["sst2"]
-    test_labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])  # the task's mix: half and half
-    preds = np.array([0, 0, 0, 1, 1, 0, 0, 0])  # class 0: 3/4 right, class 1: 1/4 right
-    own = np.array([1, 1, 1, 0])  # this client's rows: 1/4 class 0, 3/4 class 1
-    weights = label_mix_weights(spec, own, test_labels)
-    # p_own / p_test: class 0 -> (1/4)/(1/2) = 1/2, class 1 -> (3/4)/(1/2) = 3/2
-    np.testing.assert_allclose(weights, [0.5] * 4 + [1.5] * 4)
-    m = compute_metrics(spec, preds, test_labels, weights=weights)
-    assert m["accuracy"] == pytest.approx(0.25 * 0.75 + 0.75 * 0.25)
-    assert compute_metrics(spec, preds, test_labels)["accuracy"] == 0.5  # unweighted: the task
-    # a client with only class 1 counts only class-1 rows; one whose classes the test lacks: None
-    assert compute_metrics(spec, preds, test_labels,
-                           weights=label_mix_weights(spec, np.array([1, 1]), test_labels)
-                           )["accuracy"] == pytest.approx(0.25)
-    assert label_mix_weights(spec, np.array([1]), np.array([0, 0])) is None
+    # client 0 trains on 1,1,1,0 (own majority 1), client 1 on 0,0,0 (own majority 0);
+    # together 3 ones and 4 zeros: the task's majority class is 0
+    train = [np.array([1, 1, 1, 0]), np.array([0, 0, 0])]
+    local = [np.array([1, 1, 0]), np.array([0, 1])]  # each client's local test labels
+    shared = np.array([0, 0, 1, 1, 1])
+    refs = reference_scores(spec, train, local, shared)
+    # task majority (0): shared 2/5; local: client 0 1/3, client 1 1/2 -> mean 5/12
+    assert refs["majority"] == pytest.approx({"global_metric": 0.4, "global_accuracy": 0.4,
+                                              "local_metric": 5 / 12, "local_accuracy": 5 / 12})
+    # own majorities (1 and 0): shared 3/5 and 2/5 -> 1/2; local 2/3 and 1/2 -> 7/12
+    assert refs["own_majority"] == pytest.approx({"global_metric": 0.5, "global_accuracy": 0.5,
+                                                  "local_metric": 7 / 12,
+                                                  "local_accuracy": 7 / 12})
 
 
-def test_weighted_metrics_equal_the_metrics_of_repeated_rows():
-    from atlasfl.data.metrics import label_mix_weights
-    labels = np.array([1, 1, 0, 0, 1])
-    preds = np.array([1, 0, 0, 1, 1])
-    counts = np.array([2, 1, 3, 1, 2])  # integer weights = rows repeated that often
-    for task in ("mrpc", "cola"):
-        weighted = compute_metrics(GLUE_TASKS[task], preds, labels, weights=counts.astype(float))
-        repeated = compute_metrics(GLUE_TASKS[task], np.repeat(preds, counts),
-                                   np.repeat(labels, counts))
-        assert weighted == pytest.approx(repeated)
-    scores = np.array([0.1, 2.0, 1.5, 3.9, 4.4])
-    gold = np.array([0.0, 2.5, 1.0, 4.0, 3.0])
-    weighted = compute_metrics(GLUE_TASKS["stsb"], scores, gold, weights=counts.astype(float))
-    assert weighted["pearson"] == pytest.approx(
-        np.corrcoef(np.repeat(scores, counts), np.repeat(gold, counts))[0, 1])
-    # regression weights bin the scores at the test rows' quantiles (5 bins: one row each here)
-    weights = label_mix_weights(GLUE_TASKS["stsb"], np.array([4.0, 4.1]), gold)
-    assert weights is not None and weights.sum() == pytest.approx(5.0)
-    assert np.count_nonzero(weights) == 1 and weights[np.argmax(gold)] == pytest.approx(5.0)
-
-
-def test_a_constant_prediction_has_weighted_mcc_0_not_nan():
-    # scikit-learn's zero test misses by rounding for these float weights and returns NaN
-    labels = np.array([1, 1, 0, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 1, 1,
-                       1, 1, 0, 0, 1])
-    weights = np.array([0.0, 0.6772250913811823, 0.4661053601182982, 0.0, 0.6392056567399602,
-                        0.0, 0.0, 0.4232012457336759, 0.667269780506526, 0.892124516647265,
-                        0.03920532692151002, 0.0, 0.0, 0.0, 0.3688955395370517,
-                        0.9962864662850552, 0.7502265933699976, 0.0, 0.6883936993913492,
-                        0.14994414258337152, 0.0, 0.11615110618872104, 0.3628876680247494,
-                        0.2882849316778322, 0.0, 0.8163747123561405, 0.9048174020352262,
-                        0.32307219176499224, 0.10635250826982479, 0.6021768352555054])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        m = compute_metrics(GLUE_TASKS["cola"], np.zeros(30, dtype=int), labels, weights=weights)
-    assert m["mcc"] == 0.0 and m["metric"] == 0.0
+def test_references_of_a_correlation_task_are_zero_and_a_client_without_rows_is_skipped():
+    from atlasfl.data.metrics import reference_scores
+    refs = reference_scores(GLUE_TASKS["cola"], [np.array([1, 1, 0]), np.array([0])],
+                            [np.array([1, 0]), np.array([], dtype=np.int64)], np.array([0, 1]))
+    # a constant prediction has MCC 0; only client 0 has local rows: accuracy 1/2 for class 1
+    assert refs["own_majority"]["local_metric"] == 0.0
+    assert refs["own_majority"]["local_accuracy"] == 0.5
+    assert refs["majority"]["global_accuracy"] == 0.5

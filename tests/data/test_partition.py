@@ -4,24 +4,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atlasfl.data.glue import Examples
-from atlasfl.data.partition import _class_ids, _dirichlet, drop_test_overlap, partition
+from atlasfl.data.partition import (
+    _class_ids,
+    _dirichlet,
+    drop_test_overlap,
+    partition,
+    stratified_take,
+)
 from atlasfl.errors import AtlasError
 
 
 def _all(splits):
-    return np.concatenate([np.concatenate([s.train_idx, s.val_idx]) for s in splits])
+    return np.concatenate([np.concatenate([s.train_idx, s.val_idx, s.test_idx]) for s in splits])
 
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(20, 400), clients=st.integers(1, 6), samples=st.integers(1, 80),
        scheme=st.sampled_from(["iid", "dirichlet"]), val=st.sampled_from([0.0, 0.2]),
-       seed=st.integers(0, 10))
-def test_partition_is_disjoint_and_covers_the_pool(n, clients, samples, scheme, val, seed):
+       test=st.sampled_from([0.0, 0.2, 0.5]), seed=st.integers(0, 10))
+def test_partition_is_disjoint_and_covers_the_pool(n, clients, samples, scheme, val, test, seed):
     labels = np.arange(n) % 3
     per_client = min(samples, n // clients)
     try:
         splits = partition(labels, clients, samples, scheme=scheme, alpha=0.5,
-                           val_fraction=val, seed=seed)
+                           val_fraction=val, test_fraction=test, seed=seed)
     except AtlasError:  # a Dirichlet draw that starves a client is refused loudly
         assert scheme == "dirichlet"
         return
@@ -30,6 +36,51 @@ def test_partition_is_disjoint_and_covers_the_pool(n, clients, samples, scheme, 
     assert len(np.unique(rows)) == len(rows)  # disjoint
     assert len(rows) == per_client * clients  # covers exactly the sampled pool
     assert rows.min() >= 0 and rows.max() < n
+    for split in splits:  # the local test is held out of training and validation
+        assert not set(split.test_idx) & (set(split.train_idx) | set(split.val_idx))
+        assert len(split.train_idx) >= 1  # every client keeps a row to train on
+
+
+@settings(max_examples=40, deadline=None)
+@given(alpha=st.sampled_from([0.1, 0.5, 1.0]), fraction=st.sampled_from([0.1, 0.2, 0.35]),
+       seed=st.integers(0, 20))
+def test_a_local_test_follows_its_clients_label_mix_within_one_row_per_class(alpha, fraction,
+                                                                            seed):
+    labels = np.arange(3000) % 4
+    splits = partition(labels, 5, 300, scheme="dirichlet", alpha=alpha, val_fraction=0.1,
+                       test_fraction=fraction, seed=seed)
+    for split in splits:
+        whole = np.concatenate([split.train_idx, split.val_idx, split.test_idx])
+        own = np.bincount(labels[whole], minlength=4)  # the client's label mix, in rows
+        held = np.bincount(labels[split.test_idx], minlength=4)
+        quota = len(split.test_idx) * own / len(whole)  # its exact share of each class
+        assert np.all(np.abs(held - quota) < 1)  # by construction, not on average
+        assert len(split.test_idx) == max(1, round(fraction * len(whole)))
+
+
+def test_stratified_take_by_hand():
+    rows = np.arange(10, 20)
+    classes = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])  # 6 / 3 / 1 of 10 rows
+    taken, rest = stratified_take(rows, classes, 5, np.random.default_rng(0))
+    # quotas 3.0, 1.5, 0.5: floors 3, 1, 0 and one row owed; the remainders tie at 0.5, so
+    # the lower class id gets it: 3, 2, 0
+    assert np.bincount(classes[np.isin(rows, taken)], minlength=3).tolist() == [3, 2, 0]
+    assert sorted([*taken, *rest]) == rows.tolist()
+    none, everything = stratified_take(rows, classes, 0, np.random.default_rng(0))
+    assert len(none) == 0 and everything.tolist() == rows.tolist()
+
+
+@pytest.mark.parametrize("rows, val, test, sizes", [
+    (10, 0.1, 0.2, (7, 1, 2)),
+    (10, 0.0, 0.2, (8, 0, 2)),
+    (3, 0.5, 0.5, (1, 0, 2)),  # round(1.5) = 2 test rows, then the last row is kept to train
+    (2, 0.1, 0.1, (1, 0, 1)),  # the test takes its one row; nothing is left for validation
+    (1, 0.1, 0.2, (1, 0, 0)),  # one row stays a training row whatever the fractions
+])
+def test_rows_per_client_train_validation_and_local_test(rows, val, test, sizes):
+    splits = partition(np.zeros(2 * rows, dtype=int), 2, rows, val_fraction=val,
+                       test_fraction=test, seed=3)
+    assert [(len(s.train_idx), len(s.val_idx), len(s.test_idx)) for s in splits] == [sizes] * 2
 
 
 def test_iid_gives_equal_shares_and_carves_validation():

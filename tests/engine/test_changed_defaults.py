@@ -11,12 +11,17 @@ from atlasfl.engine.checkpoint import MANIFEST, META
 
 
 def test_complete_saved_fills_only_missing_keys_with_their_earlier_values():
-    assert EARLIER_DEFAULTS == {"train.length_bucket": 0, "train.pad_multiple": 1}
-    saved = {"method": "local", "train": {"pad_multiple": 4}}
+    assert EARLIER_DEFAULTS == {"train.length_bucket": 0, "train.pad_multiple": 1,
+                                "data.test_fraction": 0.0}
+    saved = {"method": "local", "train": {"pad_multiple": 4}, "data": {"test_fraction": 0.3}}
     assert complete_saved(saved) == {"method": "local",
-                                     "train": {"pad_multiple": 4, "length_bucket": 0}}
-    assert saved == {"method": "local", "train": {"pad_multiple": 4}}  # the input is kept
-    assert complete_saved({}) == {"train": {"length_bucket": 0, "pad_multiple": 1}}
+                                     "train": {"pad_multiple": 4, "length_bucket": 0},
+                                     "data": {"test_fraction": 0.3}}
+    assert saved == {"method": "local", "train": {"pad_multiple": 4},
+                     "data": {"test_fraction": 0.3}}  # the input is kept
+    # a config from before local test splits existed ran without one
+    assert complete_saved({}) == {"train": {"length_bucket": 0, "pad_multiple": 1},
+                                  "data": {"test_fraction": 0.0}}
 
 
 def test_an_old_checkpoint_resumes_without_buckets(tiny_cfg, tmp_path):

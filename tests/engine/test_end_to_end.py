@@ -53,34 +53,54 @@ def test_regression_task_is_trained_with_mse_and_scored_by_correlation(tiny_cfg)
         assert tuple(client.head.out.weight.shape) == (1, client.head.out.in_features)
         test = exp.runtime.test_sets["stsb"]
         preds = _predict(exp, client, test)
-        assert row["pearson"] == pytest.approx(pearsonr(preds, test.labels)[0], abs=1e-5)
-        assert row["spearman"] == pytest.approx(spearmanr(preds, test.labels)[0], abs=1e-5)
-        assert row["eval_loss"] == pytest.approx(np.mean((preds - test.labels) ** 2), rel=1e-4)
+        assert row["global_pearson"] == pytest.approx(pearsonr(preds, test.labels)[0], abs=1e-5)
+        assert row["global_spearman"] == pytest.approx(spearmanr(preds, test.labels)[0],
+                                                       abs=1e-5)
+        assert row["global_loss"] == pytest.approx(np.mean((preds - test.labels) ** 2),
+                                                   rel=1e-4)
+        own = _predict(exp, client, client.local_set)
+        assert row["local_pearson"] == pytest.approx(
+            pearsonr(own, client.local_set.labels)[0], abs=1e-5)
 
 
-def test_own_mix_scores_reweight_the_shared_test_rows_to_each_clients_labels(tiny_cfg):
-    # label skew: clients of a task hold different label mixes; fedavg-task gives them one model
-    exp = build_experiment(tiny_cfg(method="fedavg-task", **{"data.partition": "dirichlet",
-                                                             "data.alpha": 0.3}))
+@pytest.mark.parametrize("method", ["fedavg-task", "local", "centralized"])
+def test_each_client_is_scored_on_its_local_test_and_on_the_shared_rows(tiny_cfg, method):
+    # label skew: a task's clients hold different label mixes, and so do their local tests
+    exp = build_experiment(tiny_cfg(method=method, **{"data.partition": "dirichlet",
+                                                      "data.alpha": 0.3}))
     summary = run_experiment(exp).summary
-    mixes = []
     for row in summary["clients"]:
         client = exp.clients[row["client"]]
         test = exp.runtime.test_sets[client.task.name]
-        right = _classes(exp, client, test) == test.labels
-        own = np.bincount(client.train_set.labels, minlength=2) / len(client.train_set)
-        per_class = [right[test.labels == c].mean() for c in (0, 1)]
-        assert row["accuracy"] == pytest.approx(right.mean())
-        assert row["own_accuracy"] == pytest.approx(own @ per_class)  # sum_c p_own(c) acc_c
-        mixes.append(tuple(own))
-    assert len(set(mixes)) > 1  # the clients' mixes differ, so the check above is not trivial
+        shared = _classes(exp, client, test) == test.labels
+        assert row["global_accuracy"] == pytest.approx(shared.mean())
+        own = _classes(exp, client, client.local_set) == client.local_set.labels
+        bounds = np.cumsum([0, *(client.local_parts or [len(own)])])
+        # a pooled trainer is scored on each pooled client's local test on its own
+        assert row["local_accuracy"] == pytest.approx(np.mean([own[a:b].mean() for a, b in
+                                                               zip(bounds[:-1], bounds[1:],
+                                                                   strict=True)]))
+        assert row["local_accuracy"] != pytest.approx(row["global_accuracy"])  # not the same rows
     for task, entry in summary["tasks"].items():
         rows = [r for r in summary["clients"] if r["task"] == task]
-        assert entry["own_accuracy"] == pytest.approx(np.mean([r["own_accuracy"] for r in rows]))
-    assert summary["average"]["own_metric"] == pytest.approx(
-        np.mean([t["own_metric"] for t in summary["tasks"].values()]))
+        for key in ("local_accuracy", "global_accuracy", "local_metric", "global_metric"):
+            assert entry[key] == pytest.approx(np.mean([r[key] for r in rows]))
+    assert summary["average"]["local_metric"] == pytest.approx(
+        np.mean([t["local_metric"] for t in summary["tasks"].values()]))
     assert summary["host"]["torch_threads"] == torch.get_num_threads()  # the machine is named
     assert summary["host"]["cpu"]
+
+
+def test_a_pooled_trainer_holds_its_clients_local_tests_in_parts(tiny_cfg):
+    pooled = build_experiment(tiny_cfg(method="centralized"))
+    apart = build_experiment(tiny_cfg(method="local"))
+    for task in ("cola", "mrpc"):
+        (one,) = [c for c in pooled.clients.values() if c.task.name == task]
+        each = [c for c in apart.clients.values() if c.task.name == task]
+        assert one.local_parts == tuple(len(c.local_set) for c in each) == (6, 6)
+        assert one.local_set.labels.tolist() == [x for c in each
+                                                 for x in c.local_set.labels.tolist()]
+        assert len(one.train_set) == sum(len(c.train_set) for c in each)
 
 
 def test_local_steps_replace_epochs_and_cross_epoch_boundaries(tiny_cfg):
@@ -181,7 +201,7 @@ def test_clients_whose_model_did_not_change_are_marked_and_scored_the_same(tiny_
             assert row.get("unchanged") == (None if row["trained"] else 1.0)
             if not row["trained"]:
                 seen += 1
-                for key in ("metric", "own_metric", "val_metric", "eval_loss"):
+                for key in ("global_metric", "local_metric", "val_metric", "global_loss"):
                     assert row[key] == before[key]
     assert seen > 0 and all("unchanged" not in r for r in history[0])
 
@@ -207,6 +227,43 @@ def test_without_a_terminal_progress_is_one_line_per_round(tiny_cfg, capsys):
     lines = [line for line in err.splitlines() if line.startswith("fedavg: round")]
     assert [line.split(",")[0] for line in lines] == ["fedavg: round 1/2 done",
                                                       "fedavg: round 2/2 done"]
-    mean = sum(r["metric"] for r in rows) / len(rows)
-    assert lines[-1].endswith(f"{len(rows)} clients trained, mean client metric {mean:.3f}")
+    means = {k: sum(r[k] for r in rows) / len(rows)
+             for k in ("local_metric", "global_metric", "val_metric")}
+    assert lines[-1].endswith(f"{len(rows)} clients trained, mean client local_metric "
+                              f"{means['local_metric']:.3f}, mean client global_metric "
+                              f"{means['global_metric']:.3f}, mean client val_metric "
+                              f"{means['val_metric']:.3f}")
     assert "\r" not in err  # no bar redrawn into the log
+
+
+def test_early_stopping_ends_the_run_and_reports_the_round_best_on_validation(tiny_cfg,
+                                                                             tmp_path):
+    from atlasfl.engine import RunDir, load_checkpoint
+    from atlasfl.report.summary import average_val
+    from atlasfl.runfiles import read_run
+
+    # a learning rate that moves nothing: the validation metric stays where round 1 put it, so
+    # round 1 stays the best (ties keep the earliest) and two evaluations later the run stops
+    cfg = tiny_cfg(method="centralized", out=str(tmp_path), run_name="still",
+                   **{"federation.rounds": 6, "federation.patience": 2, "train.lr": 1e-12})
+    run_dir = RunDir.create(cfg)
+    outcome = run_experiment(build_experiment(cfg), run_dir)
+    assert outcome.completed_rounds == 3 and outcome.summary is not None
+    assert (outcome.summary["rounds_run"], outcome.summary["reported_round"]) == (3, 1)
+    assert (run_dir.path / "summary.json").is_file()
+    assert load_checkpoint(run_dir.path).round_idx == 3  # the state it stopped in is saved
+    again = run_experiment(build_experiment(cfg), RunDir(run_dir.path),
+                           resume=load_checkpoint(run_dir.path))
+    assert again.completed_rounds == 3  # resumed, it has nothing left to run
+    assert again.summary["clients"] == outcome.summary["clients"]
+    # learning: the round reported is the one best on validation, not the last
+    cfg = tiny_cfg(method="centralized", out=str(tmp_path), run_name="learns",
+                   **{"federation.rounds": 4, "federation.patience": 4, "train.lr": 0.05})
+    summary = run_experiment(build_experiment(cfg), RunDir.create(cfg)).summary
+    _, rows, _ = read_run(tmp_path / "learns")
+    vals = {r: average_val([x for x in rows if x["round"] == r]) for r in range(1, 5)}
+    assert summary["rounds_run"] == 4
+    assert summary["reported_round"] == max(vals, key=lambda r: (vals[r], -r))
+    reported = [x for x in rows if x["round"] == summary["reported_round"]]
+    assert [c["global_metric"] for c in summary["clients"]] == [
+        x["global_metric"] for x in reported]

@@ -95,12 +95,12 @@ def test_a_failing_or_silent_client_is_recorded_and_the_round_goes_on(tiny_cfg, 
     assert rows[(2, 2)]["bytes_up"] == 0
     assert all(rows[(r, c)]["trained"] for r, c in rows if (r, c) not in {(1, 1), (2, 2)})
     assert rows[(2, 3)]["failed"] == "flower: its ClientApp failed: boom"
-    assert "metric" not in rows[(2, 3)]
+    assert "global_metric" not in rows[(2, 3)] and "local_metric" not in rows[(2, 3)]
     # the task of client 3 is scored on the client that answered (client 2) only
     mrpc = [r for r in history if r["round"] == 2 and r["task"] == "mrpc"]
     assert outcome.summary["tasks"]["mrpc"]["clients"] == 1
-    assert outcome.summary["tasks"]["mrpc"]["metric"] == next(r["metric"] for r in mrpc
-                                                              if "metric" in r)
+    for key in ("global_metric", "local_metric"):
+        assert outcome.summary["tasks"]["mrpc"][key] == next(r[key] for r in mrpc if key in r)
 
 
 def test_two_nodes_serving_one_client_are_refused_naming_the_setting(tiny_cfg):

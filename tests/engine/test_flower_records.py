@@ -130,7 +130,7 @@ def test_replies_round_trip_with_record_update_and_probe_results():
     assert back.fingerprint.tolist() == [0.5, -1.25] and back.noise_var == 0.125
     assert back.importance == {"m1": 2.0, "m2": [3.0, 1.0]}
     assert back.record == {"probe_loss": 0.5}
-    ev = EvaluateReply(3, {"metric": 0.75, "unchanged": 1.0}, 0.5)
+    ev = EvaluateReply(3, {"global_metric": 0.75, "local_metric": 0.5, "unchanged": 1.0}, 0.5)
     assert reply_from_content("evaluate", to_content(ev)) == ev
 
 

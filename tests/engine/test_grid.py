@@ -10,7 +10,7 @@ import yaml
 
 from atlasfl.cli import main
 from atlasfl.engine.checkpoint import load_checkpoint
-from atlasfl.engine.grid import expand_grid, point_name
+from atlasfl.engine.grid import choose_on_validation, expand_grid, grid_table, point_name
 from atlasfl.errors import AtlasError
 
 
@@ -49,7 +49,9 @@ def test_sweep_runs_skips_and_resumes_and_its_runs_differ(tiny_cfg, tmp_path, ca
     err = capsys.readouterr().err
     assert "[1/2] lam=0: resuming after round 1" in err and "[2/2] lam=0.5: running" in err
     table = (out / "sweep.md").read_text().splitlines()
-    assert table[0].startswith("| laplacian.lam | val metric | test metric |") and len(table) == 4
+    assert table[0].startswith("| laplacian.lam | val metric | chosen on val | local test metric "
+                               "(reported) | global test metric (reported) |")
+    assert len(table) == 6 and table[-1].startswith("Chosen on the validation metric")
     assert (out / "sweep.csv").read_text().splitlines()[1].startswith("0,")
     stamps = {p: (out / p / "summary.json").stat().st_mtime_ns for p in ("lam=0", "lam=0.5")}
     assert main(argv) == 0
@@ -133,3 +135,58 @@ def test_a_finished_run_in_another_precision_is_refused(tiny_cfg, tmp_path, caps
     summary_file.write_text(json.dumps(summary | {"precision": "bf16"}))  # as on a bf16 machine
     assert main(argv) == 2
     assert "train.precision: the run trained in 'bf16'" in capsys.readouterr().err
+
+
+def _summary(val, local, glob):
+    return {"average": {"val_metric": val, "local_metric": local, "global_metric": glob,
+                        "global_accuracy": glob}, "bytes_up": 0, "bytes_down": 0,
+            "wall_seconds": 1.0}
+
+
+def test_a_sweep_chooses_on_validation_whatever_the_test_columns_say(tmp_path):
+    # lr 0.01 is better on validation (mean over seeds 0.70 vs 0.65); both test columns would
+    # flip the choice to 0.001
+    results = [({"train.lr": 0.001, "seed": 0}, tmp_path, _summary(0.66, 0.90, 0.90)),
+               ({"train.lr": 0.001, "seed": 1}, tmp_path, _summary(0.64, 0.92, 0.91)),
+               ({"train.lr": 0.01, "seed": 0}, tmp_path, _summary(0.75, 0.50, 0.40)),
+               ({"train.lr": 0.01, "seed": 1}, tmp_path, _summary(0.65, 0.52, 0.41))]
+    assert choose_on_validation([(p, s["average"]["val_metric"]) for p, s, in
+                                 [(p, s) for p, _, s in results]]) == {"train.lr": 0.01}
+    markdown, _ = grid_table(results)
+    rows = [line for line in markdown.splitlines() if line.startswith("| 0.0")]
+    assert [r.split(" | ")[3] for r in rows] == ["", "", "yes", "yes"]  # the chosen column
+    assert markdown.endswith("train.lr=0.01. Test columns are reported, not used to choose.")
+
+
+def test_the_choice_skips_a_setting_with_an_unscored_seed_and_keeps_the_first_on_ties():
+    assert choose_on_validation([({"a": 1}, 0.5), ({"a": 2}, 0.5)]) == {"a": 1}
+    assert choose_on_validation([({"a": 1, "seed": 0}, 0.9), ({"a": 1, "seed": 1}, None),
+                                 ({"a": 2, "seed": 0}, 0.1)]) == {"a": 2}
+    assert choose_on_validation([({"a": 1}, None)]) is None
+
+
+def test_method_settings_apply_to_their_method_and_overrides_win(tiny_cfg, tmp_path, capsys):
+    from atlasfl.config import from_dict, layered
+
+    raw = tiny_cfg().to_dict() | {"method_settings": {"local": {"train.lr": 0.5},
+                                                      "fedavg": {"train.lr": 0.25}}}
+    assert from_dict(raw).train.lr == 0.25  # the file's method: fedavg
+    assert from_dict(layered(raw, {"method": "local"})).train.lr == 0.5
+    assert from_dict(layered(raw, {"method": "local"}, {"train.lr": 0.1})).train.lr == 0.1
+    assert from_dict(layered(raw, {"method": "fedavg-task"})).train.lr == 0.01  # none of its own
+    assert "method_settings" not in layered(raw)
+    with pytest.raises(AtlasError, match="unknown method.s. loca; allowed: .*local"):
+        layered(raw | {"method_settings": {"loca": {}}})
+    with pytest.raises(AtlasError, match="unknown config key 'train.rl'"):
+        layered(raw | {"method_settings": {"local": {"train.rl": 1}}})
+    with pytest.raises(AtlasError, match="must map each method to a mapping"):
+        layered(raw | {"method_settings": {"local": 3}})
+    # compare: each method runs with its own settings, recorded in its run folder
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(config), "--methods", "local,fedavg-task",
+                 "--seeds", "0", "--out", str(out), "--set", "federation.rounds=1"]) == 0
+    lrs = {p.name: yaml.safe_load((p / "config.yaml").read_text())["train"]["lr"]
+           for p in out.iterdir() if (p / "config.yaml").is_file()}
+    assert lrs == {"method=local_seed=0": 0.5, "method=fedavg-task_seed=0": 0.01}

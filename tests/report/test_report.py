@@ -18,38 +18,48 @@ from atlasfl.report.tables import arms, comparisons, latex, markdown, method_tab
 TASKS = {"sst2": "accuracy", "cola": "mcc"}
 
 
+GLOBAL_GAP = 0.2  # a fake client's global metric is its local one minus this: never confused
+
+
 def fake_run(root: Path, name: str, *, method: str, seed: int, clients: list[tuple[str, float]],
              lam: float | None = None, finished: bool = True, rounds: int = 2,
-             train: dict | None = None, summary_extra: dict | None = None) -> Path:
-    """A run folder as the runner writes it: clients' final metrics given, earlier rounds lower."""
+             train: dict | None = None, summary_extra: dict | None = None,
+             data: dict | None = None) -> Path:
+    """A run folder as the runner writes it: clients' final local metrics given (global ones
+    ``GLOBAL_GAP`` lower), earlier rounds lower; references depend on the seed only."""
     path = root / name
     path.mkdir(parents=True)
     config = {"method": method, "seed": seed, "out": str(root), "run_name": name,
-              "data": {"tasks": list(TASKS)}}
+              "data": {"tasks": list(TASKS), **(data or {})}}
     if lam is not None:
         config["laplacian"] = {"lam": lam}
     if train is not None:
         config["train"] = train
     (path / "config.yaml").write_text(yaml.safe_dump(config))
-    rows = [{"round": r, "client": i, "task": task, "metric": metric - 0.1 * (rounds - r),
-             "accuracy": metric, "bytes_up": 1000 * (i + 1), "bytes_down": 500}
+
+    def scores(metric: float) -> dict:
+        return {"local_metric": metric, "local_accuracy": metric,
+                "global_metric": metric - GLOBAL_GAP, "global_accuracy": metric - GLOBAL_GAP,
+                "val_metric": metric + 0.05}
+
+    rows = [{"round": r, "client": i, "task": task, **scores(metric - 0.1 * (rounds - r)),
+             "bytes_up": 1000 * (i + 1), "bytes_down": 500}
             for r in range(1, rounds + 1) for i, (task, metric) in enumerate(clients)]
     (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
-        final = [{"client": i, "task": t, "metric": m, "accuracy": m, "own_metric": m + 0.01}
-                 for i, (t, m) in enumerate(clients)]
+        final = [{"client": i, "task": t, **scores(m)} for i, (t, m) in enumerate(clients)]
         tasks = {}
         for task, name_ in TASKS.items():
             values = [m for t, m in clients if t == task]
             tasks[task] = {"clients": len(values), "metric_name": name_,
-                           "metric": sum(values) / len(values), "majority_metric": 0.5,
-                           "accuracy": sum(values) / len(values), "majority_accuracy": 0.5,
-                           "own_metric": sum(values) / len(values) + 0.01}
-        average = {k: sum(t[k] for t in tasks.values()) / len(tasks)
-                   for k in ("metric", "accuracy", "own_metric", "majority_metric",
-                             "majority_accuracy")}
-        summary = {"tasks": tasks, "average": average, "method": method, "seed": seed,
-                   "clients": final, "bytes_up": sum(r["bytes_up"] for r in rows),
+                           **scores(sum(values) / len(values))}
+        average = {k: sum(t[k] for t in tasks.values()) / len(tasks) for k in scores(0)}
+        refs = {name: {"tasks": {t: {"local_metric": base + seed / 10, "global_metric": base}
+                                 for t in TASKS},
+                       "average": {"local_metric": base + seed / 10, "global_metric": base}}
+                for name, base in (("majority", 0.5), ("own_majority", 0.6))}
+        summary = {"tasks": tasks, "average": average, "references": refs, "method": method,
+                   "seed": seed, "clients": final, "bytes_up": sum(r["bytes_up"] for r in rows),
                    "bytes_down": sum(r["bytes_down"] for r in rows), "wall_seconds": 10.0 + seed,
                    "peak_rss_mb": 100.0, **(summary_extra or {})}
         (path / "summary.json").write_text(json.dumps(summary))
@@ -82,9 +92,15 @@ def test_sd_is_across_seeds_and_client_sd_across_clients(tmp_path):
     table = method_table(find_runs([tmp_path]))
     row = next(r for r in table.rows if r[0] == "fedavg")
     sd = math.sqrt(((0.6 - 0.7) ** 2 + (0.8 - 0.7) ** 2) / 1)
-    assert row[1] == "2" and row[2] == f"0.700 ± {sd:.3f}"  # sst2 across seeds
-    assert row[table.header.index("client SD")] == "0.000"  # identical clients in each run
-    assert table.rows[0][0] == "majority class"
+    assert table.header[2:4] == ["sst2 accuracy local", "sst2 accuracy global"]
+    assert row[1] == "2" and row[2] == f"0.700 ± {sd:.3f}"  # sst2 local, across seeds
+    assert row[3] == f"{0.7 - GLOBAL_GAP:.3f} ± {sd:.3f}"  # sst2 global, beside it
+    assert row[table.header.index("client SD local")] == "0.000"  # identical clients
+    # the references lead: one per seed (0.5 and 0.6 local, 0.5 global for the task's majority)
+    assert [r[0] for r in table.rows[:2]] == ["majority class (task's)",
+                                              "majority class (each client's own)"]
+    assert table.rows[0][1:4] == ["2", "0.550 ± 0.071", "0.500 ± 0.000"]
+    assert "± is the SD across seeds" in table.title and "± is the SD across seeds" in table.note
 
 
 def test_arms_keep_settings_apart_and_refuse_a_seed_twice(tmp_path):
@@ -115,7 +131,7 @@ def test_unfinished_and_broken_runs_are_listed_not_averaged(tmp_path):
         "done": "finished", "stopped": "unfinished", "broken": "failed"}
     report = write_report([tmp_path], tmp_path / "report", figures=False)
     row = next(line for line in report.splitlines() if line.startswith("| local |"))
-    assert "| 1 | 0.900 |" in row  # only the finished run
+    assert "| local | 1 | 0.900 | 0.700 |" in row  # only the finished run
     assert "stopped | unfinished | 2 rounds written, no summary" in report
     assert "broken | failed | JSONDecodeError" in report
     assert (tmp_path / "report" / "tables" / "not_finished.csv").is_file()
@@ -125,8 +141,8 @@ def test_markdown_csv_and_latex_of_one_table(tmp_path):
     fake_run(tmp_path, "x", method="fedavg_task", seed=0, clients=[("sst2", 0.9), ("cola", 0.3)])
     fake_run(tmp_path, "y", method="fedavg_task", seed=1, clients=[("sst2", 0.7), ("cola", 0.1)])
     table = method_table(find_runs([tmp_path]))
-    assert "| fedavg_task | 2 | 0.800 ± 0.141 |" in markdown(table)
-    assert to_csv(table).splitlines()[2].startswith("fedavg_task,2,0.800 ± 0.141,")
+    assert "| fedavg_task | 2 | 0.800 ± 0.141 | 0.600 ± 0.141 |" in markdown(table)
+    assert to_csv(table).splitlines()[3].startswith("fedavg_task,2,0.800 ± 0.141,")
     tex = latex(table)
     assert "\\toprule" in tex and "\\bottomrule" in tex
     assert "fedavg\\_task & 2 & 0.800 $\\pm$ 0.141 &" in tex
@@ -143,8 +159,8 @@ def test_figures_are_valid_files_and_missing_data_is_skipped_with_a_reason(tmp_p
                      clients=[("sst2", value + seed / 20), ("cola", value / 4)])
     written, skipped = draw_figures(find_runs([tmp_path / "runs"]), tmp_path / "fig")
     names = {p.name for p in written}
-    for name in ("convergence", "task_bars", "bytes_vs_metric", "memory_vs_metric",
-                 "client_heatmap"):
+    for name in ("convergence", "task_bars", "local_vs_global", "bytes_vs_metric",
+                 "memory_vs_metric", "client_heatmap"):
         assert {f"{name}.png", f"{name}.pdf"} <= names
     assert all(_is_png(p) for p in written if p.suffix == ".png")
     assert all(p.read_bytes()[:5] == b"%PDF-" for p in written if p.suffix == ".pdf")
@@ -168,10 +184,11 @@ def test_compare_runs_the_grid_skips_what_finished_and_reports(tiny_cfg, tmp_pat
                  for p in (tmp_path / "cmp").glob("*/summary.json")}
     assert sorted(summaries) == ["method=fedavg-task_seed=0", "method=fedavg-task_seed=1",
                                  "method=local_seed=0", "method=local_seed=1"]
-    local = [summaries[f"method=local_seed={s}"]["average"]["metric"] for s in (0, 1)]
+    local = [summaries[f"method=local_seed={s}"]["average"]["local_metric"] for s in (0, 1)]
     row = next(line for line in first.out.splitlines() if line.startswith("| local |"))
     assert row.startswith("| local | 2 | ") and f"{spread(local).mean:.3f} ± " in row
-    assert "each method minus `fedavg-task`" in first.out
+    assert "each method minus `fedavg-task`, average metric on the local test" in first.out
+    assert "each method minus `fedavg-task`, average metric on the global test" in first.out
     assert (tmp_path / "cmp" / "report" / "figures" / "convergence.pdf").is_file()
     assert main(argv) == 0  # again: every run is finished, nothing runs
     assert capsys.readouterr().err.count("finished, skipped") == 4
@@ -239,3 +256,53 @@ def test_quartiles_by_hand():
     # exclusive method on 1..7: positions 2 and 6 of the sorted values
     assert quartiles([7.0, 1.0, 5.0, 3.0, 2.0, 6.0, 4.0]) == (2.0, 6.0)
     assert quartiles([1.0, 9.0, 4.0]) == (1.0, 9.0)  # too few: min and max
+
+
+def test_wilcoxon_p_is_shown_only_from_six_seeds_and_every_table_labels_its_plus_minus(tmp_path):
+    from atlasfl.report.tables import comparison_table
+    from atlasfl.report.write import report_tables
+
+    for seed in range(6):
+        fake_run(tmp_path, f"a{seed}", method="atlas", seed=seed,
+                 clients=[("sst2", 0.8), ("cola", 0.2)])
+        fake_run(tmp_path, f"l{seed}", method="local", seed=seed,
+                 clients=[("sst2", 0.7 + seed / 100), ("cola", 0.2)])
+    six = find_runs([tmp_path])
+    (row,) = comparison_table(six, "atlas").rows
+    assert row[1] == "6" and row[5] == "0.031"  # exact: all 6 signs alike, 2 / 2^6
+    five = [r for r in six if r.seed < 5]
+    (row,) = comparison_table(five, "atlas").rows
+    assert row[1] == "5" and row[5] == "n < 6"  # min two-sided p is 2 / 2^5 = 0.0625
+    for table in report_tables(six).values():
+        if any("±" in cell for row in table.rows for cell in row):
+            assert "± is the SD across seeds" in table.title
+
+
+def test_references_come_once_per_data_setting(tmp_path):
+    for partition in ("iid", "dirichlet"):
+        for method in ("local", "atlas"):
+            fake_run(tmp_path, f"{partition}-{method}", method=method, seed=0,
+                     clients=[("sst2", 0.7), ("cola", 0.1)], data={"partition": partition})
+    labels = [r[0] for r in method_table(find_runs([tmp_path])).rows]
+    assert labels[:4] == ["majority class (task's) partition=dirichlet",
+                          "majority class (each client's own) partition=dirichlet",
+                          "majority class (task's) partition=iid",
+                          "majority class (each client's own) partition=iid"]
+
+
+def test_a_summary_from_before_local_tests_reads_as_global_scores(tmp_path):
+    from atlasfl.report.runs import upgrade_summary
+
+    old = {"tasks": {"sst2": {"clients": 2, "metric_name": "accuracy", "metric": 0.8,
+                              "accuracy": 0.8, "majority_metric": 0.5, "majority_accuracy": 0.5,
+                              "own_metric": 0.9}},
+           "average": {"metric": 0.8, "accuracy": 0.8, "majority_metric": 0.5,
+                       "majority_accuracy": 0.5, "own_metric": 0.9, "val_metric": 0.7},
+           "clients": [{"client": 0, "task": "sst2", "metric": 0.8, "own_accuracy": 0.9}]}
+    new = upgrade_summary(old)
+    assert new["average"] == {"global_metric": 0.8, "global_accuracy": 0.8, "val_metric": 0.7}
+    assert new["clients"] == [{"client": 0, "task": "sst2", "global_metric": 0.8}]
+    assert new["references"] == {"majority": {
+        "tasks": {"sst2": {"global_metric": 0.5, "global_accuracy": 0.5}},
+        "average": {"global_metric": 0.5, "global_accuracy": 0.5}}}
+    assert upgrade_summary(new) is new

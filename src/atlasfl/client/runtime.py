@@ -24,7 +24,6 @@ from atlasfl.client.state import ClientState
 from atlasfl.client.training import Scored, evaluate, round_batches, train_client
 from atlasfl.config import LoraSettings, TrainConfig
 from atlasfl.data.batching import TokenizedSet
-from atlasfl.data.metrics import label_mix_weights
 from atlasfl.messages import (
     Evaluate,
     EvaluateReply,
@@ -77,13 +76,15 @@ class ClientRuntime:
     num_layers: int
     initial_adapter: AdapterState  # the common seeded start (Phases 1 and 2 probe from it)
     initial_heads: dict[int, ClassificationHead]  # per number of outputs
-    test_sets: dict[str, TokenizedSet]
+    test_sets: dict[str, TokenizedSet]  # per task: its shared test rows (the global metric)
     # Clients of one group often hold bit-identical models after aggregation: the shared test
     # split is scored once per distinct (task, model), keyed by a digest of the tensors.
-    # (task, model digest) -> its predictions on the test rows and their unweighted metrics
-    _test_cache: dict[tuple[str, str], tuple[Scored, dict[str, float]] | None] = field(
+    # (task, model digest) -> the model's metrics on the task's shared test rows
+    _test_cache: dict[tuple[str, str], dict[str, float] | None] = field(default_factory=dict)
+    # client -> (digest of the model last scored, its metrics on the client's own rows: "val"
+    # and "local"); the same model on the same rows scores the same, so they are kept
+    _own_cache: dict[ClientId, tuple[str, dict[str, dict[str, float] | None]]] = field(
         default_factory=dict)
-    _val_cache: dict[ClientId, tuple[str, Scored | None]] = field(default_factory=dict)
 
     def handle(self, client: ClientState, plan: PlanT, round_idx: int,
                link: Link | None = None) -> Reply:
@@ -227,7 +228,7 @@ class ClientRuntime:
         else:  # resumed: the model and sets the session began with
             key = (str(saved["key"][0]), str(saved["key"][1]))  # type: ignore[index]
             names = [str(n) for n in saved["names"]]  # type: ignore[attr-defined]
-        data = {"test": self.test_sets[client.task.name], "val": client.val_set}
+        data = self._score_sets(client)
         return SplitScoring(self.model, self.binder, client, self.train, split,
                             {n: data[n] for n in names}, key, num_layers=self.num_layers,
                             device=self.device)
@@ -235,17 +236,24 @@ class ClientRuntime:
     # -- evaluation ---------------------------------------------------------------------------
 
     def evaluate_round(self, client: ClientState) -> EvaluateReply:
-        """The client's own model on its task's test split (and its validation split)."""
+        """The client's own model on its task's shared test rows, its local test and validation."""
         start = time.perf_counter()
         key, names = self._to_score(client, None)
-        data = {"test": self.test_sets[client.task.name], "val": client.val_set}
+        data = self._score_sets(client)
         results = {n: evaluate(self.model, self.binder, client.adapter, client.head, data[n],
                                client.task, self.train, device=self.device) for n in names}
         return self._scores_reply(client, key, results, time.perf_counter() - start)
 
+    def _score_sets(self, client: ClientState) -> dict[str, TokenizedSet]:
+        """What a client's model is scored on: shared test rows, validation, local test."""
+        data = {"test": self.test_sets[client.task.name], "val": client.val_set}
+        if client.local_set is not None:
+            data["local"] = client.local_set
+        return data
+
     def _to_score(self, client: ClientState, split: SplitPlan | None
                   ) -> tuple[tuple[str, str], list[str]]:
-        """The model's cache key and the data sets (test, val) whose scores are not known.
+        """The model's cache key and the data sets (test, val, local) whose scores are not known.
 
         Split: the model is the client's part and the server model ``split`` names; the key
         names that server model's version.
@@ -253,35 +261,39 @@ class ClientRuntime:
         key = (client.task.name, _digest(client.adapter_state(), client.head_state())
                + ("" if split is None else f"/{split}"))
         names = [] if key in self._test_cache else ["test"]
-        last = self._val_cache.get(client.client_id)
+        last = self._own_cache.get(client.client_id)
         if last is None or last[0] != key[1]:
-            names.append("val")
+            names += [n for n in self._score_sets(client) if n != "test"]
         return key, names
 
     def _scores_reply(self, client: ClientState, key: tuple[str, str],
                       results: dict[str, Scored | None], seconds: float) -> EvaluateReply:
-        """Scores of the model ``key`` names: those just computed (``results``) and the known."""
-        if "test" in results:  # clients holding one model share its predictions
+        """Scores of the model ``key`` names: those just computed (``results``) and the known.
+
+        ``global_*``: the task's shared test rows (what the model knows of the whole task);
+        ``local_*``: the client's own local test (the personalised score); ``val_*``: its
+        validation rows, the only ones choices are made on.
+        """
+        if "test" in results:  # clients holding one model share its scores
             scored = results["test"]
-            self._test_cache[key] = None if scored is None else (scored, scored.metrics())
-        if "val" in results:  # the same model on the same rows: its scores are known after
-            self._val_cache[client.client_id] = (key[1], results["val"])
-        cached = self._test_cache[key]
+            self._test_cache[key] = None if scored is None else scored.metrics()
+        if "val" in results:  # val and local are scored together, once per model
+            own: dict[str, dict[str, float] | None] = {}
+            for name in ("val", "local"):
+                scored = results.get(name)
+                parts = client.local_parts if name == "local" else ()
+                own[name] = None if scored is None else scored.metrics(parts)
+            self._own_cache[client.client_id] = (key[1], own)
         out: dict[str, float] = {}
-        if cached is not None:
-            test, metrics = cached
-            out = {f"eval_{k}" if k == "loss" else k: v for k, v in metrics.items()}
-            weights = label_mix_weights(client.task, client.train_set.labels, test.labels)
-            if weights is not None:  # the same predictions, weighted to the client's label mix
-                own = test.metrics(weights)
-                out["own_metric"] = own["metric"]
-                if "accuracy" in own:
-                    out["own_accuracy"] = own["accuracy"]
-        val = self._val_cache[client.client_id][1]
+        scores = {"global": self._test_cache[key], **self._own_cache[client.client_id][1]}
+        for prefix in ("global", "local"):
+            metrics = scores[prefix]
+            if metrics is not None:
+                out.update({f"{prefix}_{k}": v for k, v in metrics.items()})
+        val = scores["val"]
+        if val is not None:
+            out["val_loss"], out["val_metric"] = val["loss"], val["metric"]
         if client.scored == key[1]:  # not trained or sent anything new since its last scores
             out["unchanged"] = 1.0  # (a resumed process recomputes them, to the same values)
         client.scored = key[1]
-        if val is not None:
-            scores = val.metrics()
-            out["val_loss"], out["val_metric"] = scores["loss"], scores["metric"]
         return EvaluateReply(client.client_id, out, seconds)

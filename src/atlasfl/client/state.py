@@ -28,6 +28,11 @@ class ClientState:
     optimizer: torch.optim.AdamW
     train_set: TokenizedSet
     val_set: TokenizedSet
+    # its local test: held-out rows drawn like its own (``data.test_fraction``); None: none
+    local_set: TokenizedSet | None = None
+    # a pooled client (``centralized``) holds the local tests of the clients it pools, one after
+    # another: their sizes, so each is scored on its own (empty: one client's)
+    local_parts: tuple[int, ...] = ()
     scored: str = ""  # digest of the model it was last evaluated with ("": never)
 
     @property
@@ -124,11 +129,13 @@ def _copy_into(client_id: int, targets: Mapping[str, Tensor], tensors: AdapterSt
 
 def make_client(client_id: int, task: TaskSpec, adapter_init: dict[str, Tensor],
                 head: ClassificationHead, train_set: TokenizedSet, val_set: TokenizedSet,
-                cfg: TrainConfig, device: torch.device) -> ClientState:
+                cfg: TrainConfig, device: torch.device, *, local_set: TokenizedSet | None = None,
+                local_parts: tuple[int, ...] = ()) -> ClientState:
     """A client starting from the shared seeded initialisation, with a fresh AdamW."""
     adapter = {k: nn.Parameter(v.detach().clone().to(device)) for k, v in adapter_init.items()}
     head = head.to(device)
     groups = [{"params": list(adapter.values()), "lr": cfg.lr},
               {"params": list(head.parameters()), "lr": cfg.head_lr or cfg.lr}]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    return ClientState(client_id, task, adapter, head, optimizer, train_set, val_set)
+    return ClientState(client_id, task, adapter, head, optimizer, train_set, val_set, local_set,
+                       local_parts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,7 +140,7 @@ class Scored:
     """One model's predictions on a data set, in row order, and its mean loss.
 
     Kept apart from the metrics so that one forward pass serves every client holding the same
-    model, each scored with its own row weights (``atlasfl.data.metrics.label_mix_weights``).
+    model on the shared test rows.
     """
 
     task: TaskSpec
@@ -148,9 +148,19 @@ class Scored:
     labels: np.ndarray
     loss: float
 
-    def metrics(self, weights: np.ndarray | None = None) -> dict[str, float]:
-        """The task's metrics (``weights``: per-row weights for them) and the unweighted loss."""
-        out = compute_metrics(self.task, self.predictions, self.labels, weights=weights)
+    def metrics(self, parts: Sequence[int] = ()) -> dict[str, float]:
+        """The task's metrics and the mean loss over the rows.
+
+        ``parts``: sizes of consecutive blocks of rows (the local tests of the clients a pooled
+        client holds); each metric is then the mean of the blocks' metrics, as if each block's
+        client were scored on its own.
+        """
+        bounds = np.cumsum([0, *parts]) if parts else np.array([0, len(self.labels)])
+        if bounds[-1] != len(self.labels):  # internal: parts come from the same rows
+            raise RuntimeError(f"parts {list(parts)} do not add up to {len(self.labels)} rows")
+        blocks = [compute_metrics(self.task, self.predictions[a:b], self.labels[a:b])
+                  for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        out = {k: float(np.mean([m[k] for m in blocks])) for k in blocks[0]}
         out["loss"] = self.loss
         return out
 

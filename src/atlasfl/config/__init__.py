@@ -8,6 +8,7 @@ reproduced from it.
 
 from atlasfl.config.load import (
     EARLIER_DEFAULTS,
+    METHOD_SETTINGS,
     RESUMABLE_KEYS,
     apply_overrides,
     check_same_experiment,
@@ -15,6 +16,8 @@ from atlasfl.config.load import (
     experiment_diff,
     from_dict,
     from_yaml,
+    layered,
+    parse_overrides,
     precision_ran,
     set_dotted,
 )
@@ -37,12 +40,13 @@ from atlasfl.config.schema import (
 )
 from atlasfl.config.validate import validate
 
-__all__ = ["EARLIER_DEFAULTS", "RESUMABLE_KEYS", "ClusteringConfig", "CustomTaskConfig",
-           "DataConfig",
+__all__ = ["EARLIER_DEFAULTS", "METHOD_SETTINGS", "RESUMABLE_KEYS", "ClusteringConfig",
+           "CustomTaskConfig", "DataConfig",
            "DeviceProfileConfig", "DevicesConfig", "ExperimentConfig", "FaultsConfig",
            "FederationConfig", "LaplacianConfig",
            "LoraSettings", "ModelConfig", "RanksConfig", "SessionConfig", "SplitConfig",
            "TrainConfig",
            "apply_overrides", "check_same_experiment", "complete_saved", "experiment_diff",
            "from_dict",
-           "from_yaml", "precision_ran", "set_dotted", "validate"]
+           "from_yaml", "layered", "parse_overrides", "precision_ran", "set_dotted",
+           "validate"]

@@ -52,7 +52,9 @@ def experiment_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
 # Keys whose default changed after they were added (issue 15 made length buckets and padded
 # shapes the default): a saved config without the key was written before it existed and ran
 # with the value here, not with today's default.
-EARLIER_DEFAULTS: dict[str, Any] = {"train.length_bucket": 0, "train.pad_multiple": 1}
+# Issue 30 added each client's local test split: a config from before had none.
+EARLIER_DEFAULTS: dict[str, Any] = {"train.length_bucket": 0, "train.pad_multiple": 1,
+                                    "data.test_fraction": 0.0}
 
 
 def complete_saved(saved: dict[str, Any]) -> dict[str, Any]:
@@ -184,10 +186,67 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
 
 
 def from_dict(raw: dict[str, Any] | None) -> ExperimentConfig:
-    """Build and validate a config from a nested dict; unknown keys are errors."""
-    cfg = _build(ExperimentConfig, raw or {})
+    """Build and validate a config from a nested dict; unknown keys are errors.
+
+    A ``method_settings`` section is applied for the method the dict names (``layered``).
+    """
+    raw = raw or {}
+    if METHOD_SETTINGS in raw:
+        raw = layered(raw)
+    cfg = _build(ExperimentConfig, raw)
     validate(cfg)
     return cfg
+
+
+# A config file's per-method settings: ``method_settings: {local: {train.lr: 0.004}}``. They are
+# what each method was tuned to on validation rows (README, "Tuning"), applied when that method
+# runs, before any override a user gives.
+METHOD_SETTINGS = "method_settings"
+
+
+def layered(raw: dict[str, Any], *layers: dict[str, Any]) -> dict[str, Any]:
+    """One run's raw config: ``raw``, then its method's ``method_settings``, then ``layers``.
+
+    ``layers`` are dicts of dotted keys (``{"train.lr": 0.001}``), later ones winning: command
+    line flags and ``--set`` overrides, a grid point. The method whose settings apply is the
+    one the layers leave in place (a grid point's ``method``, else ``--method``, else the
+    file's). The result holds no ``method_settings``: it is what the run folder records.
+
+    Raises ``AtlasError`` naming a malformed section, an unknown method or an unknown key.
+    """
+    base = copy.deepcopy(raw)
+    settings = base.pop(METHOD_SETTINGS, None) or {}
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        raise AtlasError(f"config key {METHOD_SETTINGS!r} must map each method to a mapping of "
+                         f"dotted keys, e.g. {{local: {{train.lr: 0.004}}}}; got {settings!r}")
+    if settings:
+        from atlasfl.strategies import STRATEGIES  # only then: it imports torch
+
+        unknown = sorted(set(settings) - set(STRATEGIES))
+        if unknown:
+            raise AtlasError(f"{METHOD_SETTINGS}: unknown method(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(STRATEGIES)}")
+    for method, keys in settings.items():  # every method's, not only the one that runs
+        for key in keys:
+            if key not in _all_dotted_keys(ExperimentConfig):
+                raise AtlasError(f"{METHOD_SETTINGS}.{method}: {_unknown_key(key)}")
+
+    def stack(first: dict[str, Any]) -> dict[str, Any]:
+        out = copy.deepcopy(base)
+        for layer in (first, *layers):
+            for key, value in layer.items():
+                if key not in _all_dotted_keys(ExperimentConfig):
+                    raise _unknown_key(key)
+                set_dotted(out, key, copy.deepcopy(value))
+        return out
+
+    method = stack({}).get("method", ExperimentConfig.method)
+    return stack(settings.get(method, {}))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.01", "data.tasks=[sst2, rte]"]`` -> dotted keys and YAML-parsed values."""
+    return dict(_parsed(item) for item in overrides)
 
 
 def from_yaml(path: str | Path) -> dict[str, Any]:
@@ -224,18 +283,23 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _parsed(item: str) -> tuple[str, Any]:
+    """One ``key=value`` override: its known dotted key and its value parsed as YAML."""
+    if "=" not in item:
+        raise AtlasError(f"--set expects key=value, got {item!r}")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key not in _all_dotted_keys(ExperimentConfig):
+        raise _unknown_key(key)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key=value`` strings (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
-        if "=" not in item:
-            raise AtlasError(f"--set expects key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        if key not in _all_dotted_keys(ExperimentConfig):
-            raise _unknown_key(key)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        set_dotted(raw, key, value)
+        set_dotted(raw, *_parsed(item))
     return raw

@@ -52,9 +52,12 @@ class DataConfig:
     tasks: tuple[str, ...] = ("sst2", "mrpc", "cola", "qnli")
     data_dir: str | None = None
     clients_per_task: int = 3
-    samples: int = 200  # training examples per client, before the validation carve-out
-    eval_samples: int = 500  # test examples per task (GLUE dev split); 0 = all
-    val_fraction: float = 0.1  # of each client's examples, held out for validation
+    samples: int = 200  # examples per client, its local test and validation rows included
+    eval_samples: int = 500  # shared test examples per task (GLUE dev split); 0 = all
+    val_fraction: float = 0.1  # of each client's examples, held out for validation (choices)
+    # of each client's examples, held out as its local test (drawn like its own rows, stratified
+    # by class): the personalised score, never trained on and never used to choose anything
+    test_fraction: float = 0.2
     partition: Partition = "iid"
     alpha: float = 0.5  # Dirichlet concentration (partition: dirichlet)
     max_length: int = 128
@@ -125,6 +128,10 @@ class FederationConfig:
     rounds: int = 5
     fraction: float = 1.0  # share of clients sampled to train each round
     eval_every: int = 1  # evaluate every N rounds (and always after the last)
+    # > 0: early stopping on validation. The run ends once the average validation metric has
+    # not improved for this many evaluations, and the summary reports the evaluation with the
+    # best one (``rounds`` is then the most it trains); 0: the last round is reported
+    patience: int = 0
     resident_clients: int = 0  # > 0: at most this many clients' state in memory, others on disk
 
 

@@ -29,6 +29,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(d.samples >= 1, "data.samples", d.samples, "an integer >= 1")
     _check(d.eval_samples >= 0, "data.eval_samples", d.eval_samples, "0 (all) or more")
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 <= x < 1")
+    _check(0.0 <= d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "0 <= x < 1")
+    _check(d.val_fraction + d.test_fraction < 1.0, "data.test_fraction", d.test_fraction,
+           f"0 <= x < 1 - data.val_fraction ({1 - d.val_fraction:g}): rows must be left to train")
     _check(d.alpha > 0, "data.alpha", d.alpha, "a number > 0")
     _check(d.max_length >= 8, "data.max_length", d.max_length, "an integer >= 8")
     for i, ct in enumerate(d.custom_tasks):
@@ -73,6 +76,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(f.rounds >= 1, "federation.rounds", f.rounds, "an integer >= 1")
     _check(0.0 < f.fraction <= 1.0, "federation.fraction", f.fraction, "0 < x <= 1")
     _check(f.eval_every >= 1, "federation.eval_every", f.eval_every, "an integer >= 1")
+    _check(f.patience >= 0, "federation.patience", f.patience, "0 (off) or an integer >= 1")
     c = cfg.clustering
     _check(c.samples >= 1, "clustering.samples", c.samples, "an integer >= 1")
     _check(c.batch_size >= 1, "clustering.batch_size", c.batch_size, "an integer >= 1")

@@ -7,7 +7,7 @@ receives is drawn from Dir(alpha); small alpha means each client sees few classe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,10 +18,15 @@ from atlasfl.types import Partition
 
 @dataclass(frozen=True)
 class ClientSplit:
-    """Row indices (into the task's deduplicated train split) of one client."""
+    """Row indices (into the task's deduplicated train split) of one client, three disjoint sets.
+
+    ``test_idx`` is the client's local test: held-out rows drawn like its own (its label mix),
+    never trained on and never used to choose anything; ``val_idx`` is what choices are made on.
+    """
 
     train_idx: np.ndarray  # (num_train,)
     val_idx: np.ndarray  # (num_val,)
+    test_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (num_test,)
 
 
 def drop_test_overlap(train: Examples, test: Examples) -> tuple[Examples, int]:
@@ -40,17 +45,25 @@ def _class_ids(labels: np.ndarray, num_bins: int = 5) -> np.ndarray:
 
 
 def partition(labels: np.ndarray, num_clients: int, samples: int, *, scheme: Partition = "iid",
-              alpha: float = 0.5, val_fraction: float = 0.0, seed: int | list[int] = 0
-              ) -> list[ClientSplit]:
+              alpha: float = 0.5, val_fraction: float = 0.0, test_fraction: float = 0.0,
+              seed: int | list[int] = 0) -> list[ClientSplit]:
     """Give each of ``num_clients`` clients disjoint rows of one task.
+
+    Each client's rows are then cut three ways, stratified by class (``stratified_take``): its
+    local test (``test_fraction``), its validation rows (``val_fraction``, of the same whole)
+    and what it trains on, so the held-out rows follow the client's own label mix to within one
+    row per class, as personalised-FL papers draw a client's test data (Ditto, FedAMP). A
+    positive fraction holds out at least one row; every client keeps one row to train on.
 
     Args:
         labels: (num_rows,) labels of the task's train split.
         num_clients: clients holding this task (>= 1).
-        samples: rows per client before the validation carve-out; capped at an equal share.
+        samples: rows per client, its test and validation rows included; capped at an equal
+            share.
         scheme: "iid" (equal random shares) or "dirichlet" (per-class shares ~ Dir(alpha)).
         alpha: Dirichlet concentration.
         val_fraction: share of each client's rows held out as its validation split.
+        test_fraction: share of each client's rows held out as its local test.
         seed: seed (or seed sequence) of the generator.
 
     Returns:
@@ -64,18 +77,48 @@ def partition(labels: np.ndarray, num_clients: int, samples: int, *, scheme: Par
     if per_client < 1:
         raise AtlasError(f"{len(labels)} training rows cannot be split over {num_clients} clients")
     pool = rng.permutation(len(labels))[: per_client * num_clients]
+    classes = _class_ids(labels)
     if scheme == "iid":
         parts = np.split(pool, num_clients)
     else:
-        parts = _dirichlet(pool, _class_ids(labels)[pool], num_clients, alpha, rng)
+        parts = _dirichlet(pool, classes[pool], num_clients, alpha, rng)
     out = []
     for part in parts:
         part = rng.permutation(part)
-        # a positive fraction holds out at least one row; every client keeps one to train on
-        num_val = (min(max(1, round(val_fraction * len(part))), len(part) - 1)
-                   if val_fraction > 0 else 0)
-        out.append(ClientSplit(np.sort(part[num_val:]), np.sort(part[:num_val])))
+        num_test = _held_out(test_fraction, len(part), len(part) - 1)
+        num_val = _held_out(val_fraction, len(part), len(part) - 1 - num_test)
+        test, rest = stratified_take(part, classes[part], num_test, rng)
+        val, train = stratified_take(rest, classes[rest], num_val, rng)
+        out.append(ClientSplit(np.sort(train), np.sort(val), np.sort(test)))
     return out
+
+
+def _held_out(fraction: float, rows: int, at_most: int) -> int:
+    """Rows a positive fraction holds out: at least one, and never the client's last to train."""
+    if fraction <= 0:
+        return 0
+    return max(0, min(max(1, round(fraction * rows)), at_most))
+
+
+def stratified_take(rows: np.ndarray, classes: np.ndarray, count: int, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``rows`` into ``count`` taken and the rest, each class in proportion.
+
+    Class c of n_c rows (of n) gets floor(count n_c / n) rows, and the rows still owed go to the
+    classes with the largest remainders (Hamilton's method, ties to the lower class id), so every
+    class's share is within one row of its exact quota count n_c / n. Which rows of a class are
+    taken is drawn from ``rng``.
+    """
+    if count <= 0:
+        return rows[:0], rows
+    ids, counts = np.unique(classes, return_counts=True)
+    quota = count * counts / len(rows)
+    take = np.floor(quota).astype(int)
+    owed = count - int(take.sum())
+    take[np.argsort(-(quota - take), kind="stable")[:owed]] += 1
+    taken = [rng.permutation(rows[classes == c])[:k] for c, k in zip(ids, take, strict=True)]
+    chosen = np.concatenate(taken) if taken else rows[:0]
+    return chosen, rows[~np.isin(rows, chosen)]
 
 
 def _dirichlet(pool: np.ndarray, classes: np.ndarray, num_clients: int, alpha: float,

@@ -3,14 +3,14 @@
 ``expand_grid`` turns ``key=v1,v2,...`` settings into the cartesian product of their values;
 ``run_grid`` runs every point in its own run folder under one output folder, sequentially: a
 point whose run finished is skipped (its summary is read), an interrupted one is resumed from its
-latest checkpoint, a point that never reached a checkpoint starts over. ``grid_table`` writes one
-table of the points: the validation metric (what a setting is chosen on), the test metrics
-(reported, never used to choose), bytes and wall time.
+latest checkpoint, a point that never reached a checkpoint starts over. ``choose_on_validation``
+names the setting a sweep would pick, from the validation metric only (it is never handed a test
+score), and ``grid_table`` writes one table of the points: the validation metric and the chosen
+setting, then the local and global test metrics, reported and never used to choose.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import itertools
@@ -26,9 +26,9 @@ import yaml
 from atlasfl.client.training import resolve_precision
 from atlasfl.config import (
     ExperimentConfig,
-    apply_overrides,
     check_same_experiment,
     from_dict,
+    layered,
     precision_ran,
 )
 from atlasfl.engine.checkpoint import latest_checkpoint, load_checkpoint
@@ -84,16 +84,19 @@ def _check_same_precision(saved: dict[str, Any], summary: dict[str, Any],
                          f"to {wanted!r}")
 
 
-def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path,
-             stop: StopFlag | None = None) -> list[tuple[Point, Path, dict[str, Any] | None]]:
-    """Run (or skip, or resume) every point; returns (point, run folder, summary or None)."""
+def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path, *,
+             fixed: Point | None = None, stop: StopFlag | None = None
+             ) -> list[tuple[Point, Path, dict[str, Any] | None]]:
+    """Run (or skip, or resume) every point; returns (point, run folder, summary or None).
+
+    A point's config is ``raw`` (a config file's dict), its method's ``method_settings``, then
+    ``fixed`` (settings of every point), then the point (``atlasfl.config.layered``).
+    """
     results: list[tuple[Point, Path, dict[str, Any] | None]] = []
     configs = []
     for point in points:  # every point's config is checked before anything runs
-        point_raw = apply_overrides(copy.deepcopy(raw),
-                                    [f"{key}={json.dumps(value)}" for key, value in point.items()])
-        point_raw.update(out=str(out), run_name=point_name(point))
-        configs.append(from_dict(point_raw))
+        configs.append(from_dict(layered(raw, fixed or {}, point,
+                                         {"out": str(out), "run_name": point_name(point)})))
     for i, (point, cfg) in enumerate(zip(points, configs, strict=True), start=1):
         path = out / point_name(point)
         label = f"[{i}/{len(points)}] {point_name(point)}"
@@ -129,24 +132,62 @@ def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path,
     return results
 
 
+def choose_on_validation(values: Sequence[tuple[Point, float | None]]) -> Point | None:
+    """The setting with the best mean validation metric over its seeds (first on ties).
+
+    ``values`` are (point, validation metric) pairs; points that differ only in ``seed`` are one
+    setting, averaged. A setting with an unfinished or unscored seed is not chosen. This is
+    the only place a sweep chooses, and it is given validation scores only.
+    """
+    settings: dict[str, tuple[Point, list[float | None]]] = {}
+    for point, value in values:
+        setting = {k: v for k, v in point.items() if k != "seed"}
+        settings.setdefault(json.dumps(setting, sort_keys=True, default=str),
+                            (setting, []))[1].append(value)
+    best: Point | None = None
+    best_value = -float("inf")
+    for setting, scores in settings.values():
+        if scores and all(v is not None for v in scores):
+            mean = sum(scores) / len(scores)  # type: ignore[arg-type]
+            if mean > best_value:
+                best, best_value = setting, mean
+    return best
+
+
 def grid_table(results: Sequence[tuple[Point, Path, dict[str, Any] | None]]
                ) -> tuple[str, str]:
-    """(Markdown, CSV) of the points: validation metric, test metric and accuracy, bytes."""
+    """(Markdown, CSV) of the points: validation metric and the choice, then the test scores.
+
+    The chosen setting (``choose_on_validation``) is marked on each of its rows; the local and
+    global test columns are reported, not used to choose.
+    """
+    chosen = choose_on_validation(
+        [(point, None if summary is None else summary["average"].get("val_metric"))
+         for point, _, summary in results])
     keys = list(results[0][0]) if results else []
-    header = [*keys, "val metric", "test metric", "test acc", "MB up", "MB down", "wall s"]
+    header = [*keys, "val metric", "chosen on val", "local test metric (reported)",
+              "global test metric (reported)", "global test acc (reported)", "MB up", "MB down",
+              "wall s"]
     rows = []
     for point, _, summary in results:
+        mark = "yes" if chosen is not None and all(point.get(k) == v for k, v in chosen.items()
+                                                   ) else ""
         if summary is None:
-            rows.append([*(point[k] for k in keys), "unfinished", "", "", "", "", ""])
+            rows.append([*(point[k] for k in keys), "unfinished", "", "", "", "", "", "", ""])
             continue
         avg = summary["average"]
-        rows.append([*(point[k] for k in keys), _fmt(avg.get("val_metric")),
-                     _fmt(avg["metric"]), _fmt(avg.get("accuracy")),
+        rows.append([*(point[k] for k in keys), _fmt(avg.get("val_metric")), mark,
+                     _fmt(avg.get("local_metric")), _fmt(avg.get("global_metric")),
+                     _fmt(avg.get("global_accuracy")),
                      f"{summary['bytes_up'] / 1e6:.2f}", f"{summary['bytes_down'] / 1e6:.2f}",
                      f"{summary['wall_seconds']:.0f}"])
     markdown = "\n".join(["| " + " | ".join(header) + " |",
                           "|" + "---|" * len(header),
                           *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
+    if chosen is not None:
+        markdown += ("\n\nChosen on the validation metric (mean over seeds): "
+                     + ", ".join(f"{k}={v}" for k, v in chosen.items())
+                     + ". Test columns are reported, not used to choose.")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)

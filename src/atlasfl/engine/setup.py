@@ -21,7 +21,7 @@ from atlasfl.client.store import ClientStore
 from atlasfl.config import ExperimentConfig
 from atlasfl.data.batching import TokenizedSet, tokenize
 from atlasfl.data.glue import load_task, resolve_data_root
-from atlasfl.data.metrics import majority_baseline
+from atlasfl.data.metrics import reference_scores
 from atlasfl.data.partition import ClientSplit, drop_test_overlap, partition
 from atlasfl.data.tasks import TaskSpec, resolve_tasks
 from atlasfl.devices import assign_devices
@@ -45,7 +45,9 @@ class Experiment:
     clients: ClientStore  # client id -> its state (built or reloaded on access)
     # the client side: the shared model, binder, device and seeded start of every client here
     runtime: ClientRuntime
-    majority: dict[str, dict[str, float]]  # per task: metrics of predicting the majority class
+    # per task: what constant predictions score ("majority", "own_majority": global_* on the
+    # shared test rows, local_* on the clients' local tests; ``reference_scores``)
+    references: dict[str, dict[str, dict[str, float]]]
     data_notes: dict[str, dict[str, int]]  # per task: rows read, dropped, used
 
     @property
@@ -67,6 +69,18 @@ class Experiment:
     def initial_adapter(self) -> dict[str, torch.Tensor]:
         """The seeded adapter every client starts from."""
         return self.runtime.initial_adapter
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """What a client is built from: its task, head size and rows (train, validation, local test)."""
+
+    spec: TaskSpec
+    num_out: int
+    train_set: TokenizedSet
+    val_set: TokenizedSet
+    local_set: TokenizedSet
+    local_parts: tuple[int, ...]  # a pooled client: the sizes of its pooled local tests
 
 
 def _stable(*parts: object) -> int:
@@ -110,9 +124,16 @@ def resolve_workers(workers: int, threads: int, device: torch.device) -> int:
     return workers
 
 
-def _pool(splits: list[ClientSplit]) -> list[ClientSplit]:
-    return [ClientSplit(np.sort(np.concatenate([s.train_idx for s in splits])),
-                        np.sort(np.concatenate([s.val_idx for s in splits])))]
+def _pool(splits: list[ClientSplit]) -> tuple[list[ClientSplit], tuple[int, ...]]:
+    """One split of a task's pooled rows; its local tests stay in client order, with their sizes.
+
+    A pooled trainer (``centralized``) is scored on each pooled client's local test on its own
+    (``ClientState.local_parts``), so its local metric is comparable with the clients'.
+    """
+    pooled = ClientSplit(np.sort(np.concatenate([s.train_idx for s in splits])),
+                         np.sort(np.concatenate([s.val_idx for s in splits])),
+                         np.concatenate([s.test_idx for s in splits]))
+    return [pooled], tuple(len(s.test_idx) for s in splits)
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -138,10 +159,10 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         return tokenize(examples, backbone.tokenizer, max_length=cfg.data.max_length,
                         use_token_types=use_types)
 
-    recipes: dict[int, tuple[TaskSpec, int, TokenizedSet, TokenizedSet]] = {}
+    recipes: dict[int, _Recipe] = {}
     infos: list[ClientInfo] = []
     initial_heads: dict[int, ClassificationHead] = {}
-    test_sets, majority, notes = {}, {}, {}
+    test_sets, references, notes = {}, {}, {}
     for spec in specs:
         train, test = loaded[spec.name]
         train, dropped = drop_test_overlap(train, test)
@@ -149,25 +170,29 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
             splits = partition(train.labels, cfg.data.clients_per_task, cfg.data.samples,
                                scheme=cfg.data.partition, alpha=cfg.data.alpha,
                                val_fraction=cfg.data.val_fraction,
+                               test_fraction=cfg.data.test_fraction,
                                seed=[cfg.seed, _stable(spec.name)])
         except AtlasError as exc:  # a task left (nearly) empty: name it and why
             overlap = f", after dropping {dropped} rows that are also in its test split" \
                 if dropped else ""
             raise AtlasError(f"task {spec.name!r}: {exc}{overlap}; allowed: "
                              f"data.clients_per_task <= its training rows") from None
-        if strategy_cls.pools_data:
-            splits = _pool(splits)
         if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
             # the same test rows for every seed and method: comparisons are paired
             rng = np.random.default_rng(_stable("test", spec.name))
             test = test.subset(np.sort(rng.choice(len(test), cfg.data.eval_samples, replace=False)))
         test_sets[spec.name] = tok(test)
-        used = np.concatenate([s.train_idx for s in splits])
-        majority[spec.name] = majority_baseline(spec, train.labels[used], test.labels)
+        references[spec.name] = reference_scores(
+            spec, [train.labels[s.train_idx] for s in splits],
+            [train.labels[s.test_idx] for s in splits], test.labels)
         notes[spec.name] = {"train_rows": len(train) + dropped, "dropped_in_test": dropped,
                             "used_rows": int(sum(len(s.train_idx) + len(s.val_idx)
-                                                 for s in splits)),
+                                                 + len(s.test_idx) for s in splits)),
+                            "local_test_rows": int(sum(len(s.test_idx) for s in splits)),
                             "test_rows": len(test)}
+        parts: tuple[int, ...] = ()
+        if strategy_cls.pools_data:
+            splits, parts = _pool(splits)
         num_out = spec.num_labels
         head_seed = _stable(cfg.seed, "head", num_out)
         initial_heads[num_out] = init_head(backbone.hidden_size, num_out, pooling=pooling,
@@ -175,18 +200,21 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                                            ).to(device)
         for split in splits:
             cid = len(recipes)
-            recipes[cid] = (spec, num_out, tok(train.subset(split.train_idx)),
-                            tok(train.subset(split.val_idx)))
+            recipes[cid] = _Recipe(spec, num_out, tok(train.subset(split.train_idx)),
+                                   tok(train.subset(split.val_idx)),
+                                   tok(train.subset(split.test_idx)), parts)
             infos.append(ClientInfo(cid, spec.name, len(split.train_idx),
                                     tuple(initial_heads[num_out].out.weight.shape)))
 
     def build(cid: int) -> ClientState:  # the same seeded start for every client
-        spec, num_out, train_set, val_set = recipes[cid]
-        return make_client(cid, spec, adapter_init, copy.deepcopy(initial_heads[num_out]),
-                           train_set, val_set, cfg.train, device)
+        r = recipes[cid]
+        return make_client(cid, r.spec, adapter_init, copy.deepcopy(initial_heads[r.num_out]),
+                           r.train_set, r.val_set, cfg.train, device,
+                           local_set=r.local_set if len(r.local_set) else None,
+                           local_parts=r.local_parts)
 
-    clients = ClientStore(build, {c: r[0] for c, r in recipes.items()},
-                          {c: len(r[2]) for c, r in recipes.items()},
+    clients = ClientStore(build, {c: r.spec for c, r in recipes.items()},
+                          {c: len(r.train_set) for c, r in recipes.items()},
                           resident=cfg.federation.resident_clients, release=trim)
     devices = assign_devices([i.client_id for i in infos], cfg.devices, seed=cfg.seed)
     infos = [dataclasses.replace(i, device=devices[i.client_id].name) for i in infos]
@@ -201,4 +229,4 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     strategy = strategy_cls(infos, cfg, facts)
     runtime = ClientRuntime(model, binder, cfg.train, cfg.model.lora, cfg.seed, device,
                             backbone.num_layers, adapter_init, initial_heads, test_sets)
-    return Experiment(cfg, backbone, strategy, clients, runtime, majority, notes)
+    return Experiment(cfg, backbone, strategy, clients, runtime, references, notes)

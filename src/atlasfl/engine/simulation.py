@@ -43,7 +43,7 @@ from atlasfl.engine.rundir import RunDir
 from atlasfl.engine.setup import Experiment
 from atlasfl.errors import AtlasError
 from atlasfl.messages import Plan, Reply, TrainReply
-from atlasfl.report.summary import summarize
+from atlasfl.report.summary import best_evaluation, stop_early, summarize
 from atlasfl.strategies.base import RoundInfo, RoundOutcome, Strategy
 from atlasfl.types import ClientId
 
@@ -148,13 +148,16 @@ def restore(exp: Experiment, snapshot: Snapshot) -> tuple[Any, list[list[dict[st
 def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict[str, float],
              workers: dict[str, float]) -> dict[str, Any]:
     cfg = exp.cfg
-    final_rows = history[-1]  # the last round is always evaluated
+    # the last round is always evaluated; with early stopping the one best on validation
+    best = best_evaluation(history) if cfg.federation.patience > 0 else None
+    reported = len(history) - 1 if best is None else best
     rows = [row for round_rows in history for row in round_rows]
-    summary = summarize(final_rows, exp.majority,
+    summary = summarize(history[reported], exp.references,
                         {exp.clients.task(c).name: exp.clients.task(c).primary_metric
                          for c in exp.clients})
     summary.update(
         method=cfg.method, model=cfg.model.name, seed=cfg.seed, rounds=cfg.federation.rounds,
+        rounds_run=len(history), reported_round=reported + 1,
         num_clients=len(exp.clients), device=str(exp.device), host=host_facts(exp.device),
         precision=resolve_precision(cfg.train.precision, exp.device),
         wall_seconds=elapsed["wall"], process_seconds=elapsed["process"],
@@ -165,18 +168,21 @@ def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict
         # worker processes (train.workers): their peaks summed, beside this process's
         **({"workers_peak_rss_mb": workers["peak_rss_mb"]} if workers else {}),
         clients=[{k: v for k, v in row.items() if k not in ("round", "trained")}
-                 for row in final_rows],
+                 for row in history[reported]],
     )
     return summary
 
 
 def _round_line(method: str, rows: list[dict[str, Any]], rounds: int, wall: float) -> str:
     """One log line for a finished round: its number, the run's wall time, the mean metric."""
-    scores = [r["metric"] for r in rows if "metric" in r]
     trained = sum(bool(r.get("trained")) for r in rows)
-    return (f"{method}: round {rows[0]['round']}/{rounds} done, {wall:.0f} s, "
-            f"{trained} clients trained"
-            + (f", mean client metric {sum(scores) / len(scores):.3f}" if scores else ""))
+    line = (f"{method}: round {rows[0]['round']}/{rounds} done, {wall:.0f} s, "
+            f"{trained} clients trained")
+    for key in ("local_metric", "global_metric", "val_metric"):
+        scores = [r[key] for r in rows if key in r]
+        if scores:
+            line += f", mean client {key} {sum(scores) / len(scores):.3f}"
+    return line
 
 
 def _bytes_by_kind(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -336,6 +342,8 @@ def _run_rounds(exp: Experiment, executor: Executor, ledger: CommLedger, run_dir
         state, history, elapsed = strategy.init(), [], {"wall": 0.0, "process": 0.0}
     first = len(history) + 1
     last = rounds if not session.max_rounds else min(rounds, first - 1 + session.max_rounds)
+    if stop_early(history, cfg.federation.patience):  # resumed after it had stopped early
+        last = first - 1
     schedule = {r: RoundInfo(r, tuple(sample_clients(ids, cfg.federation.fraction, cfg.seed, r)),
                              _is_eval_round(r, rounds, cfg.federation.eval_every))
                 for r in range(first, last + 1)}
@@ -375,19 +383,20 @@ def _run_rounds(exp: Experiment, executor: Executor, ledger: CommLedger, run_dir
                    "process": prior["process"] + time.process_time() - cpu0
                    + executor.usage().get("cpu_seconds", 0.0) - workers0}
         due = session.save_every and round_idx % session.save_every == 0
-        if run_dir is not None and (due or round_idx == last or stop.requested):
+        converged = stop_early(history, cfg.federation.patience)  # no better validation lately
+        if run_dir is not None and (due or round_idx == last or stop.requested or converged):
             executor.collect_states()
             checkpoint = save_checkpoint(run_dir.path, capture(exp, state, round_idx, history,
                                                                elapsed),
                                          keep=session.keep_checkpoints)
             saved_round = round_idx
-        if stop.requested:
+        if stop.requested or converged:
             break
     bar.close()
     if saved_round != len(history):  # the store holds the clients as the session left them
         executor.collect_states()
     done_rounds = len(history)
-    if done_rounds < rounds:
+    if done_rounds < rounds and not stop_early(history, cfg.federation.patience):
         return RunOutcome(None, done_rounds, checkpoint, state)
     summary = _summary(exp, history, elapsed, executor.usage())
     if run_dir is not None:

@@ -98,11 +98,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATLASFL_CACHE", Path.home() / ".cache" / "atlasfl"))
 
 
-def _load_pretrained(path: str | Path, **kwargs: str) -> Loaded:
+def _load_pretrained(path: str | Path, gguf_file: str | None = None) -> Loaded:
     from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     return model, tokenizer
 
 

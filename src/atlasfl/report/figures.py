@@ -8,6 +8,7 @@ palette (safe for colour-blind readers), sized for one IEEE column (3.5 in) at 8
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,9 +33,21 @@ STYLE: dict[str, Any] = {
 Drawer = Callable[[dict[str, list[RunRecord]]], "Figure | str"]
 
 
+# the two scores every figure shows side by side: each client's own held-out rows, and the
+# task's shared test rows (``atlasfl.report.summary``)
+SIDES = (("local_metric", "local test (each client's own rows)"),
+         ("global_metric", "global test (the task's shared rows)"))
+
+
 def _figure(height: float = 2.4, width: float = COLUMN) -> tuple[Figure, Any]:
     fig = Figure(figsize=(width, height), layout="constrained")  # no pyplot: no global state
     return fig, fig.subplots()
+
+
+def _side_by_side(height: float = 2.8) -> tuple[Figure, Any]:
+    """Two panels in a two-column-wide figure: local (left) and global (right)."""
+    fig = Figure(figsize=(2 * COLUMN, height), layout="constrained")
+    return fig, fig.subplots(1, 2)
 
 
 def _colour(i: int) -> str:
@@ -58,86 +71,119 @@ def _legend(ax: Any, count: int) -> None:
 
 
 def convergence(grouped: dict[str, list[RunRecord]]) -> Figure | str:
-    """Average metric over clients per evaluated round: the mean over seeds and a min-max band."""
-    fig, ax = _figure(3.2)
+    """Average local and global metric per evaluated round: mean over seeds, min-max band."""
+    fig, axes = _side_by_side(3.4)
     drawn = 0
-    for i, (label, runs) in enumerate(grouped.items()):
-        curves = []
-        for run in runs:
-            by_round: dict[int, list[float]] = {}
-            for row in run.rounds:
-                if "metric" in row:
-                    by_round.setdefault(row["round"], []).append(row["metric"])
-            curves.append({r: statistics.fmean(v) for r, v in by_round.items()})
-        rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        if not rounds:
-            continue
-        values = np.array([[c[r] for r in rounds] for c in curves])  # (seeds, rounds)
-        ax.plot(rounds, values.mean(0), color=_colour(i), marker=MARKERS[i % len(MARKERS)],
-                linestyle=_dashes(i), markersize=3, linewidth=1, label=f"{label} (n={len(runs)})")
-        if len(runs) > 1:
-            ax.fill_between(rounds, values.min(0), values.max(0), color=_colour(i), alpha=0.15,
-                            linewidth=0)
-        drawn += 1
+    for ax, (key, title) in zip(axes, SIDES, strict=True):
+        drawn = 0
+        for i, (label, runs) in enumerate(grouped.items()):
+            curves = []
+            for run in runs:
+                by_round: dict[int, list[float]] = {}
+                for row in run.rounds:
+                    if key in row:
+                        by_round.setdefault(row["round"], []).append(row[key])
+                curves.append({r: statistics.fmean(v) for r, v in by_round.items()})
+            rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if not rounds:
+                continue
+            values = np.array([[c[r] for r in rounds] for c in curves])  # (seeds, rounds)
+            ax.plot(rounds, values.mean(0), color=_colour(i), marker=MARKERS[i % len(MARKERS)],
+                    linestyle=_dashes(i), markersize=3, linewidth=1,
+                    label=f"{label} (n={len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(rounds, values.min(0), values.max(0), color=_colour(i),
+                                alpha=0.15, linewidth=0)
+            drawn += 1
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylabel("average metric over clients")
+        ax.xaxis.get_major_locator().set_params(integer=True)
     if not drawn:
-        return "no run has evaluated rounds"
-    ax.set_xlabel("round")
-    ax.set_ylabel("average metric over clients")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    _legend(ax, drawn)
+        return "no run has evaluated rounds with local and global scores"
+    _legend(axes[1], drawn)
     return fig
 
 
 def task_bars(grouped: dict[str, list[RunRecord]]) -> Figure | str:
-    """Each task's metric per arm: bars at the mean over seeds, error bars one SD."""
+    """Each task's local and global metric per arm: bars at the mean over seeds, one SD."""
     tasks = list(next(iter(grouped.values()))[0].summary["tasks"])  # type: ignore[index]
-    fig, ax = _figure(3.4, 2 * COLUMN if len(grouped) > 4 else COLUMN)
+    fig, axes = _side_by_side(3.4)
     width = 0.8 / len(grouped)
     x = np.arange(len(tasks))
-    for i, (label, runs) in enumerate(grouped.items()):
-        values = np.array([[r.summary["tasks"][t]["metric"]  # type: ignore[index]
-                            for t in tasks] for r in runs])
-        sd = values.std(0, ddof=1) if len(runs) > 1 else None  # one seed: no error bar
-        ax.bar(x + (i - (len(grouped) - 1) / 2) * width, values.mean(0), width, yerr=sd,
-               color=_colour(i), hatch=_hatch(i), edgecolor="white", linewidth=0.3,
-               label=f"{label} (n={len(runs)})", capsize=1.5, error_kw={"linewidth": 0.6})
-    ax.set_xticks(x, tasks)
-    ax.set_ylabel("metric (mean ± SD over seeds)")
-    ax.axhline(0, color="black", linewidth=0.5)
-    _legend(ax, len(grouped))
+    for ax, (key, title) in zip(axes, SIDES, strict=True):
+        for i, (label, runs) in enumerate(grouped.items()):
+            values = np.array([[r.summary["tasks"][t].get(key, np.nan)  # type: ignore[index]
+                                for t in tasks] for r in runs])
+            sd = values.std(0, ddof=1) if len(runs) > 1 else None  # one seed: no error bar
+            ax.bar(x + (i - (len(grouped) - 1) / 2) * width, values.mean(0), width, yerr=sd,
+                   color=_colour(i), hatch=_hatch(i), edgecolor="white", linewidth=0.3,
+                   label=f"{label} (n={len(runs)})", capsize=1.5, error_kw={"linewidth": 0.6})
+        ax.set_xticks(x, tasks)
+        ax.set_title(title)
+        ax.set_ylabel("metric (mean ± SD over seeds)")
+        ax.axhline(0, color="black", linewidth=0.5)
+    _legend(axes[1], len(grouped))
     return fig
 
 
-def _scatter(grouped: dict[str, list[RunRecord]], x_of: Callable[[dict[str, Any]], Any],
-             xlabel: str, missing: str) -> Figure | str:
-    fig, ax = _figure(3.2)
+def _points(ax: Any, grouped: dict[str, list[RunRecord]],
+            x_of: Callable[[dict[str, Any]], Any], y_of: Callable[[dict[str, Any]], Any]) -> int:
+    """One point per arm at its mean over seeds, error bars one SD; returns the points drawn."""
     drawn = 0
     for i, (label, runs) in enumerate(grouped.items()):
         xs = [x_of(r.summary) for r in runs]  # type: ignore[arg-type]
-        if any(v is None for v in xs):
+        ys = [y_of(r.summary) for r in runs]  # type: ignore[arg-type]
+        if any(v is None for v in [*xs, *ys]):
             continue
-        ys = [r.summary["average"]["metric"] for r in runs]  # type: ignore[index]
         ax.errorbar(statistics.fmean(xs), statistics.fmean(ys),
                     xerr=statistics.stdev(xs) if len(xs) > 1 else None,
                     yerr=statistics.stdev(ys) if len(ys) > 1 else None, fmt=MARKERS[i % 9],
                     color=_colour(i), markersize=4, capsize=1.5, label=label)
         drawn += 1
+    return drawn
+
+
+def _average_of(key: str, summary: dict[str, Any]) -> Any:
+    return summary["average"].get(key)
+
+
+def _scatter(grouped: dict[str, list[RunRecord]], x_of: Callable[[dict[str, Any]], Any],
+             xlabel: str, missing: str) -> Figure | str:
+    fig, axes = _side_by_side()
+    drawn = 0
+    for ax, (key, title) in zip(axes, SIDES, strict=True):
+        drawn = _points(ax, grouped, x_of, functools.partial(_average_of, key))
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("average metric (mean ± SD over seeds)")
     if not drawn:
         return missing
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("average metric")
+    _legend(axes[1], drawn)
+    return fig
+
+
+def local_vs_global(grouped: dict[str, list[RunRecord]]) -> Figure | str:
+    """Each arm's average global metric against its average local metric (± SD over seeds)."""
+    fig, ax = _figure(3.2)
+    drawn = _points(ax, grouped, lambda s: s["average"].get("global_metric"),
+                    lambda s: s["average"].get("local_metric"))
+    if not drawn:
+        return "no run has both local and global scores"
+    ax.set_xlabel("average global metric (shared test rows)")
+    ax.set_ylabel("average local metric (own rows)")
     _legend(ax, drawn)
     return fig
 
 
 def bytes_vs_metric(grouped: dict[str, list[RunRecord]]) -> Figure | str:
-    """Communication (MB up + down over the run) against the average metric."""
+    """Communication (MB up + down over the run) against the average local and global metric."""
     return _scatter(grouped, lambda s: (s["bytes_up"] + s["bytes_down"]) / 1e6,
                     "MB sent and received (10^6 bytes)", "no run counted bytes")
 
 
 def memory_vs_metric(grouped: dict[str, list[RunRecord]]) -> Figure | str:
-    """Peak memory of the run's process against the average metric."""
+    """Peak memory of the run's process against the average local and global metric."""
     return _scatter(grouped, lambda s: s.get("peak_rss_mb"), "peak RSS (MB)",
                     "no run recorded its peak memory")
 
@@ -239,55 +285,62 @@ def cut_points(grouped: dict[str, list[RunRecord]]) -> Figure | str:
 
 
 def lambda_sweep(grouped: dict[str, list[RunRecord]]) -> Figure | str:
-    """Validation and test metric against lambda (arms that differ in ``laplacian.lam``)."""
-    points: list[tuple[float, list[float], list[float | None]]] = []
+    """Validation, local and global metric against lambda (arms that differ in ``laplacian.lam``).
+
+    Lambda is chosen on the validation curve; the two test curves are reported beside it.
+    """
+    points: list[tuple[float, dict[str, list[float]]]] = []
     for runs in grouped.values():
         lams = {r.config.get("laplacian", {}).get("lam") for r in runs}
         if len(lams) == 1 and None not in lams and len(grouped) > 1:
             lam = float(next(iter(lams)))  # type: ignore[arg-type]
-            test = [r.summary["average"]["metric"] for r in runs]  # type: ignore[index]
-            val = [r.summary["average"].get("val_metric") for r in runs]  # type: ignore[index]
-            points.append((lam, test, val))
+            values = {key: [float(r.summary["average"][key]) for r in runs  # type: ignore[index]
+                            if key in r.summary["average"]]  # type: ignore[index]
+                      for key in ("val_metric", "local_metric", "global_metric")}
+            points.append((lam, values))
     if len({p[0] for p in points}) < 2:
         return "the runs do not differ in laplacian.lam"
-    points.sort()
+    points.sort(key=lambda p: p[0])
     fig, ax = _figure()
-    for i, name in enumerate(("test", "validation")):
-        series = [(p[0], [float(v) for v in (p[1] if name == "test" else p[2])
-                          if v is not None]) for p in points]
-        series = [s for s in series if s[1]]
+    names = {"val_metric": "validation (chooses)", "local_metric": "local test (reported)",
+             "global_metric": "global test (reported)"}
+    for i, (key, name) in enumerate(names.items()):
+        series = [(lam, values[key]) for lam, values in points if values[key]]
         if series:
-            means = [statistics.fmean(s[1]) for s in series]
+            means = [statistics.fmean(v) for _, v in series]
             ax.errorbar([s[0] for s in series], means,
-                        yerr=[statistics.stdev(s[1]) if len(s[1]) > 1 else 0 for s in series],
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in series],
                         color=_colour(i), marker=MARKERS[i], markersize=3, capsize=1.5,
                         label=name)
-            for (lam, values), mean in zip(series, means, strict=True):  # seeds differ: say so
-                ax.annotate(f"n={len(values)}", (lam, mean), textcoords="offset points",
+            for (lam, seeds), mean in zip(series, means, strict=True):  # seeds differ: say so
+                ax.annotate(f"n={len(seeds)}", (lam, mean), textcoords="offset points",
                             xytext=(3, 3), fontsize=5, color=_colour(i))
     ax.set_xlabel("lambda (0: local)")
-    ax.set_ylabel("average metric")
+    ax.set_ylabel("average metric (mean ± SD over seeds)")
     ax.legend(frameon=False)
     return fig
 
 
 def client_heatmap(grouped: dict[str, list[RunRecord]]) -> Figure | str:
-    """Each client's final accuracy (its metric for regression; mean over seeds) per arm."""
+    """Each client's metric on its own local test (mean over seeds) per arm."""
     clients = sorted({(c["client"], c["task"]) for runs in grouped.values() for r in runs
                       for c in r.summary["clients"]})  # type: ignore[index]
     matrix = np.full((len(clients), len(grouped)), np.nan)
     for j, runs in enumerate(grouped.values()):
         for i, (cid, _) in enumerate(clients):
-            values = [c.get("accuracy", c["metric"]) for r in runs
-                      for c in r.summary["clients"] if c["client"] == cid]  # type: ignore
+            values = [c["local_metric"] for r in runs for c in r.summary["clients"]  # type: ignore
+                      if c["client"] == cid and "local_metric" in c]
             if values:
                 matrix[i, j] = statistics.fmean(values)
+    if np.isnan(matrix).all():
+        return "no run has local scores"
     return _heatmap(matrix, list(grouped), [f"{c} {t}" for c, t in clients],
-                    "final accuracy per client (metric for regression)", "accuracy")
+                    "final metric per client on its local test", "metric")
 
 
 FIGURES: dict[str, Drawer] = {
-    "convergence": convergence, "task_bars": task_bars, "bytes_vs_metric": bytes_vs_metric,
+    "convergence": convergence, "task_bars": task_bars, "local_vs_global": local_vs_global,
+    "bytes_vs_metric": bytes_vs_metric,
     "memory_vs_metric": memory_vs_metric, "fingerprint_map": fingerprint_map,
     "graph_heatmap": graph_heatmap, "rank_map": rank_map, "cut_points": cut_points,
     "lambda_sweep": lambda_sweep, "client_heatmap": client_heatmap,

@@ -46,13 +46,39 @@ class RunRecord:
         return int(self.config.get("seed", 0))
 
 
+def upgrade_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """A summary written before local test splits (issue 30) in today's keys.
+
+    Its ``metric``/``accuracy`` were on the shared test rows (today's ``global_*``) and its
+    majority class is the ``majority`` reference; it has no local scores. Its "own label mix"
+    scores (the shared rows reweighted) are dropped: they are not a local test.
+    """
+    if "references" in summary:
+        return summary
+    renamed = {"metric": "global_metric", "accuracy": "global_accuracy"}
+
+    def upgrade(row: dict[str, Any]) -> dict[str, Any]:
+        return {renamed.get(k, k): v for k, v in row.items()
+                if not k.startswith(("own_", "majority_"))}
+
+    majority = {"tasks": {t: {renamed[k.removeprefix("majority_")]: v for k, v in entry.items()
+                              if k.startswith("majority_")}
+                          for t, entry in summary["tasks"].items()},
+                "average": {renamed[k.removeprefix("majority_")]: v
+                            for k, v in summary["average"].items() if k.startswith("majority_")}}
+    return {**summary, "tasks": {t: upgrade(e) for t, e in summary["tasks"].items()},
+            "average": upgrade(summary["average"]),
+            "clients": [upgrade(c) for c in summary.get("clients", [])],
+            "references": {"majority": majority}}
+
+
 def read_record(path: Path) -> RunRecord:
     """Read one run folder; a file that cannot be read makes it ``failed``, named."""
     try:
         config = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
         rounds_text = (path / ROUNDS_FILE).read_text() if (path / ROUNDS_FILE).is_file() else ""
         rounds = [json.loads(line) for line in rounds_text.splitlines() if line]
-        summary = (json.loads((path / SUMMARY_FILE).read_text())
+        summary = (upgrade_summary(json.loads((path / SUMMARY_FILE).read_text()))
                    if (path / SUMMARY_FILE).is_file() else None)
         files = {name: json.loads((path / name).read_text())
                  for name in EXTRA_FILES if (path / name).is_file()}

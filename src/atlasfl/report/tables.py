@@ -2,9 +2,11 @@
 
 Runs are grouped into *arms*: the method, plus every setting in which runs of that method differ
 (so a sweep's points and two partitions stay apart), but never the seed. An arm's cells are
-mean ± SD across its seeds with n; the "client SD" column is the SD of the metric across a
-task's clients within a run (how far personalisation spreads them), averaged over tasks and
-seeds. MB = 10^6 bytes.
+mean ± SD across its seeds (the table says so) with n; every score is shown twice, on each
+client's local test and on the task's shared test rows; the references (the task's majority
+class, each client's own majority class) lead every table. The "client SD" column is the SD of
+the local metric across a task's clients within a run (how far personalisation spreads them),
+averaged over tasks and seeds. MB = 10^6 bytes.
 """
 
 from __future__ import annotations
@@ -115,11 +117,13 @@ def _cell(s: Spread | None, digits: int = 3) -> str:
 
 
 def _over(runs: Sequence[RunRecord], get) -> Spread | None:
-    values = [get(r.summary) for r in runs]
-    return spread(values) if values and all(v is not None for v in values) else None
+    return _spread_of([get(r.summary) for r in runs])
 
 
-def client_sd(summary: dict[str, Any], task: str, key: str = "metric") -> float:
+SD_NOTE = "± is the SD across seeds (n seeds), not an interval"
+
+
+def client_sd(summary: dict[str, Any], task: str, key: str = "local_metric") -> float:
     """SD of ``key`` across the clients of ``task`` in one run (0 with one client)."""
     values = [c[key] for c in summary["clients"] if c["task"] == task and key in c]
     if not all(math.isfinite(v) for v in values):
@@ -127,52 +131,100 @@ def client_sd(summary: dict[str, Any], task: str, key: str = "metric") -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def method_table(records: Sequence[RunRecord], *, key: str = "metric") -> Table:
-    """Per arm: each task's ``key`` (``metric``, ``accuracy``, ``own_metric``), averages, bytes."""
+def _data_setting(record: RunRecord) -> str:
+    """The run's data settings (``data.*``): runs with the same ones share their references."""
+    flat = _flat(_complete(record.config))
+    return repr(sorted((k, repr(v)) for k, v in flat.items() if k.startswith("data.")))
+
+
+def reference_rows(records: Sequence[RunRecord], tasks: Sequence[str], score: str
+                   ) -> list[tuple[str, int, list[Spread | None]]]:
+    """Rows of constant predictions (``summary["references"]``), per data setting, over seeds.
+
+    A reference depends on the data only (the partition, the rows), not on the method, so the
+    runs of one data setting and seed all carry the same one: one per seed is used. Cells:
+    per task local then global, then the averages, as ``method_table`` lays them out.
+    """
+    finished = [r for r in records if r.status == "finished"]
+    settings: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for record in finished:
+        settings[_data_setting(record)].setdefault(record.seed, _summary(record))
+    varying = _varying_data(finished) if len(settings) > 1 else []
+    out = []
+    for setting, by_seed in settings.items():
+        example = next(r for r in finished if _data_setting(r) == setting)
+        flat = _flat(_complete(example.config))
+        suffix = " ".join(f"{k.rsplit('.', 1)[-1]}={_text(flat.get(k))}" for k in varying)
+        for name, label in (("majority", "majority class (task's)"),
+                            ("own_majority", "majority class (each client's own)")):
+            refs = [s.get("references", {}).get(name) for s in by_seed.values()]
+            if any(r is None for r in refs):
+                continue
+
+            cells = [_spread_of([r["tasks"].get(t, {}).get(f"{side}_{score}") for r in refs])
+                     for t in tasks for side in ("local", "global")]
+            cells += [_spread_of([r["average"].get(f"{side}_{score}") for r in refs])
+                      for side in ("local", "global")]
+            out.append((f"{label} {suffix}".strip(), len(refs), cells))
+    return out
+
+
+def _spread_of(values: Sequence[float | None]) -> Spread | None:
+    present = [v for v in values if v is not None]
+    return spread(present) if present and len(present) == len(values) else None
+
+
+def _varying_data(records: Sequence[RunRecord]) -> list[str]:
+    flats = [_flat(_complete(r.config)) for r in records]
+    keys = sorted({k for f in flats for k in f if k.startswith("data.")})
+    return [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+
+
+def method_table(records: Sequence[RunRecord], *, score: str = "metric") -> Table:
+    """Per arm: each task's local and global ``score`` (metric or accuracy), averages, bytes.
+
+    Local: each client's own held-out rows (the personalised score); global: the task's shared
+    test rows. The reference rows (majority classes) come first.
+    """
     grouped = arms(records)
     if not grouped:
         raise AtlasError("no finished run to report")
     first = next(iter(grouped.values()))[0].summary
     assert first is not None
     tasks = list(first["tasks"])
-    acc_key = "own_accuracy" if key == "own_metric" else "accuracy"
-    names = {t: "accuracy" if key == "accuracy" else first["tasks"][t]["metric_name"]
+    names = {t: "accuracy" if score == "accuracy" else first["tasks"][t]["metric_name"]
              for t in tasks}
-    average = {"metric": "avg metric", "accuracy": "avg acc", "own_metric": "avg own metric"}
-    header = ["method", "n", *(f"{t} {names[t]}" for t in tasks), average[key], "avg acc",
-              "val metric", "client SD", "MB up", "MB down", "wall s", "peak MB"]
-    rows = []
-    if key in ("metric", "accuracy"):
-        avg = first["average"]
-        majority = "majority_metric" if key == "metric" else "majority_accuracy"
-        rows.append(["majority class", "", *(f"{first['tasks'][t][majority]:.3f}"
-                                             if majority in first["tasks"][t] else ""
-                                             for t in tasks),
-                     f"{avg[majority]:.3f}" if majority in avg else "",
-                     f"{avg['majority_accuracy']:.3f}" if "majority_accuracy" in avg else "",
-                     "", "", "", "", "", ""])
+    header = ["method", "n", *(f"{t} {names[t]} {side}" for t in tasks
+                               for side in ("local", "global")),
+              f"avg {score} local", f"avg {score} global", "val metric", "client SD local",
+              "MB up", "MB down", "wall s", "peak MB"]
+    rows = [[label, str(n), *map(_cell, cells), "", "", "", "", "", ""]
+            for label, n, cells in reference_rows(records, tasks, score)]
     for label, runs in grouped.items():
-        sds = [client_sd(_summary(r), t, key) for r in runs for t in tasks]
+        sds = [client_sd(_summary(r), t) for r in runs for t in tasks]
         rows.append([
             label, str(len(runs)),
-            *(_cell(_over(runs, lambda s, t=t: s["tasks"].get(t, {}).get(key))) for t in tasks),
-            _cell(_over(runs, lambda s: s["average"].get(key))),
-            _cell(_over(runs, lambda s: s["average"].get(acc_key))),
+            *(_cell(_over(runs, lambda s, t=t, side=side:
+                          s["tasks"].get(t, {}).get(f"{side}_{score}")))
+              for t in tasks for side in ("local", "global")),
+            _cell(_over(runs, lambda s: s["average"].get(f"local_{score}"))),
+            _cell(_over(runs, lambda s: s["average"].get(f"global_{score}"))),
             _cell(_over(runs, lambda s: s["average"].get("val_metric"))),
-            f"{statistics.fmean(sds):.3f}",
+            f"{statistics.fmean(sds):.3f}" if sds else "",
             _cell(_over(runs, lambda s: s["bytes_up"] / 1e6), 2),
             _cell(_over(runs, lambda s: s["bytes_down"] / 1e6), 2),
             _cell(_over(runs, lambda s: s["wall_seconds"]), 0),
             _cell(_over(runs, lambda s: s.get("peak_rss_mb")), 0)])
-    scored = {"metric": "the tasks' shared test rows",
-              "accuracy": "the tasks' shared test rows, accuracy of each task",
-              "own_metric": "the test rows weighted to each client's own label mix"}[key]
-    return Table(f"Per method on {scored}: mean ± SD across seeds (n)", header, rows,
-                 "client SD: SD of the metric across a task's clients, mean over tasks and "
-                 "seeds. MB = 10^6 bytes.")
+    what = "metric" if score == "metric" else "accuracy"
+    return Table(f"Per method, {what} on each client's local test and on the task's shared "
+                 f"test rows: mean ± SD across seeds ({SD_NOTE})", header, rows,
+                 f"local: each client's own held-out rows (data.test_fraction), never trained "
+                 f"on or used to choose; global: the task's shared test rows (GLUE dev). {SD_NOTE}."
+                 f" client SD: SD of the local metric across a task's clients, mean over tasks "
+                 f"and seeds. MB = 10^6 bytes.")
 
 
-def comparisons(records: Sequence[RunRecord], vs: str, *, key: str = "metric"
+def comparisons(records: Sequence[RunRecord], vs: str, *, key: str = "local_metric"
                 ) -> dict[str, Paired]:
     """Each other arm minus arm ``vs`` on the average ``key``, paired by seed."""
     grouped = arms(records)
@@ -193,8 +245,16 @@ def comparisons(records: Sequence[RunRecord], vs: str, *, key: str = "metric"
     return out
 
 
-def comparison_table(records: Sequence[RunRecord], vs: str, *, key: str = "metric") -> Table:
-    """``comparisons`` as a table: difference, 95% CI, paired t and Wilcoxon p, Cohen's d."""
+WILCOXON_MIN_N = 6  # with fewer pairs the exact two-sided signed-rank p is never below 0.05
+
+
+def comparison_table(records: Sequence[RunRecord], vs: str, *, key: str = "local_metric"
+                     ) -> Table:
+    """``comparisons`` as a table: difference, 95% t interval, paired t p, Wilcoxon p, d.
+
+    The exact Wilcoxon p is shown only from ``WILCOXON_MIN_N`` pairs on: below that it cannot
+    reach 0.05 whatever the data, and printing it would read as evidence of no effect.
+    """
 
     def num(value: float | None, digits: int = 3) -> str:
         return "" if value is None else f"{value:.{digits}f}"
@@ -202,14 +262,18 @@ def comparison_table(records: Sequence[RunRecord], vs: str, *, key: str = "metri
     rows = []
     for label, p in comparisons(records, vs, key=key).items():
         ci = "" if p.ci_low is None else f"[{p.ci_low:+.3f}, {p.ci_high:+.3f}]"
-        rows.append([label, str(p.n), f"{p.mean_diff:+.3f}", ci, num(p.t_p), num(p.wilcoxon_p),
+        wilcoxon = num(p.wilcoxon_p) if p.n >= WILCOXON_MIN_N else f"n < {WILCOXON_MIN_N}"
+        rows.append([label, str(p.n), f"{p.mean_diff:+.3f}", ci, num(p.t_p), wilcoxon,
                      num(p.cohens_d, 2), f"{p.wins}/{p.n}"])
-    return Table(f"Paired over seeds: each method minus `{vs}`, average {key}",
+    where = {"local_metric": "local test", "global_metric": "global test",
+             "val_metric": "validation"}.get(key, key)
+    return Table(f"Paired over seeds: each method minus `{vs}`, average metric on the {where}",
                  ["method", "n", "difference", "95% CI", "paired t p", "Wilcoxon p",
                   "Cohen's d", "seeds better"], rows,
-                 "t interval with n-1 degrees of freedom; Wilcoxon signed-rank (exact for "
-                 "small n) cannot reach p < 0.05 with fewer than 6 seeds; d = mean / SD of the "
-                 "differences.")
+                 f"difference: mean over seeds of (method - {vs}); 95% CI: Student's t with n-1 "
+                 f"degrees of freedom; Wilcoxon signed-rank (exact) shown from "
+                 f"{WILCOXON_MIN_N} seeds on (below, it cannot reach p < 0.05); d = mean / SD "
+                 f"of the differences.")
 
 
 def status_table(records: Sequence[RunRecord]) -> Table | None:

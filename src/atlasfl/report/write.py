@@ -24,21 +24,21 @@ from atlasfl.report.tables import (
 
 
 def report_tables(records: Sequence[RunRecord], vs: str | None = None) -> dict[str, Table]:
-    """The tables of a report, by file name: methods (and on own label mixes), comparisons."""
+    """The tables of a report, by file name: methods (metric, accuracy), paired comparisons.
+
+    Every table shows the local test (each client's own rows) and the global test (the task's
+    shared rows) side by side; the paired comparisons come once for each.
+    """
     finished = [r for r in records if r.status == "finished"]
     tables: dict[str, Table] = {}
     if finished:
         tables["methods"] = method_table(records)
-        tables["methods_accuracy"] = method_table(records, key="accuracy")
-        own = all("own_metric" in r.summary["average"] for r in finished)  # type: ignore[index]
-        if own:
-            tables["methods_own_mix"] = method_table(records, key="own_metric")
+        tables["methods_accuracy"] = method_table(records, score="accuracy")
         grouped = arms(records)
         base = vs if vs is not None else ("atlas" if "atlas" in grouped else None)
         if base is not None and len(grouped) > 1:
-            tables["paired"] = comparison_table(records, base)
-            if own:
-                tables["paired_own_mix"] = comparison_table(records, base, key="own_metric")
+            tables["paired_local"] = comparison_table(records, base, key="local_metric")
+            tables["paired_global"] = comparison_table(records, base, key="global_metric")
     left_out = status_table(records)
     if left_out is not None:
         tables["not_finished"] = left_out

@@ -24,7 +24,13 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from atlasfl.config import apply_overrides, check_same_experiment, from_dict, from_yaml
+from atlasfl.config import (
+    check_same_experiment,
+    from_dict,
+    from_yaml,
+    layered,
+    parse_overrides,
+)
 from atlasfl.engine.checkpoint import find_run, load_checkpoint, resolve_checkpoint
 from atlasfl.engine.flower.executor import FlowerExecutor
 from atlasfl.engine.ledger import CommLedger
@@ -102,11 +108,11 @@ def config_of(run_config: dict[str, Any], saved: dict[str, Any] | None = None) -
         raise AtlasError("run config 'config' is empty: pass the experiment's YAML, e.g. "
                          "flwr run . <superlink> --run-config 'config=\"/abs/quick.yaml\"'")
     raw: dict[str, Any] = from_yaml(path) if path else copy.deepcopy(saved or {})
-    apply_overrides(raw, str(run_config.get("set", "")).split())
+    overrides = parse_overrides(str(run_config.get("set", "")).split())
     for key, dotted in (("out", "out"), ("run-name", "run_name")):
         if run_config.get(key):
-            apply_overrides(raw, [f"{dotted}={run_config[key]}"])
-    return from_dict(raw)
+            overrides.update(parse_overrides([f"{dotted}={run_config[key]}"]))
+    return from_dict(layered(raw, overrides))
 
 
 app = ServerApp()
