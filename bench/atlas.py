@@ -8,6 +8,7 @@ the config's ``method_settings`` (its learning rate chosen on validation rows, b
     python bench/atlas.py run --partition iid --seeds 0 1 2 3 4 --shard 0/2
     python bench/atlas.py export --partition iid      # rows -> bench/results/quick_iid.jsonl
     python bench/atlas.py report --partition iid      # atlasfl report of the exported rows
+    python bench/atlas.py headline --partition iid    # the README's table of the rows
 
 ``export`` keeps, per finished run, its resolved config and its summary (clients' scores
 included), one JSON line each: the rows are committed, so ``report`` rebuilds the run folders
@@ -31,7 +32,9 @@ import yaml
 
 from atlasfl.config import from_yaml, parse_overrides
 from atlasfl.engine.grid import run_grid
-from atlasfl.report import write_report
+from atlasfl.report import find_runs, write_report
+from atlasfl.report.stats import spread
+from atlasfl.report.tables import cell, arms, comparisons, reference_rows
 from atlasfl.runfiles import CONFIG_FILE, SUMMARY_FILE
 from atlasfl.strategies import STRATEGIES
 
@@ -97,6 +100,42 @@ def rebuild(rows: Path, into: Path, *, missing_only: bool = False) -> int:
     return count
 
 
+def cmd_headline(args: argparse.Namespace) -> None:
+    """The README's table: per method the average local and global metric (mean ± SD across
+    seeds) and each paired against ``--vs`` (mean difference, 95% t interval, seeds better),
+    the references first."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = Path(tmp) / args.partition
+        rebuild(_rows(args), runs)
+        records = find_runs([runs])
+        grouped = arms(records)
+        tasks = list(next(iter(grouped.values()))[0].summary["tasks"])  # type: ignore[index]
+        print(f"| method | n | avg local metric | avg global metric | local minus `{args.vs}` "
+              f"[95% CI] | global minus `{args.vs}` [95% CI] | seeds better (local/global) "
+              f"| MB up |\n|---|---|---|---|---|---|---|---|")
+        for label, n, cells in reference_rows(records, tasks, "metric"):
+            print(f"| {label} | {n} | {cell(cells[-2])} | {cell(cells[-1])} | | | | |")
+        diffs = {key: comparisons(records, args.vs, key=key)
+                 for key in ("local_metric", "global_metric")}
+        for label, mine in grouped.items():
+            local = spread([r.summary["average"]["local_metric"] for r in mine])  # type: ignore
+            glob = spread([r.summary["average"]["global_metric"] for r in mine])  # type: ignore
+            up = spread([r.summary["bytes_up"] / 1e6 for r in mine])  # type: ignore[index]
+            cols = []
+            for key in ("local_metric", "global_metric"):
+                d = diffs[key].get(label)
+                cols.append("" if d is None or d.ci_low is None else
+                            f"{100 * d.mean_diff:+.1f} [{100 * d.ci_low:+.1f}, "
+                            f"{100 * d.ci_high:+.1f}]")
+            better = "/".join(f"{diffs[k][label].wins}/{diffs[k][label].n}"
+                              for k in diffs if label in diffs[k])
+            name = f"**`{label}`**" if label == args.vs else f"`{label}`"
+            print(f"| {name} | {len(mine)} | {cell(local)} | {cell(glob)} | {cols[0]} | "
+                  f"{cols[1]} | {better} | {up.mean:.1f} |")
+        print("\nmean ± SD across seeds; differences in points (x100), paired by seed, 95% t "
+              "interval over seeds")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp) / args.partition
@@ -108,7 +147,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "export", "report"):
+    for name in ("run", "export", "report", "headline"):
         p = sub.add_parser(name)
         p.add_argument("--partition", choices=sorted(PARTITIONS), default="iid")
         p.add_argument("--out", default="runs/bench-atlas")
@@ -120,14 +159,17 @@ def main() -> None:
             p.add_argument("--shard", default="0/1", help="i/n: every n-th point from the i-th")
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="a setting of every run (after method_settings)")
-        if name == "report":
+        if name in ("report", "headline"):
             p.add_argument("--vs", default="atlas")
+        if name == "report":
             p.add_argument("--report", help="write the report folder (figures too) here")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    {"run": cmd_run, "export": cmd_export, "report": cmd_report}[args.command](args)
+    commands = {"run": cmd_run, "export": cmd_export, "report": cmd_report,
+                "headline": cmd_headline}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -236,34 +236,35 @@ def test_without_a_terminal_progress_is_one_line_per_round(tiny_cfg, capsys):
     assert "\r" not in err  # no bar redrawn into the log
 
 
-def test_early_stopping_ends_the_run_and_reports_the_round_best_on_validation(tiny_cfg,
-                                                                             tmp_path):
+def test_early_stopping_ends_the_run_and_reports_each_clients_round_best_on_validation(
+        tiny_cfg, tmp_path):
     from atlasfl.engine import RunDir, load_checkpoint
-    from atlasfl.report.summary import average_val
     from atlasfl.runfiles import read_run
 
-    # a learning rate that moves nothing: the validation metric stays where round 1 put it, so
-    # round 1 stays the best (ties keep the earliest) and two evaluations later the run stops
+    # a learning rate that moves nothing: each validation metric stays where round 1 put it, so
+    # round 1 stays every client's best (ties keep the earliest) and two evaluations later the
+    # run stops
     cfg = tiny_cfg(method="centralized", out=str(tmp_path), run_name="still",
                    **{"federation.rounds": 6, "federation.patience": 2, "train.lr": 1e-12})
     run_dir = RunDir.create(cfg)
     outcome = run_experiment(build_experiment(cfg), run_dir)
     assert outcome.completed_rounds == 3 and outcome.summary is not None
-    assert (outcome.summary["rounds_run"], outcome.summary["reported_round"]) == (3, 1)
+    assert outcome.summary["rounds_run"] == 3
+    assert set(outcome.summary["reported_rounds"].values()) == {1}
     assert (run_dir.path / "summary.json").is_file()
     assert load_checkpoint(run_dir.path).round_idx == 3  # the state it stopped in is saved
     again = run_experiment(build_experiment(cfg), RunDir(run_dir.path),
                            resume=load_checkpoint(run_dir.path))
     assert again.completed_rounds == 3  # resumed, it has nothing left to run
     assert again.summary["clients"] == outcome.summary["clients"]
-    # learning: the round reported is the one best on validation, not the last
+    # learning: each client reports its round best on its validation rows, not the last
     cfg = tiny_cfg(method="centralized", out=str(tmp_path), run_name="learns",
                    **{"federation.rounds": 4, "federation.patience": 4, "train.lr": 0.05})
     summary = run_experiment(build_experiment(cfg), RunDir.create(cfg)).summary
     _, rows, _ = read_run(tmp_path / "learns")
-    vals = {r: average_val([x for x in rows if x["round"] == r]) for r in range(1, 5)}
     assert summary["rounds_run"] == 4
-    assert summary["reported_round"] == max(vals, key=lambda r: (vals[r], -r))
-    reported = [x for x in rows if x["round"] == summary["reported_round"]]
-    assert [c["global_metric"] for c in summary["clients"]] == [
-        x["global_metric"] for x in reported]
+    for reported in summary["clients"]:
+        mine = [x for x in rows if x["client"] == reported["client"]]
+        best = max(mine, key=lambda x: (x["val_metric"], -x["round"]))
+        assert summary["reported_rounds"][str(reported["client"])] == best["round"]
+        assert reported["global_metric"] == best["global_metric"]

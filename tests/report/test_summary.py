@@ -4,36 +4,38 @@ from __future__ import annotations
 
 import pytest
 
-from atlasfl.report.summary import average_val, best_evaluation, stop_early, summarize
+from atlasfl.report.summary import best_rows, reported_rows, stop_early, summarize
 
 
-def _row(task: str, val: float | None, local: float = 0.5, glob: float = 0.4) -> dict:
-    row = {"task": task, "local_metric": local, "global_metric": glob}
+def _row(client: int, val: float | None, local: float = 0.5, glob: float = 0.4) -> dict:
+    row = {"client": client, "task": "a", "local_metric": local, "global_metric": glob}
     return row | ({} if val is None else {"val_metric": val})
 
 
-def test_average_val_is_the_mean_over_tasks_of_the_clients_mean():
-    rows = [_row("a", 0.2), _row("a", 0.4), _row("b", 0.9)]
-    assert average_val(rows) == pytest.approx((0.3 + 0.9) / 2)  # not (0.2 + 0.4 + 0.9) / 3
-    assert average_val([_row("a", 0.2), _row("b", None)]) is None  # a client without scores
-
-
-def test_the_best_evaluation_is_chosen_on_validation_and_ties_keep_the_earliest():
-    history = [[_row("a", None)],  # not evaluated
-               [_row("a", 0.5, local=0.1)],
-               [_row("a", 0.7, local=0.0, glob=0.0)],  # best on validation, worst on test
-               [_row("a", 0.7, local=0.9, glob=0.9)],  # a tie: the earlier stays
-               [_row("a", 0.6, local=1.0, glob=1.0)]]
-    assert best_evaluation(history) == 2
-    assert best_evaluation([[_row("a", None)]]) is None
+def test_each_clients_best_evaluation_is_chosen_on_validation_and_ties_keep_the_earliest():
+    history = [[_row(0, None), _row(1, None)],  # not evaluated
+               [_row(0, 0.5, local=0.1), _row(1, 0.9)],
+               [_row(0, 0.7, local=0.0, glob=0.0), _row(1, 0.2)],  # 0: best val, worst test
+               [_row(0, 0.7, local=0.9, glob=0.9), _row(1, 0.9)],  # ties: the earlier stays
+               [_row(0, 0.6, local=1.0, glob=1.0), _row(1, None)]]
+    assert best_rows(history) == {0: 2, 1: 1}
+    assert best_rows([[_row(0, None)]]) == {}
+    rows, rounds = reported_rows(history, patience=1)
+    assert rounds == {0: 3, 1: 2} and rows == [history[2][0], history[1][1]]
+    rows, rounds = reported_rows(history, patience=0)  # no early stopping: the last round
+    assert rounds == {0: 5, 1: 5} and rows == history[4]
 
 
 @pytest.mark.parametrize("patience, stops", [(0, False), (1, True), (2, True), (3, False)])
-def test_stop_early_counts_the_evaluations_since_the_best(patience, stops):
-    # best at index 1; then two evaluated rounds and one that was not evaluated
-    history = [[_row("a", 0.1)], [_row("a", 0.8)], [_row("a", None)], [_row("a", 0.5)],
-               [_row("a", 0.8)]]
+def test_the_run_stops_when_every_client_has_gone_patience_evaluations_without_a_better_one(
+        patience, stops):
+    # client 0: best at index 1, then evaluated at 3 and 4 (2 since); client 1: best at 3,
+    # then evaluated at 4 and 5 (2 since); an unevaluated round counts for no one
+    history = [[_row(0, 0.1), _row(1, 0.1)], [_row(0, 0.8), _row(1, 0.2)],
+               [_row(0, None), _row(1, None)], [_row(0, 0.5), _row(1, 0.9)],
+               [_row(0, 0.8), _row(1, 0.3)], [_row(0, None), _row(1, 0.4)]]
     assert stop_early(history, patience) is stops
+    assert stop_early(history[:5], 2) is False  # client 1 has had one evaluation since its best
 
 
 def test_summary_keeps_local_and_global_apart_and_averages_accuracy_over_tasks_with_it():

@@ -128,9 +128,10 @@ class FederationConfig:
     rounds: int = 5
     fraction: float = 1.0  # share of clients sampled to train each round
     eval_every: int = 1  # evaluate every N rounds (and always after the last)
-    # > 0: early stopping on validation. The run ends once the average validation metric has
-    # not improved for this many evaluations, and the summary reports the evaluation with the
-    # best one (``rounds`` is then the most it trains); 0: the last round is reported
+    # > 0: early stopping on validation, client by client. The run ends once no client's
+    # validation metric has improved for this many evaluations, and the summary reports each
+    # client's evaluation best on its validation rows (``rounds`` is then the most it trains);
+    # 0: the last round is reported
     patience: int = 0
     resident_clients: int = 0  # > 0: at most this many clients' state in memory, others on disk
 

@@ -43,7 +43,7 @@ from atlasfl.engine.rundir import RunDir
 from atlasfl.engine.setup import Experiment
 from atlasfl.errors import AtlasError
 from atlasfl.messages import Plan, Reply, TrainReply
-from atlasfl.report.summary import best_evaluation, stop_early, summarize
+from atlasfl.report.summary import reported_rows, stop_early, summarize
 from atlasfl.strategies.base import RoundInfo, RoundOutcome, Strategy
 from atlasfl.types import ClientId
 
@@ -148,16 +148,15 @@ def restore(exp: Experiment, snapshot: Snapshot) -> tuple[Any, list[list[dict[st
 def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict[str, float],
              workers: dict[str, float]) -> dict[str, Any]:
     cfg = exp.cfg
-    # the last round is always evaluated; with early stopping the one best on validation
-    best = best_evaluation(history) if cfg.federation.patience > 0 else None
-    reported = len(history) - 1 if best is None else best
+    # the last round (always evaluated); with early stopping each client's best on validation
+    reported, rounds_of = reported_rows(history, cfg.federation.patience)
     rows = [row for round_rows in history for row in round_rows]
-    summary = summarize(history[reported], exp.references,
+    summary = summarize(reported, exp.references,
                         {exp.clients.task(c).name: exp.clients.task(c).primary_metric
                          for c in exp.clients})
     summary.update(
         method=cfg.method, model=cfg.model.name, seed=cfg.seed, rounds=cfg.federation.rounds,
-        rounds_run=len(history), reported_round=reported + 1,
+        rounds_run=len(history), reported_rounds={str(c): r for c, r in rounds_of.items()},
         num_clients=len(exp.clients), device=str(exp.device), host=host_facts(exp.device),
         precision=resolve_precision(cfg.train.precision, exp.device),
         wall_seconds=elapsed["wall"], process_seconds=elapsed["process"],
@@ -168,7 +167,7 @@ def _summary(exp: Experiment, history: list[list[dict[str, Any]]], elapsed: dict
         # worker processes (train.workers): their peaks summed, beside this process's
         **({"workers_peak_rss_mb": workers["peak_rss_mb"]} if workers else {}),
         clients=[{k: v for k, v in row.items() if k not in ("round", "trained")}
-                 for row in history[reported]],
+                 for row in reported],
     )
     return summary
 

@@ -55,37 +55,46 @@ def summarize(rows: list[dict[str, Any]], references: dict[str, dict[str, dict[s
     return {"tasks": tasks, "average": _average(tasks), "references": refs}
 
 
-def average_val(rows: Sequence[dict[str, Any]]) -> float | None:
-    """An evaluation's average validation metric (mean over tasks of the clients' mean).
+def best_rows(history: Sequence[Sequence[dict[str, Any]]]) -> dict[int, int]:
+    """Per client, the index (into ``history``) of its evaluation best on its validation rows.
 
-    None when a client of the evaluation has no validation score (not evaluated, or no rows).
+    The earliest on ties; a client never scored on validation rows is left out. Test rows play
+    no part: early stopping and the rows reported are chosen on validation only, client by
+    client (a pooled ``centralized`` trainer per task stops on its own task's rows).
     """
-    by_task: dict[str, list[float]] = defaultdict(list)
-    for row in rows:
-        if "val_metric" not in row:
-            return None
-        by_task[row["task"]].append(row["val_metric"])
-    return mean(mean(v) for v in by_task.values()) if by_task else None
-
-
-def best_evaluation(history: Sequence[Sequence[dict[str, Any]]]) -> int | None:
-    """Index (into ``history``) of the evaluated round with the best average validation metric.
-
-    The earliest such round on ties; None when no round has validation scores. Test rows play
-    no part: early stopping and the reported round are chosen on validation only.
-    """
-    best, best_value = None, -float("inf")
+    best: dict[int, tuple[int, float]] = {}
     for i, rows in enumerate(history):
-        value = average_val(rows)
-        if value is not None and value > best_value:
-            best, best_value = i, value
-    return best
+        for row in rows:
+            value = row.get("val_metric")
+            if value is not None and (row["client"] not in best
+                                      or value > best[row["client"]][1]):
+                best[row["client"]] = (i, value)
+    return {client: i for client, (i, _) in best.items()}
 
 
 def stop_early(history: Sequence[Sequence[dict[str, Any]]], patience: int) -> bool:
-    """Whether ``patience`` (> 0) evaluations have passed since the best validation metric."""
-    best = best_evaluation(history)
-    if patience <= 0 or best is None:
+    """Whether every client has had ``patience`` (> 0) evaluations since its best one."""
+    best = best_rows(history)
+    if patience <= 0 or not best:
         return False
-    later = sum(average_val(rows) is not None for rows in history[best + 1:])
-    return later >= patience
+    since = dict.fromkeys(best, 0)
+    for i, rows in enumerate(history):
+        for row in rows:
+            if row["client"] in best and i > best[row["client"]] and "val_metric" in row:
+                since[row["client"]] += 1
+    return min(since.values()) >= patience
+
+
+def reported_rows(history: Sequence[Sequence[dict[str, Any]]], patience: int
+                  ) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """The client rows a summary reports, and the round (from 1) each comes from.
+
+    Without early stopping (``patience`` 0) the last round's, which is always evaluated; with
+    it, each client's evaluation best on its validation rows (``best_rows``), the model early
+    stopping keeps.
+    """
+    last = len(history) - 1
+    best = best_rows(history) if patience > 0 else {}
+    rows = [next((r for r in history[best[row["client"]]] if r["client"] == row["client"]), row)
+            if row["client"] in best else row for row in history[last]]
+    return rows, {row["client"]: best.get(row["client"], last) + 1 for row in history[last]}

@@ -34,7 +34,8 @@ def format_table(summary: dict[str, Any]) -> str:
     lines.append(line("average", "", "", summary["average"],
                       refs.get("own_majority", {}).get("average", {}),
                       refs.get("majority", {}).get("average", {})))
-    if summary.get("reported_round", summary.get("rounds")) != summary.get("rounds"):
-        lines.append(f"(round {summary['reported_round']} of {summary['rounds_run']} run, "
-                     f"chosen on validation: early stopping)")
+    chosen = sorted(set(summary.get("reported_rounds", {}).values()))
+    if chosen and chosen != [summary.get("rounds")]:
+        lines.append(f"(early stopping on validation: {summary['rounds_run']} rounds run, each "
+                     f"client's best round reported: {', '.join(map(str, chosen))})")
     return "\n".join(lines)

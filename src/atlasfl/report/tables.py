@@ -110,7 +110,8 @@ def _text(value: Any) -> str:
     return "+".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def _cell(s: Spread | None, digits: int = 3) -> str:
+def cell(s: Spread | None, digits: int = 3) -> str:
+    """A table cell: ``mean ± SD`` across seeds (the SD left out for one seed), or empty."""
     if s is None:
         return ""
     return f"{s.mean:.{digits}f}" + ("" if s.sd is None else f" ± {s.sd:.{digits}f}")
@@ -198,23 +199,23 @@ def method_table(records: Sequence[RunRecord], *, score: str = "metric") -> Tabl
                                for side in ("local", "global")),
               f"avg {score} local", f"avg {score} global", "val metric", "client SD local",
               "MB up", "MB down", "wall s", "peak MB"]
-    rows = [[label, str(n), *map(_cell, cells), "", "", "", "", "", ""]
+    rows = [[label, str(n), *map(cell, cells), "", "", "", "", "", ""]
             for label, n, cells in reference_rows(records, tasks, score)]
     for label, runs in grouped.items():
         sds = [client_sd(_summary(r), t) for r in runs for t in tasks]
         rows.append([
             label, str(len(runs)),
-            *(_cell(_over(runs, lambda s, t=t, side=side:
+            *(cell(_over(runs, lambda s, t=t, side=side:
                           s["tasks"].get(t, {}).get(f"{side}_{score}")))
               for t in tasks for side in ("local", "global")),
-            _cell(_over(runs, lambda s: s["average"].get(f"local_{score}"))),
-            _cell(_over(runs, lambda s: s["average"].get(f"global_{score}"))),
-            _cell(_over(runs, lambda s: s["average"].get("val_metric"))),
+            cell(_over(runs, lambda s: s["average"].get(f"local_{score}"))),
+            cell(_over(runs, lambda s: s["average"].get(f"global_{score}"))),
+            cell(_over(runs, lambda s: s["average"].get("val_metric"))),
             f"{statistics.fmean(sds):.3f}" if sds else "",
-            _cell(_over(runs, lambda s: s["bytes_up"] / 1e6), 2),
-            _cell(_over(runs, lambda s: s["bytes_down"] / 1e6), 2),
-            _cell(_over(runs, lambda s: s["wall_seconds"]), 0),
-            _cell(_over(runs, lambda s: s.get("peak_rss_mb")), 0)])
+            cell(_over(runs, lambda s: s["bytes_up"] / 1e6), 2),
+            cell(_over(runs, lambda s: s["bytes_down"] / 1e6), 2),
+            cell(_over(runs, lambda s: s["wall_seconds"]), 0),
+            cell(_over(runs, lambda s: s.get("peak_rss_mb")), 0)])
     what = "metric" if score == "metric" else "accuracy"
     return Table(f"Per method, {what} on each client's local test and on the task's shared "
                  f"test rows: mean ± SD across seeds ({SD_NOTE})", header, rows,
