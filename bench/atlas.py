@@ -8,7 +8,7 @@ the config's ``method_settings`` (its learning rate chosen on validation rows, b
     python bench/atlas.py run --partition iid --seeds 0 1 2 3 4 --shard 0/2
     python bench/atlas.py export --partition iid      # rows -> bench/results/quick_iid.jsonl
     python bench/atlas.py report --partition iid      # atlasfl report of the exported rows
-    python bench/atlas.py headline --partition iid    # the README's table of the rows
+    python bench/atlas.py headline --partition iid --seeds 0   # the README's table of the rows
 
 ``export`` keeps, per finished run, its resolved config and its summary (clients' scores
 included), one JSON line each: the rows are committed, so ``report`` rebuilds the run folders
@@ -26,6 +26,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -33,7 +34,7 @@ import yaml
 from atlasfl.config import from_yaml, parse_overrides
 from atlasfl.engine.grid import run_grid
 from atlasfl.report import find_runs, write_report
-from atlasfl.report.stats import spread
+from atlasfl.report.stats import Paired, spread
 from atlasfl.report.tables import cell, arms, comparisons, reference_rows
 from atlasfl.runfiles import CONFIG_FILE, SUMMARY_FILE
 from atlasfl.strategies import STRATEGIES
@@ -82,16 +83,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"{len(lines)} runs -> {rows}", file=sys.stderr)
 
 
-def rebuild(rows: Path, into: Path, *, missing_only: bool = False) -> int:
+def rebuild(rows: Path, into: Path, *, missing_only: bool = False,
+            seeds: Sequence[int] | None = None) -> int:
     """Run folders (config and summary) from exported rows; returns how many were written.
 
-    ``missing_only``: leave a folder that exists (a run of this session) as it is.
+    ``missing_only``: leave a folder that exists (a run of this session) as it is. ``seeds``:
+    only the runs of these seeds (all when None).
     """
     count = 0
     for line in rows.read_text().splitlines():
         row: dict[str, Any] = json.loads(line)
         folder = into / row["run"]
-        if missing_only and folder.exists():
+        if (missing_only and folder.exists()) or (seeds and row["config"]["seed"] not in seeds):
             continue
         folder.mkdir(parents=True)
         (folder / CONFIG_FILE).write_text(yaml.safe_dump(row["config"], sort_keys=False))
@@ -106,7 +109,7 @@ def cmd_headline(args: argparse.Namespace) -> None:
     the references first."""
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp) / args.partition
-        rebuild(_rows(args), runs)
+        rebuild(_rows(args), runs, seeds=args.seeds)
         records = find_runs([runs])
         grouped = arms(records)
         tasks = list(next(iter(grouped.values()))[0].summary["tasks"])  # type: ignore[index]
@@ -121,14 +124,9 @@ def cmd_headline(args: argparse.Namespace) -> None:
             local = spread([r.summary["average"]["local_metric"] for r in mine])  # type: ignore
             glob = spread([r.summary["average"]["global_metric"] for r in mine])  # type: ignore
             up = spread([r.summary["bytes_up"] / 1e6 for r in mine])  # type: ignore[index]
-            cols = []
-            for key in ("local_metric", "global_metric"):
-                d = diffs[key].get(label)
-                cols.append("" if d is None or d.ci_low is None else
-                            f"{100 * d.mean_diff:+.1f} [{100 * d.ci_low:+.1f}, "
-                            f"{100 * d.ci_high:+.1f}]")
-            better = "/".join(f"{diffs[k][label].wins}/{diffs[k][label].n}"
-                              for k in diffs if label in diffs[k])
+            cols = [_difference(diffs[key].get(label)) for key in diffs]
+            better = ", ".join(f"{diffs[k][label].wins} of {diffs[k][label].n}"
+                               for k in diffs if label in diffs[k])
             name = f"**`{label}`**" if label == args.vs else f"`{label}`"
             print(f"| {name} | {len(mine)} | {cell(local)} | {cell(glob)} | {cols[0]} | "
                   f"{cols[1]} | {better} | {up.mean:.1f} |")
@@ -136,10 +134,19 @@ def cmd_headline(args: argparse.Namespace) -> None:
               "interval over seeds")
 
 
+def _difference(d: Paired | None) -> str:
+    """A paired difference in points: its mean, and its 95% t interval from two seeds on."""
+    if d is None:
+        return ""
+    if d.ci_low is None or d.ci_high is None:
+        return f"{100 * d.mean_diff:+.1f} (one seed)"
+    return f"{100 * d.mean_diff:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}]"
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp) / args.partition
-        rebuild(_rows(args), runs)
+        rebuild(_rows(args), runs, seeds=args.seeds)
         out = Path(args.report) if args.report else Path(tmp) / "report"
         print(write_report([runs], out, vs=args.vs, figures=bool(args.report)))
 
@@ -161,6 +168,8 @@ def main() -> None:
                            help="a setting of every run (after method_settings)")
         if name in ("report", "headline"):
             p.add_argument("--vs", default="atlas")
+            p.add_argument("--seeds", nargs="+", type=int,
+                           help="only the rows of these seeds (default: every seed exported)")
         if name == "report":
             p.add_argument("--report", help="write the report folder (figures too) here")
     args = parser.parse_args()

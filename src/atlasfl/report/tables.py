@@ -218,7 +218,7 @@ def method_table(records: Sequence[RunRecord], *, score: str = "metric") -> Tabl
             cell(_over(runs, lambda s: s.get("peak_rss_mb")), 0)])
     what = "metric" if score == "metric" else "accuracy"
     return Table(f"Per method, {what} on each client's local test and on the task's shared "
-                 f"test rows: mean ± SD across seeds ({SD_NOTE})", header, rows,
+                 f"test rows, mean over seeds ({SD_NOTE})", header, rows,
                  f"local: each client's own held-out rows (data.test_fraction), never trained "
                  f"on or used to choose; global: the task's shared test rows (GLUE dev). {SD_NOTE}."
                  f" client SD: SD of the local metric across a task's clients, mean over tasks "
