@@ -1,4 +1,4 @@
-"""Every method on quick.yaml over seeds, IID and label skew (issue 30's tables).
+"""Every method on quick.yaml over seeds, IID and label skew, and on medium.yaml (issue 30).
 
 Every run is a folder under ``--out`` made by ``atlasfl.engine.grid.run_grid`` (a finished run
 is skipped, an interrupted one resumed), so the grid fills over several sessions and parallel
@@ -40,8 +40,10 @@ from atlasfl.runfiles import CONFIG_FILE, SUMMARY_FILE
 from atlasfl.strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTITIONS = {"iid": ROOT / "configs" / "quick.yaml",
-              "dirichlet": ROOT / "configs" / "quick-dirichlet.yaml"}
+# a setting's config and the stem of its committed rows (bench/results/<stem>.jsonl)
+PARTITIONS = {"iid": (ROOT / "configs" / "quick.yaml", "quick_iid"),
+              "dirichlet": (ROOT / "configs" / "quick-dirichlet.yaml", "quick_dirichlet"),
+              "medium": (ROOT / "configs" / "medium.yaml", "medium_iid")}
 CLIENT_KEYS = ("client", "task", "local_metric", "local_accuracy", "global_metric",
                "global_accuracy", "val_metric", "device")
 
@@ -60,12 +62,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         restored = rebuild(rows, _out(args), missing_only=True)
         if restored:
             print(f"{restored} finished runs restored from {rows}", file=sys.stderr)
-    run_grid(from_yaml(PARTITIONS[args.partition]), points[index::count], _out(args),
+    run_grid(from_yaml(PARTITIONS[args.partition][0]), points[index::count], _out(args),
              fixed=fixed)
 
 
 def _rows(args: argparse.Namespace) -> Path:
-    return Path(args.rows or ROOT / "bench" / "results" / f"quick_{args.partition}.jsonl")
+    stem = PARTITIONS[args.partition][1]
+    return Path(args.rows or ROOT / "bench" / "results" / f"{stem}.jsonl")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -159,7 +162,7 @@ def main() -> None:
         p.add_argument("--partition", choices=sorted(PARTITIONS), default="iid")
         p.add_argument("--out", default="runs/bench-atlas")
         p.add_argument("--rows", help="the exported rows (default "
-                       "bench/results/quick_<partition>.jsonl)")
+                       "bench/results/quick_<partition>.jsonl, medium_iid.jsonl)")
         if name == "run":
             p.add_argument("--methods", nargs="+", default=["all"])
             p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])

@@ -10,11 +10,14 @@ early stopping), then the grid point on top.
         --seeds 0 --shard 0/2
     python bench/tune.py choose --config configs/quick.yaml --grid train.lr=0.0005,0.001,0.002
 
-``choose`` prints, per method, the validation metric of every point and the one chosen
-(``atlasfl.engine.grid.choose_on_validation``: the mean over seeds of the validation metric,
-nothing else), then the test metrics of the chosen point and of the others as "reported, not
-used to choose", writes the rows to ``--rows`` (JSON lines) and prints the ``method_settings``
-block to paste into the config.
+    python bench/tune.py table --rows bench/results/tune_quick_iid.jsonl   # the README's table
+
+``choose`` prints, per method, the table every sweep prints (``atlasfl.engine.grid.grid_table``:
+the validation metric of every point, the one chosen on it by ``choose_on_validation``, the
+test metrics "reported, not used to choose"), writes the rows to ``--rows`` (JSON lines) and
+prints the ``method_settings`` block to paste into the config. ``table`` pivots committed rows
+into one line per method (``--pivot``, the grid axis in the columns), choosing again from the
+validation column alone.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from typing import Any
 import yaml
 
 from atlasfl.config import from_yaml, parse_overrides
-from atlasfl.engine.grid import choose_on_validation, expand_grid, point_name, run_grid
+from atlasfl.engine.grid import (choose_on_validation, expand_grid, grid_table, point_name,
+                                 run_grid)
 from atlasfl.strategies import STRATEGIES
 
 
@@ -49,35 +53,32 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_choose(args: argparse.Namespace) -> None:
+    """Per method, ``grid_table`` of its points (the choice made on validation only), then the
+    method_settings block; ``--rows`` keeps one JSON line per point for ``table``."""
     out = Path(args.out)
-    rows: list[dict[str, Any]] = []
+    results: list[tuple[dict[str, Any], Path, dict[str, Any] | None]] = []
     for point in _points(args):
         path = out / point_name(point)
-        summary = (json.loads((path / "summary.json").read_text())
-                   if (path / "summary.json").is_file() else None)
-        avg = summary["average"] if summary else {}
-        rows.append({"point": point, "val_metric": avg.get("val_metric"),
-                     "local_metric": avg.get("local_metric"),
-                     "global_metric": avg.get("global_metric"),
-                     "wall_seconds": summary["wall_seconds"] if summary else None,
-                     "cpu_over_wall": summary["cpu_utilisation"] if summary else None})
+        results.append((point, path, json.loads((path / "summary.json").read_text())
+                        if (path / "summary.json").is_file() else None))
     chosen: dict[str, dict[str, Any]] = {}
-    print("| method | setting | val metric (chooses) | chosen | local test (reported) | "
-          "global test (reported) | wall s |\n|---|---|---|---|---|---|---|")
-    for method in dict.fromkeys(r["point"]["method"] for r in rows):
-        mine = [r for r in rows if r["point"]["method"] == method]
+    rows: list[dict[str, Any]] = []
+    for method in dict.fromkeys(point["method"] for point, _, _ in results):
+        mine = [({k: v for k, v in point.items() if k != "method"}, path, summary)
+                for point, path, summary in results if point["method"] == method]
+        markdown, _ = grid_table(mine)  # the table and the choice every sweep makes
+        print(f"\n`{method}`\n\n{markdown}")
         # only (point, validation metric) pairs reach the choice
-        pick = choose_on_validation([({k: v for k, v in r["point"].items() if k != "method"},
-                                      r["val_metric"]) for r in mine])
+        pick = choose_on_validation([(p, _average(s, "val_metric")) for p, _, s in mine])
         if pick is not None:
             chosen[method] = pick
-        for r in mine:
-            setting = {k: v for k, v in r["point"].items() if k not in ("method", "seed")}
-            mark = "**yes**" if setting == pick else ""
-            r["chosen"] = bool(mark)
-            print(f"| {method} | {_text(setting)} seed {r['point']['seed']} | "
-                  f"{_num(r['val_metric'])} | {mark} | {_num(r['local_metric'])} | "
-                  f"{_num(r['global_metric'])} | {_num(r['wall_seconds'], 0)} |")
+        rows += [{"point": {"method": method, **p},
+                  "chosen": pick is not None and {k: p[k] for k in pick} == pick,
+                  **{key: _average(s, key) for key in ("val_metric", "local_metric",
+                                                       "global_metric")},
+                  "wall_seconds": s["wall_seconds"] if s else None,
+                  "cpu_over_wall": s["cpu_utilisation"] if s else None}
+                 for p, _, s in mine]
     if args.rows:
         with open(args.rows, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
@@ -88,8 +89,52 @@ def cmd_choose(args: argparse.Namespace) -> None:
     print(yaml.safe_dump({"method_settings": chosen}, sort_keys=False, width=100))
 
 
-def _text(setting: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in setting.items())
+def _average(summary: dict[str, Any] | None, key: str) -> float | None:
+    return None if summary is None else summary["average"].get(key)
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    """The README's tuning table from rows that ``choose --rows`` wrote (committed)."""
+    rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line]
+    print(pivot(rows, args.pivot))
+
+
+def pivot(rows: list[dict[str, Any]], axis: str) -> str:
+    """One line per method: the validation metric at each value of ``axis`` (mean over seeds),
+    the value chosen on it, and the test metrics there (reported, not used to choose).
+
+    The choice is made again here from the validation column alone
+    (``choose_on_validation``), so a table cannot show a choice its rows do not support.
+    """
+    values = sorted({r["point"][axis] for r in rows})
+    lines = ["| method | " + " | ".join(f"val, {_key(axis)} {v:g}" for v in values)
+             + f" | chosen {_key(axis)} | local test at it (reported) "
+             "| global test at it (reported) |",
+             "|---" * (len(values) + 4) + "|"]
+    for method in dict.fromkeys(r["point"]["method"] for r in rows):
+        mine = [r for r in rows if r["point"]["method"] == method]
+        pick = choose_on_validation([({k: v for k, v in r["point"].items() if k != "method"},
+                                      r["val_metric"]) for r in mine])
+        cells = []
+        for value in values:
+            val = _mean([r["val_metric"] for r in mine if r["point"][axis] == value])
+            text = _num(val, 3)
+            cells.append(f"**{text}**" if pick and pick.get(axis) == value else text)
+        at = [r for r in mine if pick and r["point"][axis] == pick.get(axis)]
+        tail = ([f"{pick[axis]:g}", _num(_mean([r["local_metric"] for r in at]), 3),
+                 _num(_mean([r["global_metric"] for r in at]), 3)] if pick else ["", "", ""])
+        lines.append(f"| `{method}` | " + " | ".join(cells + tail) + " |")
+    return "\n".join(lines)
+
+
+def _key(axis: str) -> str:
+    return axis.rsplit(".", 1)[-1]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)  # type: ignore[arg-type]
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -98,7 +143,7 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["run", "choose"])
+    parser.add_argument("command", choices=["run", "choose", "table"])
     parser.add_argument("--config", default="configs/quick.yaml")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="a grid axis (the same for every method)")
@@ -108,12 +153,15 @@ def main() -> None:
                         help="a setting of every run (after method_settings)")
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("--out", default="runs/tune-quick")
-    parser.add_argument("--rows", help="write the rows (JSON lines) here (choose)")
+    parser.add_argument("--rows", help="choose: write the rows (JSON lines) here; table: "
+                        "read them from here")
+    parser.add_argument("--pivot", default="train.lr",
+                        help="table: the grid axis in the columns (default train.lr)")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    {"run": cmd_run, "choose": cmd_choose}[args.command](args)
+    {"run": cmd_run, "choose": cmd_choose, "table": cmd_table}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ def test_overrides_parse_yaml_values():
     ({"laplacian": {"lam": -1}}, "laplacian.lam' = -1.0 is invalid; allowed: a number >= 0"),
     ({"laplacian": {"space": "tangent"}}, "allowed: auto, factors, product"),
     ({"laplacian": {"graph": "full"}}, "allowed: rbf, knn"),
+    ({"data": {"task_samples": {"cola": 0}}}, "data.task_samples.cola' = 0 is invalid"),
+    ({"data": {"task_samples": {"cola": "many"}}}, "data.task_samples.cola' must be an integer"),
+    ({"data": {"task_samples": [100]}}, "data.task_samples' must be a mapping"),
 ])
 def test_bad_values_name_field_value_and_allowed(raw, message):
     with pytest.raises(AtlasError, match=message):
@@ -69,3 +72,12 @@ def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"config file {bad}, line 4, column")
     assert "not valid YAML" in message
+
+
+def test_an_override_sets_one_entry_of_a_mapping_and_nothing_below_a_plain_key():
+    raw = apply_overrides({"data": {"task_samples": {"mrpc": 5}}},
+                          ["data.task_samples.cola=2000", "data.samples=300"])
+    assert from_dict(raw).data.task_samples == {"mrpc": 5, "cola": 2000}
+    for key in ("data.samples.cola=3", "data.task_samples.cola.rows=3"):
+        with pytest.raises(AtlasError, match="unknown config key"):
+            apply_overrides({}, [key])

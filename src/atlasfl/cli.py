@@ -160,6 +160,10 @@ def _install_stop_handlers():
     return stop
 
 
+def _per_task(task_samples: dict[str, int]) -> str:
+    return "".join(f", {n} for {task}" for task, n in task_samples.items())
+
+
 def _threads_note(threads: int, workers: int, device: torch.device) -> str:
     """How clients run: torch threads, and worker processes when there are several."""
     from atlasfl.engine.setup import resolve_threads, resolve_workers
@@ -191,7 +195,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_same_experiment(snapshot.config, cfg)
     print(f"atlasfl: {cfg.method} on {cfg.model.name}, tasks {' '.join(cfg.data.tasks)}, "
           f"{cfg.data.clients_per_task} clients per task with {cfg.data.samples} examples "
-          f"each ({cfg.data.val_fraction:.0%} held out for validation, "
+          f"each{_per_task(cfg.data.task_samples)} ({cfg.data.val_fraction:.0%} held out for "
+          f"validation, "
           f"{cfg.data.test_fraction:.0%} as its local test), "
           f"{cfg.federation.rounds} rounds, "
           f"{_threads_note(cfg.train.threads, cfg.train.workers, resolve_device(cfg.device))}, "

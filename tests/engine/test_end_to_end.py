@@ -179,12 +179,13 @@ def test_recluster_every_round_uploads_fresh_fingerprints_each_time(tiny_cfg, tm
 def test_every_shipped_config_loads_and_names_what_exists(path):
     cfg = from_dict(from_yaml(path))
     get_strategy(cfg.method)
-    resolve_tasks(cfg.data.tasks, cfg.data.custom_tasks)
+    resolve_tasks(cfg.data.tasks + tuple(cfg.data.task_samples), cfg.data.custom_tasks)
     assert cfg.model.name in PRESETS
 
 
 def test_the_shipped_configs_are_the_ones_tested():
-    assert {p.name for p in CONFIGS} >= {"quick.yaml", "paper.yaml"}
+    assert {p.name for p in CONFIGS} >= {"quick.yaml", "quick-dirichlet.yaml", "medium.yaml",
+                                         "paper.yaml"}
 
 
 def test_clients_whose_model_did_not_change_are_marked_and_scored_the_same(tiny_cfg, tmp_path):

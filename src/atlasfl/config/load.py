@@ -116,6 +116,22 @@ def _all_dotted_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+def _known_key(key: str) -> bool:
+    """A dotted key of the config, or one entry of a mapping field (``data.task_samples.cola``)."""
+    return key in _all_dotted_keys(ExperimentConfig) or _mapping_entry(key)
+
+
+def _mapping_entry(key: str) -> bool:
+    parent, _, _ = key.rpartition(".")
+    node: Any = ExperimentConfig
+    for part in parent.split(".") if parent else []:
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            return False
+        node = hints[part]
+    return typing.get_origin(node) is dict
+
+
 def _unknown_key(path: str) -> AtlasError:
     close = difflib.get_close_matches(path, _all_dotted_keys(ExperimentConfig), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -140,6 +156,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise AtlasError(f"config key {path!r} must be a mapping, got {value!r}")
         return _build(tp, value, path + ".")
+    if origin is dict:
+        (key_tp, item_tp) = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise AtlasError(f"config key {path!r} must be a mapping, got {value!r}")
+        return {_coerce(k, key_tp, path): _coerce(v, item_tp, f"{path}.{k}")
+                for k, v in value.items()}
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         if isinstance(value, (str, dict)):
@@ -228,14 +250,14 @@ def layered(raw: dict[str, Any], *layers: dict[str, Any]) -> dict[str, Any]:
                              f"allowed: {', '.join(STRATEGIES)}")
     for method, keys in settings.items():  # every method's, not only the one that runs
         for key in keys:
-            if key not in _all_dotted_keys(ExperimentConfig):
+            if not _known_key(key):
                 raise AtlasError(f"{METHOD_SETTINGS}.{method}: {_unknown_key(key)}")
 
     def stack(first: dict[str, Any]) -> dict[str, Any]:
         out = copy.deepcopy(base)
         for layer in (first, *layers):
             for key, value in layer.items():
-                if key not in _all_dotted_keys(ExperimentConfig):
+                if not _known_key(key):
                     raise _unknown_key(key)
                 set_dotted(out, key, copy.deepcopy(value))
         return out
@@ -289,7 +311,7 @@ def _parsed(item: str) -> tuple[str, Any]:
         raise AtlasError(f"--set expects key=value, got {item!r}")
     key, text = item.split("=", 1)
     key = key.strip()
-    if key not in _all_dotted_keys(ExperimentConfig):
+    if not _known_key(key):
         raise _unknown_key(key)
     try:
         value = yaml.safe_load(text)

@@ -53,6 +53,8 @@ class DataConfig:
     data_dir: str | None = None
     clients_per_task: int = 3
     samples: int = 200  # examples per client, its local test and validation rows included
+    # per task, a different number of examples per client ({cola: 2000}); others get samples
+    task_samples: dict[str, int] = field(default_factory=dict)
     eval_samples: int = 500  # shared test examples per task (GLUE dev split); 0 = all
     val_fraction: float = 0.1  # of each client's examples, held out for validation (choices)
     # of each client's examples, held out as its local test (drawn like its own rows, stratified

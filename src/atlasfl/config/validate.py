@@ -27,6 +27,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(len(set(d.tasks)) == len(d.tasks), "data.tasks", list(d.tasks), "no duplicates")
     _check(d.clients_per_task >= 1, "data.clients_per_task", d.clients_per_task, "an integer >= 1")
     _check(d.samples >= 1, "data.samples", d.samples, "an integer >= 1")
+    for task, n in d.task_samples.items():
+        _check(n >= 1, f"data.task_samples.{task}", n, "an integer >= 1")
     _check(d.eval_samples >= 0, "data.eval_samples", d.eval_samples, "0 (all) or more")
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 <= x < 1")
     _check(0.0 <= d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "0 <= x < 1")

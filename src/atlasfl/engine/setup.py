@@ -143,6 +143,12 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     set_mmap_threshold(cfg.train.mmap_threshold_kb)
     set_onednn_cache(cfg.train.onednn_cache)
     specs: list[TaskSpec] = resolve_tasks(cfg.data.tasks, cfg.data.custom_tasks)
+    # a count for a task this run leaves out is kept (--tasks on a config that has them), a
+    # name no registry knows is an error
+    try:
+        resolve_tasks(tuple(cfg.data.task_samples), cfg.data.custom_tasks)
+    except AtlasError as exc:
+        raise AtlasError(f"data.task_samples: {exc}") from None
     device = resolve_device(cfg.device)
     root = resolve_data_root(cfg.data.data_dir)
     loaded = {spec.name: load_task(spec, root) for spec in specs}  # all file errors up front
@@ -167,7 +173,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         train, test = loaded[spec.name]
         train, dropped = drop_test_overlap(train, test)
         try:
-            splits = partition(train.labels, cfg.data.clients_per_task, cfg.data.samples,
+            splits = partition(train.labels, cfg.data.clients_per_task,
+                               cfg.data.task_samples.get(spec.name, cfg.data.samples),
                                scheme=cfg.data.partition, alpha=cfg.data.alpha,
                                val_fraction=cfg.data.val_fraction,
                                test_fraction=cfg.data.test_fraction,

@@ -1,0 +1,63 @@
+"""The bench scripts that turn committed rows into the README's tables (tune.py, atlas.py)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tune_row(method, lr, seed, val, local, glob):
+    return {"point": {"method": method, "train.lr": lr, "seed": seed}, "val_metric": val,
+            "local_metric": local, "global_metric": glob}
+
+
+def test_the_tuning_table_chooses_on_the_validation_mean_and_reports_the_test_there():
+    tune = _script("tune")
+    rows = [  # lr 0.002 wins on validation (mean 0.60 vs 0.55); the test columns favour 0.001
+        _tune_row("atlas", 0.001, 0, 0.50, 0.90, 0.80),
+        _tune_row("atlas", 0.001, 1, 0.60, 0.70, 0.60),
+        _tune_row("atlas", 0.002, 0, 0.65, 0.40, 0.30),
+        _tune_row("atlas", 0.002, 1, 0.55, 0.20, 0.10),
+        _tune_row("local", 0.001, 0, 0.70, 0.10, 0.10),
+        _tune_row("local", 0.002, 0, None, 0.99, 0.99),
+    ]
+    lines = tune.pivot(rows, "train.lr").splitlines()
+    assert lines[0] == ("| method | val, lr 0.001 | val, lr 0.002 | chosen lr | local test at it "
+                        "(reported) | global test at it (reported) |")
+    assert lines[2] == "| `atlas` | 0.550 | **0.600** | 0.002 | 0.300 | 0.200 |"
+    # an unfinished point is never chosen, and its empty cell shows it
+    assert lines[3] == "| `local` | **0.700** |  | 0.001 | 0.100 | 0.100 |"
+
+
+def _run_row(method, seed, value):
+    return {"run": f"method={method}_seed={seed}",
+            "config": {"method": method, "seed": seed},
+            "summary": {"average": {"global_metric": value}}}
+
+
+def test_rebuild_writes_only_the_seeds_asked_for_and_keeps_this_sessions_runs(tmp_path):
+    atlas = _script("atlas")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(_run_row(m, s, 0.1 * s)) + "\n"
+                            for m in ("atlas", "local") for s in (0, 1, 2)))
+    into = tmp_path / "runs"
+    assert atlas.rebuild(rows, into, seeds=[1]) == 2
+    assert sorted(p.name for p in into.iterdir()) == ["method=atlas_seed=1", "method=local_seed=1"]
+    saved = into / "method=atlas_seed=1"
+    assert yaml.safe_load((saved / "config.yaml").read_text()) == {"method": "atlas", "seed": 1}
+    assert json.loads((saved / "summary.json").read_text())["average"]["global_metric"] == 0.1
+    # a folder of this session's run is left as it is; the others are restored
+    (into / "method=local_seed=1" / "summary.json").write_text("{}")
+    assert atlas.rebuild(rows, into, missing_only=True) == 4
+    assert (into / "method=local_seed=1" / "summary.json").read_text() == "{}"
+    assert len(list(into.iterdir())) == 6
