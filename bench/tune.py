@@ -106,8 +106,15 @@ def pivot(rows: list[dict[str, Any]], axis: str) -> str:
     The choice is made again here from the validation column alone
     (``choose_on_validation``), so a table cannot show a choice its rows do not support.
     """
-    values = sorted({r["point"][axis] for r in rows})
-    lines = ["| method | " + " | ".join(f"val, {_key(axis)} {v:g}" for v in values)
+    others = {k for r in rows for k in r["point"]} - {"method", "seed", axis}
+    varied = sorted(k for k in others if len({str(r["point"].get(k)) for r in rows}) > 1)
+    if varied:
+        raise SystemExit(f"--pivot {axis}: the rows also vary {', '.join(varied)}; a table "
+                         f"pivots a one-axis grid (choose prints every point)")
+    values = sorted({r["point"][axis] for r in rows}, key=str)
+    if all(isinstance(v, (int, float)) for v in values):
+        values.sort()
+    lines = ["| method | " + " | ".join(f"val, {_key(axis)} {_value(v)}" for v in values)
              + f" | chosen {_key(axis)} | local test at it (reported) "
              "| global test at it (reported) |",
              "|---" * (len(values) + 4) + "|"]
@@ -121,10 +128,14 @@ def pivot(rows: list[dict[str, Any]], axis: str) -> str:
             text = _num(val, 3)
             cells.append(f"**{text}**" if pick and pick.get(axis) == value else text)
         at = [r for r in mine if pick and r["point"][axis] == pick.get(axis)]
-        tail = ([f"{pick[axis]:g}", _num(_mean([r["local_metric"] for r in at]), 3),
+        tail = ([_value(pick[axis]), _num(_mean([r["local_metric"] for r in at]), 3),
                  _num(_mean([r["global_metric"] for r in at]), 3)] if pick else ["", "", ""])
         lines.append(f"| `{method}` | " + " | ".join(cells + tail) + " |")
     return "\n".join(lines)
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def _key(axis: str) -> str:

@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -37,6 +38,10 @@ def test_the_tuning_table_chooses_on_the_validation_mean_and_reports_the_test_th
     assert lines[2] == "| `atlas` | 0.550 | **0.600** | 0.002 | 0.300 | 0.200 |"
     # an unfinished point is never chosen, and its empty cell shows it
     assert lines[3] == "| `local` | **0.700** |  | 0.001 | 0.100 | 0.100 |"
+    # a second axis would mix its points into one cell: refused, naming it
+    rows[0]["point"]["train.head_lr"] = 0.01
+    with pytest.raises(SystemExit, match="also vary train.head_lr"):
+        tune.pivot(rows, "train.lr")
 
 
 def _run_row(method, seed, value):
