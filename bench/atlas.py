@@ -8,7 +8,8 @@ the config's ``method_settings`` (its learning rate chosen on validation rows, b
     python bench/atlas.py run --partition iid --seeds 0 1 2 3 4 --shard 0/2
     python bench/atlas.py export --partition iid      # rows -> bench/results/quick_iid.jsonl
     python bench/atlas.py report --partition iid      # atlasfl report of the exported rows
-    python bench/atlas.py headline --partition iid --seeds 0   # the README's table of the rows
+    python bench/atlas.py headline --partition iid    # the README's table (--seeds: only those)
+    python bench/atlas.py run --partition medium --seeds 0 --methods atlas   # medium.yaml
 
 ``export`` keeps, per finished run, its resolved config and its summary (clients' scores
 included), one JSON line each: the rows are committed, so ``report`` rebuilds the run folders
