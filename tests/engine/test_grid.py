@@ -26,6 +26,14 @@ def test_expand_grid_is_the_cartesian_product_in_order():
         expand_grid(["seed=1", "seed=2"])
     with pytest.raises(AtlasError, match="key=value"):
         expand_grid(["seed"])
+    assert expand_grid(["data.tasks=[cola],[cola, sst2]", "device=cuda:0,null"]) == [
+        {"data.tasks": ["cola"], "device": "cuda:0"}, {"data.tasks": ["cola"], "device": None},
+        {"data.tasks": ["cola", "sst2"], "device": "cuda:0"},
+        {"data.tasks": ["cola", "sst2"], "device": None}]
+    with pytest.raises(AtlasError, match=r"--set data.tasks: '\[cola' is not values separated"):
+        expand_grid(["data.tasks=[cola"])
+    with pytest.raises(AtlasError, match="--set seed: no value given"):
+        expand_grid(["seed="])
 
 
 def _client_tensors(run):

@@ -20,7 +20,7 @@ from atlasfl.client import ClientRuntime, ClientState, make_client
 from atlasfl.client.store import ClientStore
 from atlasfl.config import ExperimentConfig
 from atlasfl.data.batching import TokenizedSet, tokenize
-from atlasfl.data.glue import load_task, resolve_data_root
+from atlasfl.data.glue import Examples, load_task, resolve_data_root
 from atlasfl.data.metrics import reference_scores
 from atlasfl.data.partition import ClientSplit, drop_test_overlap, partition
 from atlasfl.data.tasks import TaskSpec, resolve_tasks
@@ -30,7 +30,7 @@ from atlasfl.engine.host import usable_cores
 from atlasfl.errors import AtlasError
 from atlasfl.models.head import ClassificationHead, init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
-from atlasfl.models.registry import Backbone, load_backbone
+from atlasfl.models.registry import Backbone, check_model, load_backbone
 from atlasfl.phases.memory import model_dims
 from atlasfl.strategies.base import ClientInfo, ModelInfo, Strategy, get_strategy
 
@@ -136,12 +136,12 @@ def _pool(splits: list[ClientSplit]) -> tuple[list[ClientSplit], tuple[int, ...]
     return [pooled], tuple(len(s.test_idx) for s in splits)
 
 
-def build_experiment(cfg: ExperimentConfig) -> Experiment:
-    """Load data and model and create every client from the shared seeded initialisation."""
+Loaded = dict[tuple[str, str], tuple[Examples, Examples]]  # (data root, task) -> (train, test)
+
+
+def _resolve_names(cfg: ExperimentConfig) -> tuple[type[Strategy], list[TaskSpec]]:
+    """The method's strategy and the tasks; a name no registry knows is an error naming it."""
     strategy_cls = get_strategy(cfg.method)
-    torch.set_num_threads(resolve_threads(cfg.train.threads))
-    set_mmap_threshold(cfg.train.mmap_threshold_kb)
-    set_onednn_cache(cfg.train.onednn_cache)
     specs: list[TaskSpec] = resolve_tasks(cfg.data.tasks, cfg.data.custom_tasks)
     # a count for a task this run leaves out is kept (--tasks on a config that has them), a
     # name no registry knows is an error
@@ -149,9 +149,66 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         resolve_tasks(tuple(cfg.data.task_samples), cfg.data.custom_tasks)
     except AtlasError as exc:
         raise AtlasError(f"data.task_samples: {exc}") from None
-    device = resolve_device(cfg.device)
+    resolve_device(cfg.device)
+    return strategy_cls, specs
+
+
+def _load(specs: list[TaskSpec], cfg: ExperimentConfig,
+          cache: Loaded | None = None) -> dict[str, tuple[Examples, Examples]]:
+    """Every task's (train, test) examples, read once per data root when ``cache`` is given."""
     root = resolve_data_root(cfg.data.data_dir)
-    loaded = {spec.name: load_task(spec, root) for spec in specs}  # all file errors up front
+    cache = {} if cache is None else cache
+    for spec in specs:  # all file errors up front
+        key = (str(root), spec.name)
+        if key not in cache:
+            cache[key] = load_task(spec, root)
+    return {spec.name: cache[(str(root), spec.name)] for spec in specs}
+
+
+def _client_splits(cfg: ExperimentConfig, spec: TaskSpec, train: Examples, test: Examples
+                   ) -> tuple[Examples, int, list[ClientSplit]]:
+    """A task's training rows less those in its test split, how many were dropped, and splits.
+
+    The splits are each client's (train, validation, local test) rows of them.
+    """
+    train, dropped = drop_test_overlap(train, test)
+    try:
+        splits = partition(train.labels, cfg.data.clients_per_task,
+                           cfg.data.task_samples.get(spec.name, cfg.data.samples),
+                           scheme=cfg.data.partition, alpha=cfg.data.alpha,
+                           val_fraction=cfg.data.val_fraction,
+                           test_fraction=cfg.data.test_fraction,
+                           seed=[cfg.seed, _stable(spec.name)])
+    except AtlasError as exc:  # a task left (nearly) empty: name it and why
+        overlap = f", after dropping {dropped} rows that are also in its test split" \
+            if dropped else ""
+        raise AtlasError(f"task {spec.name!r}: {exc}{overlap}; allowed: "
+                         f"data.clients_per_task <= its training rows") from None
+    return train, dropped, splits
+
+
+def preflight(cfg: ExperimentConfig, cache: Loaded | None = None) -> None:
+    """Every check of ``build_experiment`` that needs no model weights, for a grid's points.
+
+    Names (method, tasks, device, model), data files and each task's partition at this point's
+    row counts and seed. ``cache`` keeps the tasks' rows between points. Not checked: what the
+    strategy checks once it knows the model's shapes (a device that fits no rank plan).
+    """
+    _, specs = _resolve_names(cfg)
+    check_model(cfg.model.name)
+    loaded = _load(specs, cfg, cache)
+    for spec in specs:
+        _client_splits(cfg, spec, *loaded[spec.name])
+
+
+def build_experiment(cfg: ExperimentConfig) -> Experiment:
+    """Load data and model and create every client from the shared seeded initialisation."""
+    strategy_cls, specs = _resolve_names(cfg)
+    torch.set_num_threads(resolve_threads(cfg.train.threads))
+    set_mmap_threshold(cfg.train.mmap_threshold_kb)
+    set_onednn_cache(cfg.train.onednn_cache)
+    device = resolve_device(cfg.device)
+    loaded = _load(specs, cfg)
     backbone = load_backbone(cfg.model.name)
     pooling = cfg.model.pooling
     if pooling == "auto":
@@ -171,19 +228,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     test_sets, references, notes = {}, {}, {}
     for spec in specs:
         train, test = loaded[spec.name]
-        train, dropped = drop_test_overlap(train, test)
-        try:
-            splits = partition(train.labels, cfg.data.clients_per_task,
-                               cfg.data.task_samples.get(spec.name, cfg.data.samples),
-                               scheme=cfg.data.partition, alpha=cfg.data.alpha,
-                               val_fraction=cfg.data.val_fraction,
-                               test_fraction=cfg.data.test_fraction,
-                               seed=[cfg.seed, _stable(spec.name)])
-        except AtlasError as exc:  # a task left (nearly) empty: name it and why
-            overlap = f", after dropping {dropped} rows that are also in its test split" \
-                if dropped else ""
-            raise AtlasError(f"task {spec.name!r}: {exc}{overlap}; allowed: "
-                             f"data.clients_per_task <= its training rows") from None
+        train, dropped, splits = _client_splits(cfg, spec, train, test)
         if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
             # the same test rows for every seed and method: comparisons are paired
             rng = np.random.default_rng(_stable("test", spec.name))

@@ -8,6 +8,7 @@ The backbone is the bare transformer (``AutoModel``); the classification head li
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -204,6 +205,31 @@ HUB_EXAMPLES = ("distilbert-base-uncased", "bert-base-uncased", "roberta-base", 
                 "Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-135M")
 
 
+def _unknown(name: str, exc: Exception) -> AtlasError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return AtlasError(f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}) and not "
+                      f"loadable from a local folder or the Hugging Face hub: {first}")
+
+
+@functools.cache  # a grid asks once per point; an error is not cached
+def check_model(name: str) -> None:
+    """Fail as ``load_backbone`` would, without loading weights.
+
+    A preset must be installed; any other name must have a readable config (a local folder, or
+    the hub when online).
+    """
+    if name in PRESETS:
+        if not PRESETS[name].available():
+            PRESETS[name].load()  # raises the preset's own message naming what to install
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise _unknown(name, exc) from None
+
+
 def load_backbone(name: str) -> Backbone:
     """Load a preset, a local folder or a Hugging Face model id; errors name what failed."""
     if name in PRESETS:
@@ -212,10 +238,7 @@ def load_backbone(name: str) -> Backbone:
         try:
             model, tokenizer = _load_pretrained(name)
         except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise AtlasError(f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}) and "
-                             f"not loadable from a local folder or the Hugging Face hub: "
-                             f"{first}") from None
+            raise _unknown(name, exc) from None
     family = str(model.config.model_type)
     if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship without a pad token
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,6 +1,7 @@
-"""Command line: ``atlasfl run | resume | sweep | methods | tasks | models``.
+"""Command line: ``atlasfl run | resume | sweep | compare | tune | report | methods | ...``.
 
-Parsing only; the work is in the library.
+Parsing only; the work is in the library. The grid commands (sweep, compare, tune) are in
+``grids``.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ import argparse
 import copy
 import os
 import shutil
-import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from atlasfl.cli.grids import GRID_COMMANDS, add_grid_commands
+from atlasfl.cli.stopping import install_stop_handlers
 from atlasfl.errors import AtlasError
 
 if TYPE_CHECKING:
@@ -83,33 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     resume.add_argument("run_dir", help="the run folder (or one of its checkpoint folders)")
     _session_flags(resume)
-    sweep = sub.add_parser("sweep", help="run a grid of settings into one folder and tabulate",
-                           description="Runs every combination of the --set values (comma-"
-                           "separated) into OUT/<point>, skipping finished runs and resuming "
-                           "interrupted ones, then writes OUT/sweep.md and OUT/sweep.csv. Choose "
-                           "settings on the validation column; the test columns are reported.")
-    sweep.add_argument("--config", help="YAML config file (configs/quick.yaml, ...)")
-    sweep.add_argument("--method", help="the method of every run (default: the config's)")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2,...",
-                       help="a grid axis, e.g. --set laplacian.lam=0,0.01,0.1,1")
-    sweep.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
-                       help="a setting applied to every run (a single value)")
-    sweep.add_argument("--out", required=True, help="the sweep's folder")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
-    compare = sub.add_parser(
-        "compare", help="run methods x seeds into one folder, then report",
-        description="Runs every method with every seed into OUT/method=M_seed=S (a finished run "
-        "is skipped, an interrupted one resumed), then writes the report of OUT (as atlasfl "
-        "report).")
-    compare.add_argument("--config", help="YAML config file (configs/quick.yaml, ...)")
-    compare.add_argument("--methods", required=True, help="comma-separated, e.g. local,atlas")
-    compare.add_argument("--seeds", default="0,1,2", help="comma-separated (default 0,1,2)")
-    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="a setting for every run, e.g. --set data.partition=dirichlet")
-    compare.add_argument("--out", required=True, help="the comparison's folder")
-    compare.add_argument("--vs", help="the method the others are paired against "
-                         "(default atlas when present)")
-    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_grid_commands(sub)
     report = sub.add_parser(
         "report", help="tables, statistics and figures from run folders",
         description="Reads run folders (or folders of them) and writes REPORT/report.md, "
@@ -139,25 +115,6 @@ def _resolve_config(args: argparse.Namespace, raw: dict | None = None):
     if args.no_progress:
         flags["progress"] = False
     return from_dict(layered(raw, flags, parse_overrides(getattr(args, "set", []))))
-
-
-def _install_stop_handlers():
-    """First SIGINT/SIGTERM: stop at the next client boundary; a second one: stop now."""
-    from atlasfl.engine import StopFlag
-
-    stop = StopFlag()
-
-    def handler(signum, frame):
-        if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
-        print(f"\natlasfl: {signal.Signals(signum).name} received: stopping after the current "
-              f"client and keeping the last complete checkpoint (again to stop at once)",
-              file=sys.stderr)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
-    return stop
 
 
 def _per_task(task_samples: dict[str, int]) -> str:
@@ -208,7 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         new_out = not Path(cfg.out).exists()
         run_dir = RunDir.create(cfg, overwrite=bool(getattr(args, "overwrite", False)))
-    stop = _install_stop_handlers()
+    stop = install_stop_handlers()
     run = _flower_simulation() if args.engine == "flower-sim" else run_experiment
     try:
         outcome = run(experiment, run_dir, resume=snapshot, stop=stop)
@@ -272,56 +229,6 @@ def _print_summary(summary: dict, run_path: Path) -> None:
     print(f"run folder: {run_path}")
 
 
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from atlasfl.config import from_yaml, parse_overrides
-    from atlasfl.engine.grid import expand_grid, grid_table, run_grid
-
-    raw = from_yaml(args.config) if args.config else {}
-    fixed = parse_overrides(args.fixed)
-    if args.method:
-        fixed["method"] = args.method
-    if args.no_progress:
-        fixed["progress"] = False
-    points = expand_grid(args.set)
-    out = Path(args.out)
-    stop = _install_stop_handlers()
-    results = run_grid(raw, points, out, fixed=fixed, stop=stop)
-    markdown, table = grid_table(results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.md").write_text(markdown + "\n")
-    (out / "sweep.csv").write_text(table)
-    print(markdown)
-    print(f"\n{out / 'sweep.md'}, {out / 'sweep.csv'}")
-    return 130 if stop.requested else 0
-
-
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from atlasfl.config import from_yaml, parse_overrides
-    from atlasfl.engine.grid import run_grid
-    from atlasfl.report import write_report
-
-    raw = from_yaml(args.config) if args.config else {}
-    fixed = parse_overrides(args.set)
-    if args.no_progress:
-        fixed["progress"] = False
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise AtlasError(f"--seeds expects integers separated by commas, got {args.seeds!r}"
-                         ) from None
-    points = [{"method": m, "seed": s} for m in methods for s in seeds]
-    out = Path(args.out)
-    stop = _install_stop_handlers()
-    run_grid(raw, points, out, fixed=fixed, stop=stop)
-    if stop.requested:
-        return 130
-    report_dir = out / "report"
-    print(write_report([out], report_dir, vs=args.vs))
-    print(f"report: {report_dir / 'report.md'}")
-    return 0
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
     from atlasfl.report import write_report
 
@@ -379,10 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         if args.command in ("run", "resume"):
             return _cmd_run(args)
-        if args.command == "sweep":
-            return _cmd_sweep(args)
-        if args.command == "compare":
-            return _cmd_compare(args)
+        if args.command in GRID_COMMANDS:
+            return GRID_COMMANDS[args.command](args)
         if args.command == "report":
             return _cmd_report(args)
         if args.command == "methods":
@@ -396,7 +301,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("atlasfl: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
