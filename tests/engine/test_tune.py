@@ -118,6 +118,7 @@ def test_tune_prunes_on_validation_and_its_winner_is_the_uninterrupted_run(tiny_
     capsys.readouterr()
     assert main(argv) == 0
     assert ": running" not in capsys.readouterr().err
+    assert "Rounds run: 8 of the 12" in (out / "tune.md").read_text()
     assert yaml.safe_load((out / "chosen.yaml").read_text())["method_settings"]["fedavg"] == \
         chosen
 

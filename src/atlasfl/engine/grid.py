@@ -1,12 +1,15 @@
-"""A grid of runs in one folder: ``atlasfl sweep``.
+"""A grid of runs in one folder: ``atlasfl sweep`` and ``compare`` (and ``tune``'s trials).
 
 ``expand_grid`` turns ``key=v1,v2,...`` settings into the cartesian product of their values;
-``run_grid`` runs every point in its own run folder under one output folder, sequentially: a
-point whose run finished is skipped (its summary is read), an interrupted one is resumed from its
-latest checkpoint, a point that never reached a checkpoint starts over. ``choose_on_validation``
-names the setting a sweep would pick, from the validation metric only (it is never handed a test
-score), and ``grid_table`` writes one table of the points: the validation metric and the chosen
-setting, then the local and global test metrics, reported and never used to choose.
+``plan_grid`` checks every point before anything runs (its config, names, data and partition,
+and what its folder holds); ``run_grid`` then runs every point in its own run folder under one
+output folder, one after another here, ``jobs`` at once (``atlasfl.engine.jobs``) or on a Ray
+cluster (``atlasfl.engine.raygrid``): a point whose run finished is skipped (its summary is
+read), an interrupted one is resumed from its latest checkpoint, a point that never reached a
+checkpoint starts over. ``choose_on_validation`` names the setting a sweep would pick, from the
+validation metric only (it is never handed a test score), and ``grid_table`` writes one table of
+the points: the validation metric and the chosen setting, then the local and global test
+metrics, reported and never used to choose.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ import yaml
 
 from atlasfl.config import from_dict, layered
 from atlasfl.engine.checkpoint import META, latest_checkpoint
-from atlasfl.engine.grid import GridJob, GridProgress, Point, expand_grid, plan_grid, run_point
+from atlasfl.engine.grid import (GridJob, GridProgress, Point, expand_grid, plan_grid,
+                                 point_name, run_point)
 from atlasfl.engine.simulation import StopFlag
 from atlasfl.errors import AtlasError
 from atlasfl.runfiles import ROUNDS_FILE, SUMMARY_FILE
@@ -145,7 +146,12 @@ def rows_of_round(path: Path, round_idx: int) -> list[dict[str, Any]]:
 
 
 def process_seconds(path: Path) -> float:
-    """The CPU seconds a run folder's sessions spent so far (its latest checkpoint's count)."""
+    """The CPU seconds a run folder's sessions spent.
+
+    Its summary's count, or its latest checkpoint's while it is unfinished.
+    """
+    if (path / SUMMARY_FILE).is_file():
+        return float(json.loads((path / SUMMARY_FILE).read_text())["process_seconds"])
     checkpoint = latest_checkpoint(path)
     if checkpoint is None:
         return 0.0
@@ -181,7 +187,7 @@ class TuneResult:
     trials: list[Trial]
     rungs: list[int]
     chosen: Point | None  # the best at the last rung, on validation
-    rounds_run: int  # rounds run over all candidates and seeds
+    rounds_run: int  # rounds run over all candidates and seeds (the last rung each reached)
     rounds_full: int  # rounds a full grid of the same candidates and seeds runs
     process_seconds: float  # CPU seconds of every trial's sessions
 
@@ -201,7 +207,6 @@ def run_tune(raw: dict[str, Any], settings: Sequence[Point], seeds: Sequence[int
     plan_grid(raw, [{**s, "seed": seed} for s in settings for seed in seeds], out, fixed=fixed)
     trials = [Trial(dict(s)) for s in settings]
     alive = list(range(len(settings)))
-    rounds_run = 0
     for k, rung in enumerate(rungs):
         planned = plan_grid(raw, [{**trials[i].setting, "seed": s} for i in alive for s in seeds],
                             out, fixed=fixed)
@@ -209,7 +214,6 @@ def run_tune(raw: dict[str, Any], settings: Sequence[Point], seeds: Sequence[int
         for job in planned:
             reached = job.cfg.federation.rounds if job.state == "finished" else job.resume_round
             if reached < rung:
-                rounds_run += rung - reached
                 todo.append(dataclasses.replace(job, until=0 if rung == rungs[-1] else rung))
         print(f"atlasfl tune: rung {k + 1} of {len(rungs)}: {len(alive)} candidates x "
               f"{len(seeds)} seeds to round {rung}", file=sys.stderr)
@@ -226,10 +230,10 @@ def run_tune(raw: dict[str, Any], settings: Sequence[Point], seeds: Sequence[int
     last = [trials[i].scores[-1] for i in alive]
     best = survivors(last, len(last))  # keeps one: the best, first on ties
     chosen = trials[alive[best[0]]].setting if best and last[best[0]] is not None else None
-    seconds = sum(process_seconds(out / name) for name in
-                  {job.label for job in plan_grid(raw, [{**s, "seed": seed} for s in settings
-                                                        for seed in seeds], out, fixed=fixed)})
-    return TuneResult(trials, rungs, chosen, rounds_run,
+    seconds = sum(process_seconds(out / point_name({**s, "seed": seed}))
+                  for s in settings for seed in seeds)
+    reached = sum(rungs[len(t.scores) - 1] for t in trials if t.scores) * len(seeds)
+    return TuneResult(trials, rungs, chosen, reached,
                       base.federation.rounds * len(settings) * len(seeds), seconds)
 
 
