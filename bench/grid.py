@@ -9,6 +9,13 @@ children's CPU), and the throughput ratio is the arms' summed wall times.
     python bench/grid.py jobs --config configs/quick.yaml --methods local fedavg-task atlas \
         mira homolora --seeds 0 1 2 3 4 --jobs 2 --out runs/bench-grid
 
+``ray``: the same points on a loopback Ray cluster (a head and ``--nodes`` one-CPU nodes),
+timed, and each run's scores compared with the ``--jobs`` arm's (the same one torch thread per
+run):
+
+    python bench/grid.py ray --config configs/quick.yaml --methods local fedavg-task \
+        --seeds 0 1 --out runs/bench-grid
+
 ``tune``: the validation metric ``atlasfl tune`` chose and its CPU seconds against the best
 of a full grid of the same candidates (the grid's runs read from their folders, or from
 ``bench/tune.py``'s committed rows with ``--rows``):
@@ -68,11 +75,47 @@ def cmd_jobs(args: argparse.Namespace) -> None:
                   f"{(_cpu() - cpu) / wall:.2f}", flush=True)
     print(f"throughput of --jobs {args.jobs} over one after another: "
           f"{walls['A'] / walls['B']:.2f}x ({walls['A']:.0f} s vs {walls['B']:.0f} s)")
-    for name in sorted(p.name for p in (out / "sequential").iterdir() if p.is_dir()):
-        a, b = (json.loads((out / d / name / "summary.json").read_text())["average"]
-                for d in ("sequential", f"jobs{args.jobs}"))
-        same = "same" if a == b else "DIFFERENT"
-        print(f"  {name}: {same} average scores")
+    _same(out, f"jobs{args.jobs}", "sequential")
+
+
+def cmd_ray(args: argparse.Namespace) -> None:
+    """The points on a loopback Ray cluster (a head without CPUs, ``--nodes`` nodes of one CPU
+    each), timed, then compared with the folders of another arm (``--against``)."""
+    from ray import cluster_utils
+
+    raw = from_yaml(args.config)
+    fixed = {**parse_overrides(args.set), "progress": False}
+    points = [{"method": m, "seed": s} for s in args.seeds for m in args.methods]
+    out = Path(args.out)
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(args.nodes):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        start, cpu = time.perf_counter(), _cpu()
+        run_grid(raw, points, out / "ray", fixed=fixed, ray=cluster.address, name="ray")
+        wall = time.perf_counter() - start
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+    print(f"{len(points)} points on {args.nodes} one-CPU nodes: {wall:.0f} s wall "
+          f"(this process's cpu/wall {(_cpu() - cpu) / wall:.2f}: the work runs in Ray's "
+          f"workers)")
+    _same(out, "ray", args.against)
+
+
+def _same(out: Path, arm: str, against: str) -> None:
+    """Whether each point's summary scores equal those of another arm, to the last digit."""
+    for run in sorted(p for p in (out / arm).iterdir() if (p / "summary.json").is_file()):
+        a, b = (json.loads((out / d / run.name / "summary.json").read_text())
+                for d in (arm, against))
+        same = a["average"] == b["average"] and [
+            {k: v for k, v in c.items() if not k.endswith("seconds")} for c in a["clients"]
+        ] == [{k: v for k, v in c.items() if not k.endswith("seconds")} for c in b["clients"]]
+        print(f"  {run.name}: {'the same scores as' if same else 'DIFFERENT scores from'} "
+              f"{against}")
 
 
 def _grid_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -106,12 +149,20 @@ def main(argv: list[str] | None = None) -> None:
     jobs.add_argument("--jobs", type=int, default=2)
     jobs.add_argument("--set", action="append", default=[])
     jobs.add_argument("--out", required=True)
+    ray = sub.add_parser("ray")
+    ray.add_argument("--config", required=True)
+    ray.add_argument("--methods", nargs="+", required=True)
+    ray.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ray.add_argument("--nodes", type=int, default=2)
+    ray.add_argument("--set", action="append", default=[])
+    ray.add_argument("--out", required=True, help="the jobs run's --out: compared with its arm")
+    ray.add_argument("--against", default="jobs2", help="the arm compared with (default jobs2)")
     tune = sub.add_parser("tune")
     tune.add_argument("--tune", required=True, help="the atlasfl tune folder")
     tune.add_argument("--rows", required=True, help="bench/tune.py rows of the full grid")
     tune.add_argument("--method", required=True)
     args = parser.parse_args(argv)
-    {"jobs": cmd_jobs, "tune": cmd_tune}[args.command](args)
+    {"jobs": cmd_jobs, "ray": cmd_ray, "tune": cmd_tune}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def test_a_grid_on_a_cluster_survives_a_lost_node(tiny_cfg, tmp_path, capsys, cl
     killer.join()
     assert len(c.list_all_nodes()) == 2  # the head and one worker node were left
     assert lost_mid_run  # a node went away while points were running
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    assert "[2/2] seed=1: submitted (running) (done 0, submitted 2, left 0)" in err
     seq = tmp_path / "seq"
     assert main(["sweep", *grid, "--out", str(seq)]) == 0
     for name in ("seed=0", "seed=1"):

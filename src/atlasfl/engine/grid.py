@@ -182,14 +182,14 @@ class GridProgress:
         self.paused = paused  # what a point that stopped before its end waits for
         self.done = sum(job.state == "finished" for job in jobs)
         self.running = 0
+        self.running_word = "running"  # "submitted" on Ray, which queues what it cannot start
         self.stopped = 0  # points that stopped before their end in this call
         self.durations: list[float] = []
 
     def _counts(self) -> str:
         left = self.total - self.done - self.running - self.stopped
-        text = f"done {self.done}, running {self.running}, left {left}"
-        if self.stopped:
-            text = f"done {self.done}, running {self.running}, stopped {self.stopped}, left {left}"
+        stopped = f"stopped {self.stopped}, " if self.stopped else ""
+        text = f"done {self.done}, {self.running_word} {self.running}, {stopped}left {left}"
         if self.durations and self.done < self.total:
             to_go = (self.total - self.done) * (sum(self.durations) / len(self.durations))
             at_once = max(1, min(self.parallel, self.total - self.done))
@@ -202,10 +202,10 @@ class GridProgress:
               f"({self._counts()})", file=sys.stderr)
 
     def started(self, job: GridJob) -> None:
-        """``job`` starts (or resumes)."""
+        """``job`` starts (or resumes; on Ray, is submitted)."""
         self.running += 1
-        self.say(job, "running" if job.state == "new"
-                 else f"resuming after round {job.resume_round}")
+        what = "running" if job.state == "new" else f"resuming after round {job.resume_round}"
+        self.say(job, what if self.running_word == "running" else f"submitted ({what})")
 
     def ended(self, job: GridJob, summary: dict[str, Any] | None, seconds: float) -> None:
         """``job`` finished (``summary``) or stopped early (None) after ``seconds``."""

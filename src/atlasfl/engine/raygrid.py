@@ -99,6 +99,9 @@ def run_on_ray(todo: list[GridJob], progress: GridProgress, address: str | None 
     board: Any = ray.remote(num_cpus=0)(_Board).remote()
     remote = ray.remote(max_retries=MAX_RETRIES)(_task)
     refs: dict[Any, tuple[GridJob, float]] = {}
+    progress.running_word = "submitted"
+    cpus_each = max((resources(job)[0] for job in todo), default=1)
+    progress.parallel = max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_each)
     for job in todo:
         cpus, gpus = resources(job)
         ref = remote.options(num_cpus=cpus, num_gpus=gpus,
