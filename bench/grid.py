@@ -139,23 +139,24 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"tune: {tune_cpu:.0f} CPU-s = {tune_cpu / grid_cpu:.0%} of the grid's")
 
 
+def _points_args(parser: argparse.ArgumentParser) -> None:
+    """The grid both arms run: a config, methods x seeds, settings, an output folder."""
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--methods", nargs="+", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--out", required=True, help="the arms' folder (ray: the jobs run's)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     jobs = sub.add_parser("jobs")
-    jobs.add_argument("--config", required=True)
-    jobs.add_argument("--methods", nargs="+", required=True)
-    jobs.add_argument("--seeds", nargs="+", type=int, default=[0])
+    _points_args(jobs)
     jobs.add_argument("--jobs", type=int, default=2)
-    jobs.add_argument("--set", action="append", default=[])
-    jobs.add_argument("--out", required=True)
     ray = sub.add_parser("ray")
-    ray.add_argument("--config", required=True)
-    ray.add_argument("--methods", nargs="+", required=True)
-    ray.add_argument("--seeds", nargs="+", type=int, default=[0])
+    _points_args(ray)
     ray.add_argument("--nodes", type=int, default=2)
-    ray.add_argument("--set", action="append", default=[])
-    ray.add_argument("--out", required=True, help="the jobs run's --out: compared with its arm")
     ray.add_argument("--against", default="jobs2", help="the arm compared with (default jobs2)")
     tune = sub.add_parser("tune")
     tune.add_argument("--tune", required=True, help="the atlasfl tune folder")
