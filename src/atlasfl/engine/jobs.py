@@ -1,4 +1,4 @@
-"""Points of a grid side by side: ``atlasfl sweep|compare --jobs N`` on one machine.
+"""Points of a grid side by side: ``atlasfl sweep|compare|tune --jobs N`` on one machine.
 
 Each point runs in its own spawned process with ``cores // N`` torch threads (at least 1, set
 through ``OMP_NUM_THREADS``, which ``train.threads = 0`` and ``train.workers = 0`` read), so N
