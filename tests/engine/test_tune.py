@@ -13,6 +13,7 @@ from atlasfl.engine.tune import (
     candidates,
     halving_rungs,
     parse_space,
+    rows_of_round,
     rung_score,
     survivors,
 )
@@ -66,6 +67,8 @@ def test_candidates_grid_and_seeded_draws():
         parse_space(["train.lr=log:0:1"])
     with pytest.raises(AtlasError, match="uniform:LOW:HIGH"):
         parse_space(["a=uniform:2:1"])
+    with pytest.raises(AtlasError, match="--space expects key=value"):
+        parse_space(["train.lr"])
     with pytest.raises(AtlasError, match="--searcher = 'optuna'"):
         candidates(space, "optuna")
 
@@ -106,6 +109,9 @@ def test_tune_prunes_on_validation_and_its_winner_is_the_uninterrupted_run(tiny_
     assert "Rounds run: 8 of the 12" in table  # 4 x 1 + 2 x 2
     summary = json.loads((out / f"lr={best}_seed=0" / "summary.json").read_text())
     assert float(rung1[best][1]) == pytest.approx(summary["average"]["val_metric"], abs=5e-5)
+    # the rung score of the last round is the summary's validation average, as it computes it
+    assert rung_score(rows_of_round(out / f"lr={best}_seed=0", 3)) == pytest.approx(
+        summary["average"]["val_metric"], rel=1e-12)
     # the winner paused at round 1 and resumed: the rows and weights of one sweep run of it
     sweep = tmp_path / "s"
     assert main(["sweep", "--config", config, "--set", f"train.lr={best}", "--fixed",

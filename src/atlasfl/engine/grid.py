@@ -47,7 +47,7 @@ from atlasfl.runfiles import CONFIG_FILE, SUMMARY_FILE
 Point = dict[str, Any]  # dotted key -> value
 
 
-def expand_grid(settings: Sequence[str]) -> list[Point]:
+def expand_grid(settings: Sequence[str], flag: str = "--set") -> list[Point]:
     """``["a=1,2", "b=x"]`` -> ``[{a: 1, b: x}, {a: 2, b: x}]``; values parsed as YAML.
 
     The values are a YAML flow sequence without its brackets, so a value in brackets is one
@@ -56,20 +56,26 @@ def expand_grid(settings: Sequence[str]) -> list[Point]:
     axes: list[tuple[str, list[Any]]] = []
     for item in settings:
         if "=" not in item:
-            raise AtlasError(f"--set expects key=value[,value...], got {item!r}")
+            raise AtlasError(f"{flag} expects key=value[,value...], got {item!r}")
         key, text = (part.strip() for part in item.split("=", 1))
         if any(key == k for k, _ in axes):
-            raise AtlasError(f"--set names {key!r} twice; give its values once, comma-separated")
+            raise AtlasError(f"{flag} names {key!r} twice; give its values once, comma-separated")
         try:
             values = yaml.safe_load(f"[{text}]")
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or type(exc).__name__
-            raise AtlasError(f"--set {key}: {text!r} is not values separated by commas "
+            raise AtlasError(f"{flag} {key}: {text!r} is not values separated by commas "
                              f"({problem})") from None
         if not values:
-            raise AtlasError(f"--set {key}: no value given")
+            raise AtlasError(f"{flag} {key}: no value given")
         axes.append((key, values))
-    return [dict(zip([k for k, _ in axes], values, strict=True))
+    return cartesian(axes)
+
+
+def cartesian(axes: Sequence[tuple[str, Sequence[Any]]]) -> list[Point]:
+    """Every combination of the axes' values, the last axis varying fastest."""
+    keys = [key for key, _ in axes]
+    return [dict(zip(keys, values, strict=True))
             for values in itertools.product(*[v for _, v in axes])]
 
 
@@ -245,21 +251,37 @@ def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path, *,
             progress.say(job, "finished, skipped")
     summaries = {job.index: job.summary for job in planned}
     todo = [job for job in planned if job.state != "finished"]
-    if ray is not None and todo:
+    summaries.update(run_jobs(todo, progress, jobs=jobs, ray=ray, stop=stop))
+    return [(job.point, job.path, summaries.get(job.index)) for job in planned]
+
+
+def run_jobs(todo: Sequence[GridJob], progress: GridProgress, *, jobs: int = 1,
+             ray: str | None = None, stop: StopFlag | None = None, halt_on_pause: bool = True
+             ) -> dict[int, dict[str, Any] | None]:
+    """Run checked points here, ``jobs`` at once, or on Ray; point index -> summary or None.
+
+    A point that pauses before its end (``session.max_rounds``) starts no new one here or with
+    ``jobs`` unless ``halt_on_pause`` is False (tune's rungs pause every point); on Ray every
+    point was submitted at once and a pause stops only itself.
+    """
+    if not todo:
+        return {}
+    if ray is not None:
         from atlasfl.engine.raygrid import run_on_ray
 
-        summaries.update(run_on_ray(todo, progress, ray, stop))
-    elif jobs > 1 and todo:
+        return run_on_ray(list(todo), progress, ray, stop)
+    if jobs > 1:
         from atlasfl.engine.jobs import run_parallel
 
-        summaries.update(run_parallel(todo, jobs, progress, stop))
-    else:
-        for job in todo:
-            summary = run_point(job, progress, stop)
-            summaries[job.index] = summary
-            if summary is None:  # stopped: the rest waits for the next call
-                break
-    return [(job.point, job.path, summaries.get(job.index)) for job in planned]
+        return run_parallel(list(todo), jobs, progress, stop, halt_on_pause=halt_on_pause)
+    summaries: dict[int, dict[str, Any] | None] = {}
+    for job in todo:
+        summaries[job.index] = run_point(job, progress, stop)
+        if stop is not None and stop.requested:
+            break
+        if summaries[job.index] is None and halt_on_pause:  # the rest waits for the next call
+            break
+    return summaries
 
 
 def execute(job: GridJob, stop: StopFlag | None = None) -> dict[str, Any] | None:

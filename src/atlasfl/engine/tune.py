@@ -18,7 +18,6 @@ training does not depend on when it is evaluated.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import sys
@@ -33,8 +32,8 @@ import yaml
 
 from atlasfl.config import from_dict, layered
 from atlasfl.engine.checkpoint import META, latest_checkpoint
-from atlasfl.engine.grid import (GridJob, GridProgress, Point, expand_grid, plan_grid,
-                                 point_name, run_point)
+from atlasfl.engine.grid import (GridJob, GridProgress, Point, cartesian, expand_grid,
+                                 folder_state, plan_grid, point_name, run_jobs)
 from atlasfl.engine.simulation import StopFlag
 from atlasfl.errors import AtlasError
 from atlasfl.runfiles import ROUNDS_FILE, SUMMARY_FILE
@@ -60,7 +59,7 @@ def parse_space(items: Sequence[str]) -> list[tuple[str, list[Any] | tuple[str, 
                                  f"LOW < HIGH{' and LOW > 0' if kind == 'log' else ''}") from None
             axes.append((key, (kind, low, high)))
         else:
-            axes.append((key, [point[key] for point in expand_grid([item])]))
+            axes.append((key, [point[key] for point in expand_grid([item], "--space")]))
     return axes
 
 
@@ -77,9 +76,8 @@ def candidates(space: Sequence[tuple[str, list[Any] | tuple[str, float, float]]]
         if ranges:
             raise AtlasError(f"--space {ranges[0]}: a grid needs values (v1,v2,...), not a "
                              f"range; use --searcher random")
-        keys = [key for key, _ in space]
-        return [dict(zip(keys, combo, strict=True))
-                for combo in itertools.product(*[values for _, values in space])]
+        return cartesian([(key, values) for key, values in space
+                          if not isinstance(values, tuple)])
     if trials < 1:
         raise AtlasError(f"--trials = {trials}; allowed: 1 or more with --searcher random")
     rng = np.random.default_rng(seed)
@@ -204,12 +202,13 @@ def run_tune(raw: dict[str, Any], settings: Sequence[Point], seeds: Sequence[int
     base = from_dict(layered(raw, fixed or {}))
     rungs = halving_rungs(base.federation.rounds, first, eta)
     fixed = {**(fixed or {}), "federation.eval_every": math.gcd(*rungs)}
-    plan_grid(raw, [{**s, "seed": seed} for s in settings for seed in seeds], out, fixed=fixed)
+    checked = plan_grid(raw, [{**s, "seed": seed} for s in settings for seed in seeds], out,
+                        fixed=fixed)
     trials = [Trial(dict(s)) for s in settings]
     alive = list(range(len(settings)))
     for k, rung in enumerate(rungs):
-        planned = plan_grid(raw, [{**trials[i].setting, "seed": s} for i in alive for s in seeds],
-                            out, fixed=fixed)
+        planned = [folder_state(job.index, job.point, job.cfg, job.path)  # as it stands now
+                   for i in alive for job in checked[i * len(seeds):(i + 1) * len(seeds)]]
         todo = []
         for job in planned:
             reached = job.cfg.federation.rounds if job.state == "finished" else job.resume_round
@@ -240,19 +239,7 @@ def run_tune(raw: dict[str, Any], settings: Sequence[Point], seeds: Sequence[int
 def _run(todo: list[GridJob], jobs: int, ray: str | None, stop: StopFlag | None) -> bool:
     """Run the jobs to their rung; False when a stop request ended them early."""
     progress = GridProgress(todo, jobs, "tune", paused="at its rung")
-    if ray is not None and todo:
-        from atlasfl.engine.raygrid import run_on_ray
-
-        run_on_ray(todo, progress, ray, stop)
-    elif jobs > 1 and todo:
-        from atlasfl.engine.jobs import run_parallel
-
-        run_parallel(todo, jobs, progress, stop, halt_on_pause=False)
-    else:
-        for job in todo:
-            run_point(job, progress, stop)
-            if stop is not None and stop.requested:
-                break
+    run_jobs(todo, progress, jobs=jobs, ray=ray, stop=stop, halt_on_pause=False)
     return not (stop is not None and stop.requested)
 
 
