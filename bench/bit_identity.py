@@ -1,4 +1,4 @@
-"""Bit-identity of two versions of atlasfl over 22 tiny runs: every method and its options.
+"""Bit-identity of two versions of atlasfl over 32 tiny runs: every method and its options.
 
 Each run (tiny-bert/gpt2/llama, 2-3 tasks x 2 clients, 3-4 rounds, partial participation and
 evaluation every 2 rounds included) leaves its round rows (timings dropped), its summary and
@@ -35,6 +35,10 @@ HET = {"method": "hetlora", "model.lora.rslora": True, "ranks.r_max": 12}
 DEVICE = {"ranks.budget": "device", "ranks.r_max": 64,
           "devices.assignment": ["cpu-2gb", "gpu-16gb", "gpu-16gb", "cpu-2gb"]}
 CLUSTER = {"clustering.samples": 8, "clustering.dim": 32}
+# a device that holds a tiny-bert client part at cut 0 but not the whole model (measured once)
+WEAK = {"devices.custom": [{"name": "weak", "memory_gb": 0.0044109}], "seed": 5,
+        "devices.profiles": ["weak", "gpu-16gb"], "split.min_cut": 0,
+        "ranks.on_infeasible": "exclude"}
 PARTIAL = {"federation.fraction": 0.75, "federation.eval_every": 2, "federation.rounds": 4}
 RUNS = {
     "local": {"method": "local"},
@@ -71,9 +75,26 @@ RUNS = {
                          "model.pooling": "auto"},
     "llama-hetlora": {**HET, "model.name": "tiny-llama", "model.pooling": "auto"},
     "bf16": {"method": "fedavg-task", "train.precision": "bf16"},
+    # the methods with own models, shared A factors or split clients
+    "fedsa": {"method": "fedsa"},
+    "mira": {"method": "mira", **CLUSTER},
+    "atlas": {"method": "atlas", **CLUSTER, "clustering.k": 2},
+    "atlas-hybrid-partial": {"method": "atlas", **CLUSTER, **WEAK, **PARTIAL,
+                             "laplacian.cross_weight": 0.5},
+    "atlas-no-laplacian-hybrid": {"method": "atlas-no-laplacian", **CLUSTER, **WEAK},
+    "atlas-oracle-homo-split": {"method": "atlas-oracle-clusters", "split.enabled": "always",
+                                "split.min_cut": 0, **CLUSTER},
+    "atlas-homo-rank": {"method": "atlas-homo-rank", **CLUSTER, "laplacian.lam": 0.5},
+    "splitlora-vanilla": {"method": "splitlora", "split.cut": "1"},
+    "splitlora-ushape-partial": {"method": "splitlora", "split.mode": "u-shape",
+                                 "split.min_cut": 0, **PARTIAL},
+    "hetlora-hybrid-zeropad": {**HET, **WEAK, "ranks.aggregation": "zero-pad",
+                               "split.enabled": "auto", "federation.fraction": 0.5,
+                               "federation.rounds": 4},
 }
 MACHINE = {"wall_seconds", "process_seconds", "cpu_utilisation", "peak_rss_mb", "peak_cuda_mb"}
 BYTES = ("bytes_up", "bytes_down")
+SERVER_FILES = ("clusters.json", "graph.json")  # what the server decided, beside clients.json
 
 
 def _strip(row: dict) -> dict:
@@ -82,7 +103,7 @@ def _strip(row: dict) -> dict:
             and not (k.startswith("bytes_") and k not in BYTES)}
 
 
-def run(name: str, folder: Path) -> tuple[list, dict, dict, dict | None]:
+def run(name: str, folder: Path) -> tuple[list, dict, dict, dict | None, dict]:
     overrides = dict(RUNS[name])
     rounds = overrides.pop("federation.rounds", 3)
     shutil.rmtree(folder / name, ignore_errors=True)
@@ -101,10 +122,12 @@ def run(name: str, folder: Path) -> tuple[list, dict, dict, dict | None]:
         tensors.update({f"{cid}/{k}": v.detach().clone().contiguous() for k, v in state.items()})
     clients_file = run_dir.path / "clients.json"
     clients = json.loads(clients_file.read_text()) if clients_file.exists() else None
-    return rows, summary, tensors, clients
+    files = {name: json.loads((run_dir.path / name).read_text()) for name in SERVER_FILES
+             if (run_dir.path / name).exists()}
+    return rows, summary, tensors, clients, files
 
 
-def differences(saved: Path, rows, tensors, clients) -> list[str]:
+def differences(saved: Path, rows, tensors, clients, files) -> list[str]:
     out = []
     want_rows = json.loads((saved / "rows.json").read_text())
 
@@ -130,6 +153,9 @@ def differences(saved: Path, rows, tensors, clients) -> list[str]:
             out.append(f"{len(unequal)} of {len(want)} tensors differ, e.g. {unequal[:3]}")
     if json.loads((saved / "clients.json").read_text()) != clients:
         out.append("clients.json differs")
+    for name, document in files.items():
+        if (saved / name).exists() and json.loads((saved / name).read_text()) != document:
+            out.append(f"{name} differs")
     return out
 
 
@@ -138,7 +164,7 @@ def main() -> None:
     names = sys.argv[3:] or list(RUNS)
     failed = 0
     for name in names:
-        rows, summary, tensors, clients = run(name, out / "runs")
+        rows, summary, tensors, clients, files = run(name, out / "runs")
         saved = out / name
         if mode == "capture":
             saved.mkdir(parents=True, exist_ok=True)
@@ -146,9 +172,11 @@ def main() -> None:
             (saved / "summary.json").write_text(json.dumps(summary))
             (saved / "clients.json").write_text(json.dumps(clients))
             save_file(tensors, str(saved / "tensors.safetensors"))
+            for file, document in files.items():
+                (saved / file).write_text(json.dumps(document))
             print(f"captured {name}: {len(tensors)} tensors", flush=True)
             continue
-        found = differences(saved, rows, tensors, clients)
+        found = differences(saved, rows, tensors, clients, files)
         failed += bool(found)
         print(f"{'DIFF' if found else 'same'} {name} ({len(tensors)} tensors)"
               + "".join(f"\n    {line}" for line in found), flush=True)

@@ -85,7 +85,7 @@ def quick_plans(seed: int, overrides: dict) -> None:
     done = run_exchange(make_executor(exp, CommLedger()), exp.strategy, exp.strategy.init(),
                         RoundInfo(1, tuple(sorted(exp.clients)), evaluate=False))
     scores = {reply.client_id: reply.importance for reply in done.replies}  # as received
-    records = done.outcome.state.records
+    records = done.outcome.state.plan.records
     for cid, rec in records.items():
         ranks = " ".join(f"{r:>2}" for r in rec["ranks"].values())
         print(f"client {cid:>2} {rec['task']:<5} {rec['device']:<11} "

@@ -80,7 +80,7 @@ def steps(args: argparse.Namespace) -> None:
     from atlasfl.models.head import init_head
     from atlasfl.models.lora import AdapterBinder, inject_lora
     from atlasfl.models.registry import load_backbone
-    from atlasfl.strategies.split import ServerModel
+    from atlasfl.strategies.state import ServerModel
 
     torch.manual_seed(0)
     backbone = load_backbone("minilm")
@@ -309,7 +309,7 @@ def _run(overrides: dict, config: str | None = None) -> dict:
     return {"summary": summary, "excluded": list(getattr(state, "excluded", ())),
             "split": sorted(int(c) for c in getattr(state, "cuts", {})),
             "cuts": {c: list(v) for c, v in getattr(state, "cuts", {}).items()},
-            "devices": {c: p.name for c, p in exp.strategy.devices.items()},
+            "devices": {c: p.name for c, p in exp.strategy.ctx.devices.items()},
             "bytes_per_round": {k: v / rounds for k, v in summary["bytes_by_kind"].items()},
             "wall": wall, "cpu_over_wall": cpu / wall}
 

@@ -33,11 +33,11 @@ import yaml
 from atlasfl.config import from_yaml, parse_overrides
 from atlasfl.engine.grid import (choose_on_validation, expand_grid, grid_table, point_name,
                                  run_grid)
-from atlasfl.strategies import STRATEGIES
+from atlasfl.strategies import METHODS
 
 
 def _points(args: argparse.Namespace) -> list[dict[str, Any]]:
-    methods = list(STRATEGIES) if args.methods == ["all"] else args.methods
+    methods = list(METHODS) if args.methods == ["all"] else args.methods
     return [{"method": m, **g, "seed": s} for m in methods for g in expand_grid(args.grid)
             for s in args.seeds]
 

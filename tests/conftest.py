@@ -69,10 +69,10 @@ def record_updates(exp):
     seen = []
     original = exp.strategy.aggregate_round
 
-    def record(state, rnd, replies):
+    def record(state, rnd, replies, served=None):
         if replies and isinstance(replies[0], TrainReply):
             seen.append({r.client_id: r.update for r in replies if r.update is not None})
-        return original(state, rnd, replies)
+        return original(state, rnd, replies, served)
 
     exp.strategy.aggregate_round = record
     return seen
@@ -86,12 +86,13 @@ def updates_of():
 def weak_device_memory(tiny_cfg, exp_cfg_kwargs):
     """GiB of a device that holds a tiny-bert client part (cut 0) but not the whole model."""
     from atlasfl.engine import build_experiment
+    from atlasfl.strategies.rank_plan import memory_of
 
     probe = build_experiment(tiny_cfg(method="homolora", **{**exp_cfg_kwargs,
                                                             "devices.profiles": ["gpu-16gb"]}))
-    s = probe.strategy
-    whole = s.memory_of(0)(s.initial_ranks)
-    part = s.memory_of(0, (0, 0))(s.initial_ranks)
+    ctx = probe.strategy.ctx
+    whole = memory_of(ctx, 0)(ctx.initial_ranks)
+    part = memory_of(ctx, 0, (0, 0))(ctx.initial_ranks)
     assert part < whole
     return (part + whole) / 2 / 2**30
 

@@ -201,6 +201,7 @@ class Train:
     upload: bool = True
     split: SplitPlan | None = None  # None: the client trains the whole model
     shares: Shares = "all"  # what it uploads: adapter and head | lora_A: only the A factors
+    proximal: float = 0.0  # > 0: FedProx's mu, the loss adds mu/2 ||w - w_received||^2
 
     def payload(self) -> Payload:  # noqa: D102
         return self.model.payload()

@@ -20,6 +20,7 @@ from atlasfl.errors import AtlasError
 CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE = "config.yaml", "rounds.jsonl", "summary.json"
 CLIENTS_FILE = "clients.json"  # per-client configuration: device, memory, ranks (Phase 2)
 CLUSTERS_FILE = "clusters.json"  # the latest clustering: fingerprints, labels, k (Phase 1)
+GRAPH_FILE = "graph.json"  # the client graph of the Laplacian step (Phase 4)
 
 
 def read_run(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:

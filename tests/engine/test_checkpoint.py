@@ -172,6 +172,20 @@ def test_state_classes_outside_atlasfl_are_refused():
     bad = {"__dataclass__": "os:PathLike", "fields": {}}
     with pytest.raises(AtlasError, match="outside atlasfl"):
         ckpt.unflatten_state(bad, {}, torch.device("cpu"))
+    gone = {"__dataclass__": "atlasfl.strategies.mixed_rank:RankState", "fields": {}}
+    with pytest.raises(AtlasError, match="unknown state class"):  # a module of format 1
+        ckpt.unflatten_state(gone, {}, torch.device("cpu"))
+
+
+def test_a_checkpoint_of_another_format_is_refused_with_what_to_do(tiny_cfg, tmp_path, capsys):
+    run = _finished_run(tiny_cfg, tmp_path)
+    manifest = latest_checkpoint(run) / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"format": 2', '"format": 1'))
+    before = _snapshot_files(run)
+    assert main(["resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has format 1; this atlasfl reads format 2" in err and "start the run over" in err
+    assert _snapshot_files(run) == before
 
 
 def test_server_state_round_trips_through_flatten():

@@ -15,7 +15,7 @@ from atlasfl.config import from_dict, from_yaml
 from atlasfl.data.tasks import resolve_tasks
 from atlasfl.engine import build_experiment, run_experiment
 from atlasfl.models.registry import PRESETS
-from atlasfl.strategies import get_strategy
+from atlasfl.strategies import get_method
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -178,7 +178,7 @@ def test_recluster_every_round_uploads_fresh_fingerprints_each_time(tiny_cfg, tm
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads_and_names_what_exists(path):
     cfg = from_dict(from_yaml(path))
-    get_strategy(cfg.method)
+    get_method(cfg.method)
     resolve_tasks(cfg.data.tasks + tuple(cfg.data.task_samples), cfg.data.custom_tasks)
     assert cfg.model.name in PRESETS
 

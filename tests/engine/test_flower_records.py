@@ -94,7 +94,8 @@ def test_plans_round_trip_with_their_settings_and_model():
     fp = FingerprintSpec(samples=8, batch_size=4, layers=2, params="lora", statistic="fisher",
                          dim=16, epsilon=None, delta=1e-5, clip=1.0)
     imp = ImportanceSpec(kind="spectrum", samples=8, top=4, batch_size=4)
-    plans = [Train(5, model, epochs=2, steps=7, upload=False, split=split, shares="lora_A"),
+    plans = [Train(5, model, epochs=2, steps=7, upload=False, split=split, shares="lora_A",
+                   proximal=0.25),
              Evaluate(1, Model(adapter={"x": torch.ones(1)})),
              Probe(2, fp, imp), Probe(3, None, imp)]
     types = ["train", "evaluate", "query.fingerprint", "query.importance"]
@@ -103,10 +104,10 @@ def test_plans_round_trip_with_their_settings_and_model():
         back = plan_from_content(kind, to_content(plan))
         assert type(back) is type(plan)
         assert {f: getattr(back, f) for f in ("client_id", "split", "fingerprint", "importance",
-                                              "epochs", "steps", "upload", "shares")
+                                              "epochs", "steps", "upload", "shares", "proximal")
                 if hasattr(plan, f)} == \
             {f: getattr(plan, f) for f in ("client_id", "split", "fingerprint", "importance",
-                                           "epochs", "steps", "upload", "shares")
+                                           "epochs", "steps", "upload", "shares", "proximal")
              if hasattr(plan, f)}
         _same(plan.payload(), back.payload())
     assert plan_from_content("train", to_content(plans[0])).model.ranks == {"m": 3}

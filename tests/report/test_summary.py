@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from atlasfl.report.summary import best_rows, reported_rows, stop_early, summarize
+from atlasfl.summary import best_rows, reported_rows, stop_early, summarize
 
 
 def _row(client: int, val: float | None, local: float = 0.5, glob: float = 0.4) -> dict:

@@ -12,7 +12,8 @@ import torch
 
 from atlasfl.engine import RunDir, build_experiment, run_experiment
 from atlasfl.phases.laplacian import laplacian_step
-from atlasfl.strategies import STRATEGIES
+from atlasfl.strategies import METHODS
+from atlasfl.strategies.personal import laplacian_space
 
 
 def _own_tensors(exp):
@@ -44,7 +45,7 @@ def test_the_step_is_mira_on_each_clients_own_upload_and_is_written_back(tiny_cf
     outcome = run_experiment(exp)
     state = outcome.state
     ids = sorted(exp.clients)
-    adj = state.adjacency.numpy()
+    adj = state.personal.adjacency.numpy()
     assert adj.shape == (len(ids), len(ids)) and (adj[~np.eye(len(ids), dtype=bool)] > 0).all()
     uploads = seen[0]
     for k in ids:  # by hand: W_k - eta lam sum_l a_kl (W_k - W_l), adapter and head alike
@@ -53,7 +54,8 @@ def test_the_step_is_mira_on_each_clients_own_upload_and_is_written_back(tiny_cf
                 pull = sum(adj[k, j] * (w_k.double() - getattr(uploads[j], part)[key].double())
                            for j in ids)
                 expected = (w_k.double() - 0.25 * pull).float()
-                own = (state.models if part == "adapter" else state.heads)[str(k)][key]
+                own = (state.personal.models if part == "adapter"
+                       else state.personal.heads)[str(k)][key]
                 assert torch.allclose(own, expected, atol=1e-6), (k, key)
                 held = (exp.clients[k].adapter_state() if part == "adapter"
                         else exp.clients[k].head_state())[key]
@@ -77,9 +79,9 @@ def test_clients_not_sampled_keep_their_models_and_still_pull_their_neighbours(t
     snapshots = []
     original = exp.strategy.aggregate_round
 
-    def keep(state, rnd, replies):
-        outcome = original(state, rnd, replies)
-        snapshots.append((rnd, outcome.state))
+    def keep(state, rnd, replies, served=None):
+        outcome = original(state, rnd, replies, served)
+        snapshots.append((rnd, outcome.state.personal))
         return outcome
 
     exp.strategy.aggregate_round = keep
@@ -116,14 +118,14 @@ def test_mixed_ranks_pass_through_the_product_space(tiny_cfg, updates_of):
     seen = updates_of(exp)
     outcome = run_experiment(exp)
     state = outcome.state
-    ranks = {c: state.ranks[c] for c in state.models}
+    ranks = {c: state.plan.ranks[c] for c in state.personal.models}
     assert len({tuple(sorted(r.items())) for r in ranks.values()}) > 1  # ranks do differ
-    assert exp.strategy.space(list(state.models.values())) == "product"
+    assert laplacian_space(exp.strategy.ctx, list(state.personal.models.values())) == "product"
     ids = sorted(exp.clients)
-    by_hand = laplacian_step([seen[0][c].adapter for c in ids], state.adjacency.numpy(),
+    by_hand = laplacian_step([seen[0][c].adapter for c in ids], state.personal.adjacency.numpy(),
                              eta=0.5, lam=0.5, space="product", scaling=exp.strategy.scaling)
     for i, c in enumerate(ids):
-        own = state.models[str(c)]
+        own = state.personal.models[str(c)]
         for key, value in by_hand[i].items():
             assert own[key].shape[0 if key.endswith("lora_A.weight") else 1] == \
                 ranks[str(c)][key.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight")]
@@ -145,15 +147,15 @@ def test_an_atlas_run_writes_clusters_graph_ranks_and_cuts(tiny_cfg, weak_device
     ids = sorted(exp.clients)
     assert graph["clients"] == ids and len(graph["group"]) == len(ids)
     assert graph["group"] == [outcome.state.groups.group(c) for c in ids]
-    assert np.allclose(graph["adjacency"], outcome.state.adjacency.numpy(), atol=1e-6)
-    adj = outcome.state.adjacency.numpy()
+    assert np.allclose(graph["adjacency"], outcome.state.personal.adjacency.numpy(), atol=1e-6)
+    adj = outcome.state.personal.adjacency.numpy()
     top = np.linalg.eigvalsh(np.diag(adj.sum(1)) - adj).max()
     assert graph["lambda_max"] == pytest.approx(top)
-    assert graph["eta"] == outcome.state.eta == pytest.approx(1 / top)  # eta auto
+    assert graph["eta"] == outcome.state.personal.eta == pytest.approx(1 / top)  # eta auto
     assert all(clients[str(c)]["ranks"] for c in ids)
     split = {c for c in ids if clients[str(c)]["split"] is not None}
-    weak = {c for c, p in exp.strategy.devices.items() if p.name == "weak"}
-    assert split == weak and {int(c) for c in outcome.state.cuts} == weak
+    weak = {c for c, p in exp.strategy.ctx.devices.items() if p.name == "weak"}
+    assert split == weak and {int(c) for c in outcome.state.split.cuts} == weak
     rows = [json.loads(x) for x in (run.path / "rounds.jsonl").read_text().splitlines()]
     assert all("server_graph_edges" in r and "server_laplacian_change" in r for r in rows)
     assert all(r["bytes_up_activations"] > 0 for r in rows if r["client"] in weak)
@@ -199,12 +201,39 @@ def test_fedsa_shares_the_a_factors_and_keeps_b_and_head_on_each_client(tiny_cfg
                            exp.clients[1].adapter_state()[b_keys[0]])  # B stays personal
 
 
-def test_every_method_is_listed_with_one_line(capsys):
+def test_every_method_is_listed_with_its_parts_and_each_ablation_swaps_one(capsys):
     from atlasfl.cli import main
+    from atlasfl.strategies.methods import PARTS, differing_parts
 
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    names = [line.split()[0] for line in lines]
-    assert sorted(names) == sorted(STRATEGIES)
-    assert {"atlas", "mira", "fedsa", "atlas-no-laplacian", "atlas-no-split", "atlas-homo-rank",
-            "atlas-oracle-clusters"} <= set(names)
+    assert lines[0].split()[:len(PARTS) + 1] == ["method", *PARTS]
+    rows = {line.split()[0]: line.split() for line in lines[1:] if not line.startswith(" " * 10)}
+    assert sorted(rows) == sorted(METHODS)
+    assert rows["atlas"][1:7] == ["cluster", "device", "config", "mixed", "laplacian", "plain"]
+    assert rows["fedsa"][1:7] == ["global", "none", "never", "fedavg", "shared-a", "plain"]
+    notes = [line.split() for line in lines[1:] if line.startswith(" " * 10)]
+    assert ["=", "atlas", "with", "split", "never"] in notes  # atlas-no-split
+    ablations = {n: r for n, r in METHODS.items() if n.startswith("atlas-")}
+    assert len(ablations) == 4
+    for name, recipe in ablations.items():
+        assert recipe.ablates == "atlas"
+        assert len(differing_parts(recipe, METHODS["atlas"])) == 1, name
+
+
+def test_a_variant_swaps_exactly_one_part():
+    from atlasfl.strategies.methods import EQUAL, NEVER, variant
+
+    with pytest.raises(ValueError, match="exactly one"):
+        variant(METHODS["atlas"], "two", "two parts", ranks=EQUAL, split=NEVER)
+    with pytest.raises(ValueError, match="exactly one"):
+        variant(METHODS["atlas"], "none", "no part")
+
+
+def test_a_recipe_that_splits_without_a_rank_plan_is_refused():
+    import dataclasses
+
+    from atlasfl.strategies.split_learning import Splitting
+
+    with pytest.raises(ValueError, match="split learning needs a rank plan"):
+        dataclasses.replace(METHODS["fedavg"], split=Splitting("always"))

@@ -130,19 +130,18 @@ def test_a_refused_update_never_changes_the_aggregate(case):
     from atlasfl.config import from_dict
     from atlasfl.engine.simulation import _checked
     from atlasfl.messages import TrainReply
-    from atlasfl.strategies.base import ClientInfo, ModelInfo, RoundInfo
-    from atlasfl.strategies.fedavg import FedAvg
+    from atlasfl.strategies import ClientInfo, ModelInfo, RoundInfo, Strategy, get_method
 
     good, bad_id, bad = case
     cfg = from_dict({"method": "fedavg", "model": {"lora": {"r": 2}}})
     infos = [ClientInfo(c, "t", 10, (3, 5)) for c in range(len(good))]
-    strategy = FedAvg(infos, cfg, ModelInfo(None, dict(SHAPES), {3: 18}))
+    strategy = Strategy(get_method("fedavg"), infos, cfg, ModelInfo(None, dict(SHAPES), {3: 18}))
     rnd = RoundInfo(1, tuple(range(len(good))), False)
 
     def aggregate(updates):
         replies = [_checked(strategy, strategy.init(), TrainReply(u.client_id, u))
                    for u in updates]
-        return strategy.aggregate_train(strategy.init(), rnd, replies).state
+        return strategy.aggregate_train(strategy.init(), rnd, replies).state.groups
 
     with_bad = aggregate([bad if u.client_id == bad_id else u for u in good])
     without = aggregate([u for u in good if u.client_id != bad_id])

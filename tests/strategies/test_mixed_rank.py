@@ -131,7 +131,7 @@ def test_a_device_too_small_is_refused_with_a_clear_message(tiny_cfg, method):
 @pytest.mark.parametrize("method", ["homolora", "hetlora"])
 def test_or_excluded_it_trains_nothing_and_receives_nothing(tiny_cfg, method):
     exp = build_experiment(_tiny_device(tiny_cfg, method, "exclude"))
-    small = [c for c, p in exp.strategy.devices.items() if p.name == "watch"]
+    small = [c for c, p in exp.strategy.ctx.devices.items() if p.name == "watch"]
     assert 0 < len(small) < len(exp.clients), "precondition: some clients on the small device"
     before = {c: {k: v.clone() for k, v in exp.clients[c].adapter.items()} for c in small}
     outcome = run_experiment(exp)
@@ -182,8 +182,8 @@ def test_delta_update_adds_the_clients_change_to_the_kept_aggregate(tiny_cfg, me
     seen, states = [], []
     original = exp.strategy.aggregate_round
 
-    def record(state, rnd, replies):
-        outcome = original(state, rnd, replies)
+    def record(state, rnd, replies, served=None):
+        outcome = original(state, rnd, replies, served)
         if replies and isinstance(replies[0], TrainReply):
             seen.append({r.client_id: (r.update.num_examples,
                                        {k: v.double() for k, v in r.update.adapter.items()})

@@ -73,10 +73,10 @@ def test_round_end_writes_the_merged_model_back_to_clients_and_server(tiny_cfg):
     seen = []
     original = exp.strategy.aggregate_round
 
-    def record(state, rnd, replies):
+    def record(state, rnd, replies, served=None):
         if replies and isinstance(replies[0], TrainReply):
-            seen.append(({r.client_id: r.update for r in replies}, rnd.served))
-        return original(state, rnd, replies)
+            seen.append(({r.client_id: r.update for r in replies}, served))
+        return original(state, rnd, replies, served)
 
     exp.strategy.aggregate_round = record
     outcome = run_experiment(exp)
@@ -84,7 +84,7 @@ def test_round_end_writes_the_merged_model_back_to_clients_and_server(tiny_cfg):
     layers = exp.runtime.num_layers
     total = sum(u.num_examples for u in updates.values())
     server_before = served["all"].adapter
-    server_after = outcome.state.server["all"].adapter
+    server_after = outcome.state.split.server["all"].adapter
     for key in exp.initial_adapter:
         module = key.rsplit(".lora_", 1)[0]
         if client_side(module, layers, 1, 0):
@@ -100,7 +100,7 @@ def test_round_end_writes_the_merged_model_back_to_clients_and_server(tiny_cfg):
                 torch.testing.assert_close(client.adapter[key].detach(), expected, rtol=1e-5,
                                            atol=1e-7)
     # vanilla: one head, on the server, trained on every client's batches
-    head = outcome.state.server["all"].heads["2"]
+    head = outcome.state.split.server["all"].heads["2"]
     assert not torch.equal(head["out.weight"], exp.runtime.initial_heads[2].out.weight)
 
 
@@ -131,17 +131,17 @@ def test_weak_devices_are_excluded_without_split_and_join_with_split_auto(tiny_c
     cfg = tiny_cfg(method="homolora", **base, **{
         "devices.custom": [{"name": "weak", "memory_gb": memory_gb}], "split.enabled": enabled})
     exp = build_experiment(cfg)
-    weak = {c for c, p in exp.strategy.devices.items() if p.name == "weak"}
+    weak = {c for c, p in exp.strategy.ctx.devices.items() if p.name == "weak"}
     assert 0 < len(weak) < len(exp.clients)
     outcome = run_experiment(exp)
     rows = {r["client"]: r for r in outcome.summary["clients"]}
     state = outcome.state
     if enabled == "never":
-        assert set(state.excluded) == weak
+        assert set(state.plan.excluded) == weak
         assert all(not rows[c].get("steps") for c in weak)
     else:  # a hybrid federation: the weak clients split, the others train whole models
-        assert not state.excluded
-        assert {int(c) for c in state.cuts} == weak
+        assert not state.plan.excluded
+        assert {int(c) for c in state.split.cuts} == weak
         assert all(rows[c]["steps"] > 0 for c in exp.clients)
 
 
@@ -149,7 +149,7 @@ def test_server_optimizer_moments_carry_over_rounds(tiny_cfg):
     exp = build_experiment(_split_cfg(tiny_cfg, **{"federation.rounds": 2}))
     outcome = run_experiment(exp)
     history_steps = sum(r["steps"] for r in outcome.summary["clients"]) * 2  # equal each round
-    moments = outcome.state.server["all"].moments
+    moments = outcome.state.split.server["all"].moments
     layers = exp.runtime.num_layers
     server_keys = [k for k in exp.initial_adapter
                    if not client_side(k.rsplit(".lora_", 1)[0], layers, 1, 0)]
@@ -171,14 +171,14 @@ def test_server_models_follow_their_group_also_in_rounds_without_split_clients(t
     exp = build_experiment(cfg)
     outcome = run_experiment(exp)
     state = outcome.state
-    assert list(state.cuts) == ["0"]
+    assert list(state.split.cuts) == ["0"]
     last = [r for r in outcome.summary["clients"] if r.get("steps")]
     assert [r["client"] for r in last] == [1, 2]  # the split client did not train last
-    groups = {state.groups.group(int(c)) for c in state.cuts}
-    assert set(state.server) == groups
+    groups = {state.groups.group(int(c)) for c in state.split.cuts}
+    assert set(state.split.server) == groups
     for group in groups:  # zero-pad at equal ranks: the server model IS the group aggregate
         aggregate = state.groups.adapters[group]
-        for key, value in state.server[group].adapter.items():
+        for key, value in state.split.server[group].adapter.items():
             assert torch.equal(value, aggregate[key]), (group, key)
 
 

@@ -82,9 +82,9 @@ def test_fedavg_cluster_averages_within_the_clusters_the_server_found(tiny_cfg, 
     assert all(r["server_k"] == 2.0 for r in rows)
     assert all(r["bytes_up_fingerprint"] == (32 + 1) * 4 for r in rows)  # vector + noise var
     (updates,) = seen
-    members = outcome.state.members  # the groups the server decided on, not inferred
+    members = outcome.state.groups.members  # the groups the server decided on, not inferred
     assert sorted(members) == [str(c) for c in sorted(exp.clients)]
     assert len(set(members.values())) == 2
     _assert_holds_group_means(exp, updates, lambda cid: members[str(cid)])
-    similarity = outcome.state.similarity
+    similarity = outcome.state.groups.similarity
     assert similarity.shape == (4, 4) and torch.allclose(similarity, similarity.T)

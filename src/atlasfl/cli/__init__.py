@@ -239,10 +239,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods() -> int:
-    from atlasfl.strategies import STRATEGIES
+    from atlasfl.strategies import METHODS
+    from atlasfl.strategies.methods import PARTS, differing_parts
 
-    for name, cls in STRATEGIES.items():
-        print(f"  {name:<22} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    print(f"  {'method':<22} " + " ".join(f"{k:<11}" for k in PARTS) + " what it is")
+    for name, recipe in METHODS.items():
+        parts = recipe.parts()
+        print(f"  {name:<22} " + " ".join(f"{parts[k]:<11}" for k in PARTS) + f" {recipe.summary}"
+              + (f" [{recipe.paper}]" if recipe.paper else ""))
+        if recipe.ablates:
+            changed = differing_parts(recipe, METHODS[recipe.ablates])
+            print(f"  {'':<22} = {recipe.ablates} with "
+                  + ", ".join(f"{k} {parts[k]}" for k in changed))
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -20,14 +20,33 @@ from torch import Tensor, nn
 from atlasfl.client.state import ClientState
 from atlasfl.client.training import forward_logits, task_loss
 from atlasfl.messages import Probe, ProbeReply
+from atlasfl.models.head import ClassificationHead
+from atlasfl.models.lora import AdapterBinder
 from atlasfl.phases.fingerprint import compute_fingerprint, fingerprint_modules, select_blocks
 from atlasfl.phases.ranks import ImportanceMeter, module_importance
-
-if TYPE_CHECKING:
-    from atlasfl.client.runtime import ClientRuntime
+from atlasfl.types import AdapterState
 
 
-def probe_client(runtime: ClientRuntime, client: ClientState, plan: Probe,
+class ProbeRuntime(Protocol):
+    """What a probe reads of the process's shared runtime (``client.runtime.ClientRuntime``)."""
+
+    @property
+    def model(self) -> nn.Module: ...  # noqa: D102
+    @property
+    def binder(self) -> AdapterBinder: ...  # noqa: D102
+    @property
+    def seed(self) -> int: ...  # noqa: D102
+    @property
+    def device(self) -> torch.device: ...  # noqa: D102
+    @property
+    def num_layers(self) -> int: ...  # noqa: D102
+    @property
+    def initial_adapter(self) -> AdapterState: ...  # noqa: D102
+    @property
+    def initial_heads(self) -> dict[int, ClassificationHead]: ...  # noqa: D102
+
+
+def probe_client(runtime: ProbeRuntime, client: ClientState, plan: Probe,
                  generator: torch.Generator) -> ProbeReply:
     """Answer a ``Probe``: the fingerprint (and its noise variance) and/or module importance.
 

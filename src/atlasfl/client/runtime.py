@@ -99,6 +99,8 @@ class ClientRuntime:
             case Train(split=SplitPlan()) | Evaluate(split=SplitPlan()):
                 if link is None:  # internal: the executor opened no link
                     raise RuntimeError(f"client {client.client_id} is split without a link")
+                if isinstance(plan, Train) and plan.proximal:  # internal: a recipe refuses it
+                    raise RuntimeError("a proximal term across a cut is not implemented")
                 session = self.open_split(client, plan, round_idx)
                 drive(session, link)
                 return self.close_split(client, plan, session)
@@ -128,7 +130,7 @@ class ClientRuntime:
         torch.manual_seed(seed)  # dropout
         metrics = train_client(self.model, self.binder, client, self.train, epochs=plan.epochs,
                                steps=plan.steps, generator=torch.Generator().manual_seed(seed),
-                               device=self.device)
+                               device=self.device, proximal=plan.proximal)
         return self.train_reply(client, plan, metrics)
 
     def train_group(self, clients: list[ClientState], plans: list[Train], round_idx: int
@@ -144,7 +146,7 @@ class ClientRuntime:
         """
         orders = []
         for client, plan in zip(clients, plans, strict=True):
-            assert plan.split is None, "internal: a split plan cannot be batched"
+            assert plan.split is None and not plan.proximal, "internal: cannot be batched"
             self.receive(client, plan.model)
             seed = client_seed(self.seed, round_idx, client.client_id)
             orders.append(round_batches(client.train_set, self.train, epochs=plan.epochs,

@@ -71,25 +71,38 @@ def task_loss(logits: Tensor, labels: Tensor, regression: bool) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
+def proximal_term(params: Sequence[Tensor], anchor: Sequence[Tensor], mu: float) -> Tensor:
+    """FedProx's penalty ``mu/2 sum ||w - w_anchor||^2`` over the trained tensors (fp32)."""
+    total = torch.zeros((), device=anchor[0].device)
+    for p, a in zip(params, anchor, strict=True):
+        total = total + (p.float() - a).pow(2).sum()
+    return mu / 2 * total
+
+
 def train_client(model: nn.Module, binder: AdapterBinder, client: ClientState, cfg: TrainConfig,
                  *, epochs: int, steps: int = 0, generator: torch.Generator,
-                 device: torch.device) -> dict[str, float]:
+                 device: torch.device, proximal: float = 0.0) -> dict[str, float]:
     """Train ``epochs`` passes over the client's rows (or ``steps`` > 0 optimizer steps) in place.
 
+    ``proximal`` > 0 adds FedProx's ``proximal_term`` toward the weights training started from
+    (what the client received) to every batch's loss; the reported train loss is the task's.
     Returns the mean train loss, the optimizer steps, the examples seen and the seconds taken.
     """
     binder.bind(client.adapter)
     model.train()
     client.head.train()
+    params = [*client.adapter.values(), *client.head.parameters()]
+    anchor = [p.detach().float().clone() for p in params] if proximal else []
 
     def step(batch: dict[str, Tensor]) -> Tensor:
         with autocast(device, cfg.precision):
             logits = forward_logits(model, client.head, batch)
         loss = task_loss(logits, batch["labels"], client.task.is_regression)
-        loss.backward()
+        total = loss + proximal_term(params, anchor, proximal) if proximal else loss
+        total.backward()
         return loss.detach()
-    return run_steps(client, cfg, step, [*client.adapter.values(), *client.head.parameters()],
-                     epochs=epochs, steps=steps, generator=generator, device=device)
+    return run_steps(client, cfg, step, params, epochs=epochs, steps=steps, generator=generator,
+                     device=device)
 
 
 def round_batches(data: TokenizedSet, cfg: TrainConfig, *, epochs: int, steps: int,

@@ -242,12 +242,12 @@ def layered(raw: dict[str, Any], *layers: dict[str, Any]) -> dict[str, Any]:
         raise AtlasError(f"config key {METHOD_SETTINGS!r} must map each method to a mapping of "
                          f"dotted keys, e.g. {{local: {{train.lr: 0.004}}}}; got {settings!r}")
     if settings:
-        from atlasfl.strategies import STRATEGIES  # only then: it imports torch
+        from atlasfl.strategies import METHODS  # only then: it imports torch
 
-        unknown = sorted(set(settings) - set(STRATEGIES))
+        unknown = sorted(set(settings) - set(METHODS))
         if unknown:
             raise AtlasError(f"{METHOD_SETTINGS}: unknown method(s) {', '.join(unknown)}; "
-                             f"allowed: {', '.join(STRATEGIES)}")
+                             f"allowed: {', '.join(METHODS)}")
     for method, keys in settings.items():  # every method's, not only the one that runs
         for key in keys:
             if not _known_key(key):

@@ -98,6 +98,9 @@ class TrainConfig:
     head_lr: float | None = None  # classification head learning rate; None: same as lr
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
+    # FedProx's mu (method fedprox): each batch's loss adds mu/2 ||w - w_received||^2 over the
+    # adapter and head; Li et al. (arXiv:1812.06127) tried 0.001 to 1
+    prox_mu: float = 0.01
     eval_batch_size: int = 64
     precision: Precision = "auto"  # auto: bf16 autocast where it is fast (CUDA, bf16 CPUs)
     # speed and memory, measured on quick.yaml (README "Speed and memory"): rows sorted by length

@@ -51,6 +51,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.head_lr is None or t.head_lr > 0, "train.head_lr", t.head_lr, "null or a number > 0")
     _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "0 (off) or more")
+    _check(t.prox_mu >= 0, "train.prox_mu", t.prox_mu, "0 or more")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "an integer >= 1")
     _check(t.length_bucket >= 0, "train.length_bucket", t.length_bucket, "0 (off) or more")
     _check(t.pad_multiple >= 1, "train.pad_multiple", t.pad_multiple, "an integer >= 1")

@@ -38,7 +38,9 @@ from atlasfl.errors import AtlasError
 
 CHECKPOINTS = "checkpoints"
 TENSORS, META, MANIFEST = "state.safetensors", "state.json", "manifest.json"
-FORMAT = 1
+# 2: the server state is one ``strategies.state.ServerState`` for every method (1: a dataclass per
+# strategy class, before methods were recipes of parts)
+FORMAT = 2
 
 
 @dataclass
@@ -108,7 +110,10 @@ def unflatten_state(obj: Any, tensors: dict[str, Tensor], device: torch.device) 
         module, _, name = obj["__dataclass__"].partition(":")
         if not module.startswith("atlasfl."):
             raise AtlasError(f"checkpoint names class {obj['__dataclass__']!r} outside atlasfl")
-        cls = getattr(importlib.import_module(module), name, None)
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            cls = None
         if not isinstance(cls, type) or not dataclasses.is_dataclass(cls):
             raise AtlasError(f"checkpoint names unknown state class {obj['__dataclass__']!r}")
         return cls(**{k: unflatten_state(v, tensors, device) for k, v in obj["fields"].items()})
@@ -227,7 +232,8 @@ def load_checkpoint(path: str | Path) -> Snapshot:
         raise AtlasError(f"checkpoint manifest {path / MANIFEST} is unreadable") from None
     if manifest.get("format") != FORMAT:
         raise AtlasError(f"checkpoint {path} has format {manifest.get('format')!r}; this "
-                         f"atlasfl reads format {FORMAT}")
+                         f"atlasfl reads format {FORMAT}: resume it with the atlasfl version "
+                         f"that wrote it, or start the run over")
     parts = manifest.get("parts", {})
     for name in (TENSORS, META, *parts):
         file = path / name

@@ -150,8 +150,8 @@ class InProcessExecutor:
 
     def _batch_key(self, round_idx: int, plan: Plan) -> tuple[int, ...] | None:
         """A whole-model Train plan's batch sizes, step by step; None: it trains on its own."""
-        if not isinstance(plan, Train) or plan.split is not None:
-            return None
+        if not isinstance(plan, Train) or plan.split is not None or plan.proximal:
+            return None  # split and proximal training have no batched path
         cid, rt = plan.client_id, self.runtime
         sizes = step_sizes(self.clients.num_examples(cid), rt.train, epochs=plan.epochs,
                            steps=plan.steps, seed=client_seed(rt.seed, round_idx, cid))

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from multiprocessing.queues import SimpleQueue
     from multiprocessing.synchronize import Event
 
-    from atlasfl.engine.grid import GridJob, GridProgress
+    from atlasfl.engine.points import GridJob, GridProgress
     from atlasfl.engine.simulation import StopFlag
 
 STOPPED = 3  # a worker's exit code when its run stopped before its last round
@@ -91,7 +91,7 @@ def execute_config(config: dict[str, Any], threads: int, stop: StopFlag | None =
     from transformers.utils import logging as hf_logging
 
     from atlasfl.config import from_dict
-    from atlasfl.engine.grid import GridJob, execute
+    from atlasfl.engine.points import GridJob, execute
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

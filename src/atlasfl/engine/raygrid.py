@@ -24,7 +24,7 @@ from atlasfl.engine.jobs import execute_config, job_config
 from atlasfl.errors import AtlasError
 
 if TYPE_CHECKING:
-    from atlasfl.engine.grid import GridJob, GridProgress
+    from atlasfl.engine.points import GridJob, GridProgress
     from atlasfl.engine.simulation import StopFlag
 
 MAX_RETRIES = 3  # runs of a task whose node or worker process died

@@ -32,7 +32,7 @@ from atlasfl.models.head import ClassificationHead, init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
 from atlasfl.models.registry import Backbone, check_model, load_backbone
 from atlasfl.phases.memory import model_dims
-from atlasfl.strategies.base import ClientInfo, ModelInfo, Strategy, get_strategy
+from atlasfl.strategies import ClientInfo, ModelInfo, Recipe, Strategy, get_method
 
 
 @dataclass
@@ -139,9 +139,9 @@ def _pool(splits: list[ClientSplit]) -> tuple[list[ClientSplit], tuple[int, ...]
 Loaded = dict[tuple[str, str], tuple[Examples, Examples]]  # (data root, task) -> (train, test)
 
 
-def _resolve_names(cfg: ExperimentConfig) -> tuple[type[Strategy], list[TaskSpec]]:
-    """The method's strategy and the tasks; a name no registry knows is an error naming it."""
-    strategy_cls = get_strategy(cfg.method)
+def _resolve_names(cfg: ExperimentConfig) -> tuple[Recipe, list[TaskSpec]]:
+    """The method's recipe and the tasks; a name no registry knows is an error naming it."""
+    recipe = get_method(cfg.method)
     specs: list[TaskSpec] = resolve_tasks(cfg.data.tasks, cfg.data.custom_tasks)
     # a count for a task this run leaves out is kept (--tasks on a config that has them), a
     # name no registry knows is an error
@@ -150,7 +150,7 @@ def _resolve_names(cfg: ExperimentConfig) -> tuple[type[Strategy], list[TaskSpec
     except AtlasError as exc:
         raise AtlasError(f"data.task_samples: {exc}") from None
     resolve_device(cfg.device)
-    return strategy_cls, specs
+    return recipe, specs
 
 
 def _load(specs: list[TaskSpec], cfg: ExperimentConfig,
@@ -203,7 +203,7 @@ def preflight(cfg: ExperimentConfig, cache: Loaded | None = None) -> None:
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
     """Load data and model and create every client from the shared seeded initialisation."""
-    strategy_cls, specs = _resolve_names(cfg)
+    recipe, specs = _resolve_names(cfg)
     torch.set_num_threads(resolve_threads(cfg.train.threads))
     set_mmap_threshold(cfg.train.mmap_threshold_kb)
     set_onednn_cache(cfg.train.onednn_cache)
@@ -243,7 +243,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                             "local_test_rows": int(sum(len(s.test_idx) for s in splits)),
                             "test_rows": len(test)}
         parts: tuple[int, ...] = ()
-        if strategy_cls.pools_data:
+        if recipe.pools_data:
             splits, parts = _pool(splits)
         num_out = spec.num_labels
         head_seed = _stable(cfg.seed, "head", num_out)
@@ -278,7 +278,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     facts = ModelInfo(dims, shapes,
                       {n: sum(p.numel() for p in h.parameters())
                        for n, h in initial_heads.items()})
-    strategy = strategy_cls(infos, cfg, facts)
+    strategy = Strategy(recipe, infos, cfg, facts)
     runtime = ClientRuntime(model, binder, cfg.train, cfg.model.lora, cfg.seed, device,
                             backbone.num_layers, adapter_init, initial_heads, test_sets)
     return Experiment(cfg, backbone, strategy, clients, runtime, references, notes)

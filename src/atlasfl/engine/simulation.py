@@ -43,8 +43,9 @@ from atlasfl.engine.rundir import RunDir
 from atlasfl.engine.setup import Experiment
 from atlasfl.errors import AtlasError
 from atlasfl.messages import Plan, Reply, TrainReply
-from atlasfl.report.summary import reported_rows, stop_early, summarize
-from atlasfl.strategies.base import RoundInfo, RoundOutcome, Strategy
+from atlasfl.summary import reported_rows, stop_early, summarize
+from atlasfl.strategies.base import RoundInfo, RoundOutcome
+from atlasfl.strategies.strategy import Strategy
 from atlasfl.types import ClientId
 
 
@@ -222,17 +223,17 @@ def run_exchange(executor: Executor, strategy: Strategy, state: Any, rnd: RoundI
     """Exchange ``rnd.exchange`` of a round: configure, deliver, collect, aggregate.
 
     When plans split the model, the server's half of split learning holds the strategy's
-    server-side models during the exchange and hands them back in ``rnd.served``.
+    server-side models the dispatch names during the exchange and hands them back to the
+    strategy's aggregation as ``served``.
 
     Returns None when the strategy's round has no such exchange. ``on_reply`` sees each reply as
     it arrives; when ``stop()`` turns true the exchange is abandoned before aggregation.
     """
-    plans = strategy.configure_round(state, rnd)
-    if plans is None:
+    dispatch = strategy.configure_round(state, rnd)
+    if dispatch is None:
         return None
-    server = None
-    if any(getattr(p, "split", None) is not None for p in plans):
-        server = executor.split_server(strategy.server_models(state))
+    plans = dispatch.plans
+    server = None if dispatch.server is None else executor.split_server(dispatch.server)
     replies: list[Reply] = []
     for reply in executor.run(rnd.round_idx, plans, server):
         if stop is not None and stop():
@@ -243,10 +244,9 @@ def run_exchange(executor: Executor, strategy: Strategy, state: Any, rnd: RoundI
         replies.append(reply)
     if stop is not None and stop():
         return Exchange(plans, replies, None)
-    if server is not None:
-        rnd = dataclasses.replace(rnd, served=server.snapshot())
     start = time.perf_counter()
-    outcome = strategy.aggregate_round(state, rnd, replies)
+    outcome = strategy.aggregate_round(state, rnd, replies,
+                                       None if server is None else server.snapshot())
     return Exchange(plans, replies, outcome, time.perf_counter() - start)
 
 

@@ -15,7 +15,7 @@ U-shape the K forwards of a window come before their gradients, so each forward 
 the weights it saw and its gradient is applied to the live weights when it arrives. The dropout
 masks of a client's batch come from its seed (``open``) and the batch's number.
 ``snapshot`` gives the models back to the strategy, which merges them with the clients' uploads
-at the end of the round (``atlasfl.strategies.split``).
+at the end of the round (``atlasfl.strategies.split_learning``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from atlasfl.messages import Activations, Gradients, Logits, SplitMessage, Split
 from atlasfl.models.head import ClassificationHead
 from atlasfl.models.lora import AdapterBinder
 from atlasfl.models.split import run_blocks
-from atlasfl.strategies.split import ServerModel
+from atlasfl.strategies.state import ServerModel
 from atlasfl.types import AdapterState, ClientId
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")

@@ -34,7 +34,7 @@ Drawer = Callable[[dict[str, list[RunRecord]]], "Figure | str"]
 
 
 # the two scores every figure shows side by side: each client's own held-out rows, and the
-# task's shared test rows (``atlasfl.report.summary``)
+# task's shared test rows (``atlasfl.summary``)
 SIDES = (("local_metric", "local test (each client's own rows)"),
          ("global_metric", "global test (the task's shared rows)"))
 

@@ -1,28 +1,11 @@
-"""Methods as strategies, looked up by name."""
+"""Methods as recipes of parts, looked up by name, and the one strategy that drives them."""
 
-from atlasfl.strategies import (  # noqa: F401 (registers each method)
-    atlas,
-    centralized,
-    fedavg,
-    fedavg_cluster,
-    fedavg_task,
-    fedsa,
-    hetlora,
-    laplacian,
-    local,
-    mixed_rank,
-    splitlora,
-)
-from atlasfl.strategies.base import (
-    STRATEGIES,
-    ClientInfo,
-    ModelInfo,
-    RoundInfo,
-    RoundOutcome,
-    Strategy,
-    get_strategy,
-)
+from atlasfl.strategies.base import RoundInfo, RoundOutcome
 from atlasfl.strategies.groups import Groups
+from atlasfl.strategies.info import ClientInfo, ModelInfo
+from atlasfl.strategies.methods import METHODS, get_method
+from atlasfl.strategies.recipe import Recipe
+from atlasfl.strategies.strategy import Strategy
 
-__all__ = ["STRATEGIES", "ClientInfo", "Groups", "ModelInfo", "RoundInfo", "RoundOutcome",
-           "Strategy", "get_strategy"]
+__all__ = ["METHODS", "ClientInfo", "Groups", "ModelInfo", "Recipe", "RoundInfo",
+           "RoundOutcome", "Strategy", "get_method"]

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from atlasfl.config import ExperimentConfig
     from atlasfl.messages import Update
-    from atlasfl.strategies.base import ClientInfo
+    from atlasfl.strategies.info import ClientInfo
 
 GLOBAL = "all"
 K = TypeVar("K")

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from atlasfl.engine.setup import Experiment
     from atlasfl.engine.split_server import ServerModel
     from atlasfl.messages import Plan, Reply
-    from atlasfl.strategies.base import Strategy
+    from atlasfl.strategies.strategy import Strategy
 
 SETUP, STATE, RESTORE = "query.setup", "query.state", "query.restore"
 
@@ -277,7 +277,7 @@ def with_devices(exp: Experiment, profiles: dict[ClientId, str]) -> Strategy:
     old = exp.strategy
     infos = [dataclasses.replace(info, device=profiles.get(cid, info.device))
              for cid, info in sorted(old.clients.items())]
-    return type(old)(infos, exp.cfg, old.model)
+    return old.with_clients(infos)
 
 
 def failed_reply(plan: Plan, reason: str) -> Reply:

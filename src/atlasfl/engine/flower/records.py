@@ -126,7 +126,8 @@ def to_content(message: Plan | Reply) -> RecordDict:
             _put(config, "importance.", message.importance)
         case Train():
             config.update({"epochs": message.epochs, "steps": message.steps,
-                           "upload": message.upload, "shares": message.shares})
+                           "upload": message.upload, "shares": message.shares,
+                           "proximal": float(message.proximal)})
             _put(config, "split.", message.split)
         case Evaluate():
             _put(config, "split.", message.split)
@@ -157,6 +158,7 @@ def plan_from_content(message_type: str, content: RecordDict) -> Plan:
     if category == "train":
         return Train(cid, epochs=int(_get(config, "epochs")), steps=int(_get(config, "steps")),
                      upload=bool(_get(config, "upload")), shares=_get(config, "shares"),
+                     proximal=float(_get(config, "proximal")),
                      split=_get_spec(config, "split.", SplitPlan)).with_payload(payload)
     if category == "evaluate":
         return Evaluate(cid, split=_get_spec(config, "split.", SplitPlan)).with_payload(payload)

@@ -1,4 +1,12 @@
-"""Server-side helpers of split learning shared by the strategies that split clients.
+"""The split-learning part (Phase 3): which clients train across a cut, and the server's side.
+
+``never``, ``always`` (SplitLoRA, Lin et al., arXiv:2407.00952: every client split) or ``auto``
+(only the clients whose device cannot hold the whole model); ``config``: the run's
+``split.enabled``. A split client gets a cut (``atlasfl.phases.split``: ``split.cut``, or the
+fitting one of least estimated time) and ranks for the modules of its own blocks under the memory
+of its client part (``atlasfl.strategies.rank_plan``); it trains across the cut with its group's
+server model (``atlasfl.engine.split_server``), uploads only its own modules and receives only
+those, and no head in vanilla mode (the server holds it).
 
 A split client uploads only what it trained: the modules of its own blocks (and its head in
 U-shape). The rest of the model it trained through is its group's server model. At the end of a
@@ -13,33 +21,115 @@ whole) aggregates the same way.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from atlasfl.config import ExperimentConfig, SplitConfig
 from atlasfl.devices import DeviceProfile
 from atlasfl.errors import AtlasError
-from atlasfl.messages import Update
+from atlasfl.messages import Model, Plan, SplitPlan, TrainReply, Update
 from atlasfl.models.split import split_tensors
 from atlasfl.phases.memory import ModelDims
 from atlasfl.phases.split import CutOption, choose_cut, cut_options
+from atlasfl.strategies.context import Context
 from atlasfl.strategies.groups import Groups, head_key
-from atlasfl.types import AdapterState
-
-if TYPE_CHECKING:
-    from torch import Tensor
+from atlasfl.strategies.state import ServerModel, ServerState
+from atlasfl.types import AdapterState, ClientId, SplitWhen
 
 ACT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # bytes per activation element that crosses
+SplitChoice = Literal["never", "always", "auto", "config"]
+
+__all__ = ["ACT_BYTES", "ServerModel", "Splitting", "complete_update", "plan_cut",
+           "refresh_server", "split_record"]
 
 
 @dataclass(frozen=True)
-class ServerModel:
-    """A group's server-side model: adapter, heads (vanilla) and optimizer moments (tensors)."""
+class Splitting:
+    """Split the clients ``enabled`` says (``config``: the run's ``split.enabled``)."""
 
-    adapter: AdapterState = field(default_factory=dict)  # empty: the common initialisation
-    heads: dict[str, AdapterState] = field(default_factory=dict)  # str(outputs) -> head
-    moments: dict[str, Tensor] = field(default_factory=dict)  # "<param>/<exp_avg|...>"
+    enabled: SplitChoice
+
+    @property
+    def name(self) -> str:  # noqa: D102
+        return self.enabled
+
+    def resolve(self, ctx: Context) -> SplitWhen:
+        """``never``, ``always``, or ``auto`` (only clients the model does not fit)."""
+        return ctx.cfg.split.enabled if self.enabled == "config" else self.enabled
+
+    def splits(self, ctx: Context, fits_whole: bool) -> bool:
+        """Whether a client is split (``fits_whole``: whether its device holds the model)."""
+        when = self.resolve(ctx)
+        return when == "always" or (when == "auto" and not fits_whole)
+
+    def choose(self, ctx: Context, client_id: ClientId,
+               memory_of: Callable[[tuple[int, int]], int]
+               ) -> tuple[CutOption | None, list[CutOption]]:
+        """A split client's cut and every option considered (``memory_of((cut, tail))``)."""
+        return plan_cut(ctx.dims, ctx.devices[client_id], ctx.cfg, memory_of)
+
+    def plan(self, ctx: Context, state: ServerState, client_id: ClientId) -> SplitPlan | None:
+        """How a client trains and evaluates across its cut (None: it is not split)."""
+        cut = state.split.cuts.get(str(client_id))
+        if cut is None:
+            return None
+        group = state.groups.group(client_id)
+        return SplitPlan(cut[0], cut[1], ctx.cfg.split.activation_dtype, group,
+                         ctx.clients[client_id].head_shape[0],
+                         state.groups.versions.get(group, 0), ctx.cfg.split.window)
+
+    def trim(self, ctx: Context, state: ServerState, client_id: ClientId, model: Model) -> Model:
+        """What a split client receives: its own modules, a head only in U-shape."""
+        cut = state.split.cuts.get(str(client_id))
+        if cut is None or model.adapter is None:
+            return model
+        own, _ = split_tensors(model.adapter, ctx.dims.num_layers, *cut)
+        return dataclasses.replace(model, adapter=own, head=model.head if cut[1] else None)
+
+    def serve(self, state: ServerState, plans: Sequence[Plan]) -> dict[str, ServerModel] | None:
+        """The server half the plans train with (None: no plan is split)."""
+        if not any(getattr(p, "split", None) is not None for p in plans):
+            return None
+        return state.split.server
+
+    def complete(self, ctx: Context, state: ServerState, served: dict[str, ServerModel],
+                 replies: Sequence[TrainReply]) -> list[TrainReply]:
+        """Split clients' uploads completed with their group's server copies (whole models).
+
+        ``served``: the server models after the exchange (``served_models``).
+        """
+        if not state.split.cuts:
+            return list(replies)
+        return [dataclasses.replace(r, update=complete_update(
+            r.update, served.get(state.groups.group(r.client_id)),
+            state.split.cuts.get(str(r.client_id)), ctx.dims.num_layers,
+            ctx.clients[r.client_id].head_shape[0]))
+            if r.update is not None else r for r in replies]
+
+    def refresh(self, ctx: Context, state: ServerState, served: dict[str, ServerModel],
+                round_idx: int,
+                share: Callable[[AdapterState, AdapterState | None], AdapterState]
+                ) -> ServerState:
+        """Each group with split clients takes its new aggregate as its server model."""
+        heads: dict[str, set[int]] = {}  # group -> outputs of its vanilla split clients
+        for c, (_, tail) in state.split.cuts.items():
+            heads.setdefault(state.groups.group(int(c)), set()).update(
+                [] if tail else [ctx.clients[int(c)].head_shape[0]])
+        server = refresh_server(served, state.groups, heads, share, hidden=ctx.dims.hidden,
+                                round_idx=round_idx)
+        return dataclasses.replace(state, split=dataclasses.replace(state.split,
+                                                                    server=server))
+
+
+def served_models(state: ServerState, served: dict[str, ServerModel] | None
+                  ) -> dict[str, ServerModel]:
+    """The server models as the train exchange left them (``served``: those it trained).
+
+    As they were when no split client trained in it: a hybrid group may still have moved through
+    its whole-model clients.
+    """
+    return {**state.split.server, **(served or {})}
 
 
 def complete_update(update: Update, server: ServerModel | None, cut: tuple[int, int] | None,
