@@ -68,7 +68,7 @@ def steps(args: argparse.Namespace) -> None:
     import torch
 
     from atlasfl.client import make_client
-    from atlasfl.client.split import split_step
+    from atlasfl.client.split_training import split_step
     from atlasfl.client.training import forward_logits, task_loss
     from atlasfl.config import LoraSettings, TrainConfig
     from atlasfl.data.batching import TokenizedSet
@@ -255,7 +255,7 @@ def memory(args: argparse.Namespace) -> None:
     import memory as benchmem
 
     from atlasfl.phases.memory import estimate_memory, model_dims
-    from atlasfl.phases.split import split_memory
+    from atlasfl.phases.cuts import split_memory
 
     print(f"client part peak per cut: batch {args.batch}, len {args.seq}, fp32, eager, AdamW, "
           "LoRA r 8 (q, v), 1 thread; activations cross in fp32")

@@ -154,7 +154,7 @@ class SplitPlan:
     ``num_layers - tail``; with ``tail`` > 0 (U-shape) the client runs the last ``tail`` blocks,
     the head and the loss too. ``server_model`` names the server-side model (the client's
     group) and ``version`` the round of its latest aggregate. ``window``: batches whose
-    messages travel together (``split.window``, see ``atlasfl.client.split``).
+    messages travel together (``split.window``, see ``atlasfl.client.split_training``).
     """
 
     cut: int

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from atlasfl.client import make_client
-from atlasfl.client.split import SplitTraining, drive
+from atlasfl.client.split_training import SplitTraining, drive
 from atlasfl.client.training import round_batches, train_client
 from atlasfl.config import LoraSettings, TrainConfig
 from atlasfl.data.batching import TokenizedSet
@@ -25,7 +25,7 @@ from atlasfl.messages import SplitPlan
 from atlasfl.models.head import init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
 from atlasfl.models.registry import load_backbone
-from atlasfl.models.split import client_side
+from atlasfl.models.blocks import client_side
 
 WORDS = "the film was a delight dull not bad at all really an utterly tedious mess".split()
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from atlasfl.client import make_client
-from atlasfl.client.split import SplitTraining, drive
+from atlasfl.client.split_training import SplitTraining, drive
 from atlasfl.client.training import forward_logits, task_loss
 from atlasfl.config import LoraSettings, TrainConfig
 from atlasfl.data.batching import TokenizedSet
@@ -28,7 +28,7 @@ from atlasfl.messages import SplitPlan
 from atlasfl.models.head import init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
 from atlasfl.models.registry import load_backbone
-from atlasfl.models.split import block_of, client_side, run_blocks, split_tensors
+from atlasfl.models.blocks import block_of, client_side, run_blocks, split_tensors
 
 MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
 EMPTY = TokenizedSet([], None, np.zeros(0, dtype=np.int64), 0)

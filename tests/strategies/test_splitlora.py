@@ -11,7 +11,7 @@ import torch
 from atlasfl.engine import RunDir, build_experiment, run_experiment
 from atlasfl.engine.channel import InProcessChannel
 from atlasfl.messages import Activations, Evaluate, Gradients, Logits, Train, TrainReply
-from atlasfl.models.split import client_side
+from atlasfl.models.blocks import client_side
 
 
 def _split_cfg(tiny_cfg, mode="vanilla", **extra):

@@ -19,7 +19,7 @@ from peft import PeftModel
 
 from atlasfl.client.batched import train_batched
 from atlasfl.client.probe import probe_client
-from atlasfl.client.split import Link, SplitScoring, SplitTraining, drive
+from atlasfl.client.split_training import Link, SplitScoring, SplitTraining, drive
 from atlasfl.client.state import ClientState
 from atlasfl.client.training import Scored, evaluate, round_batches, train_client
 from atlasfl.config import LoraSettings, TrainConfig
@@ -38,7 +38,7 @@ from atlasfl.messages import (
 from atlasfl.messages import Plan as PlanT
 from atlasfl.models.head import ClassificationHead
 from atlasfl.models.lora import AdapterBinder, plan_adapter
-from atlasfl.models.split import split_tensors
+from atlasfl.models.blocks import split_tensors
 from atlasfl.types import AdapterState, ClientId
 
 
@@ -183,7 +183,7 @@ class ClientRuntime:
                   **({"cut": split.cut} if split is not None else {})}
         return TrainReply(client.client_id, update, record, metrics["train_seconds"])
 
-    # -- split plans, as windows of messages (atlasfl.client.split) ----------------------------
+    # -- split plans, as windows of messages (atlasfl.client.split_training) -------------------
 
     def open_split(self, client: ClientState, plan: Train | Evaluate, round_idx: int
                    ) -> SplitTraining | SplitScoring:

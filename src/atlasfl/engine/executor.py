@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from atlasfl.client import ClientRuntime
 from atlasfl.client.batched import group_by_key, step_sizes, supports_batching
 from atlasfl.client.runtime import client_seed
-from atlasfl.client.split import Link
+from atlasfl.client.split_training import Link
 from atlasfl.client.store import ClientStore
 from atlasfl.config import FaultsConfig
 from atlasfl.devices import DeviceProfile, known_profiles

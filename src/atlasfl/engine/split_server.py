@@ -27,14 +27,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from atlasfl.client.split import DTYPES, batch_seed
+from atlasfl.client.split_training import DTYPES, batch_seed
 from atlasfl.client.training import autocast, task_loss
 from atlasfl.config import TrainConfig
 from atlasfl.errors import AtlasError
 from atlasfl.messages import Activations, Gradients, Logits, SplitMessage, SplitPlan
 from atlasfl.models.head import ClassificationHead
 from atlasfl.models.lora import AdapterBinder
-from atlasfl.models.split import run_blocks
+from atlasfl.models.blocks import run_blocks
 from atlasfl.strategies.state import ServerModel
 from atlasfl.types import AdapterState, ClientId
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 from atlasfl.errors import AtlasError
 from atlasfl.messages import ImportanceSpec, Reply
-from atlasfl.models.split import client_side
+from atlasfl.models.blocks import client_side
 from atlasfl.phases.memory import estimate_memory
 from atlasfl.phases.ranks import Importance, RankPlan, allocate_ranks
-from atlasfl.phases.split import CutOption, split_memory
+from atlasfl.phases.cuts import CutOption, split_memory
 from atlasfl.strategies.context import Context
 from atlasfl.strategies.split_learning import ACT_BYTES, Splitting, split_record
 from atlasfl.strategies.state import ServerState
@@ -40,7 +40,7 @@ def memory_of(ctx: Context, client_id: ClientId, cut: tuple[int, int] | None = N
               ) -> Callable[[dict[str, int]], int]:
     """Map ranks to the memory model's training peak of this client.
 
-    ``cut`` = (cut, tail): the client part of a split client (``phases.split``); only the ranks of
+    ``cut`` = (cut, tail): the client part of a split client (``phases.cuts``); only the ranks of
     its own modules count.
     """
     cfg, dims, shapes = ctx.cfg, ctx.dims, ctx.model.shapes

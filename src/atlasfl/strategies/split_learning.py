@@ -2,7 +2,7 @@
 
 ``never``, ``always`` (SplitLoRA, Lin et al., arXiv:2407.00952: every client split) or ``auto``
 (only the clients whose device cannot hold the whole model); ``config``: the run's
-``split.enabled``. A split client gets a cut (``atlasfl.phases.split``: ``split.cut``, or the
+``split.enabled``. A split client gets a cut (``atlasfl.phases.cuts``: ``split.cut``, or the
 fitting one of least estimated time) and ranks for the modules of its own blocks under the memory
 of its client part (``atlasfl.strategies.rank_plan``); it trains across the cut with its group's
 server model (``atlasfl.engine.split_server``), uploads only its own modules and receives only
@@ -29,9 +29,9 @@ from atlasfl.config import ExperimentConfig, SplitConfig
 from atlasfl.devices import DeviceProfile
 from atlasfl.errors import AtlasError
 from atlasfl.messages import Model, Plan, SplitPlan, TrainReply, Update
-from atlasfl.models.split import split_tensors
+from atlasfl.models.blocks import split_tensors
 from atlasfl.phases.memory import ModelDims
-from atlasfl.phases.split import CutOption, choose_cut, cut_options
+from atlasfl.phases.cuts import CutOption, choose_cut, cut_options
 from atlasfl.strategies.context import Context
 from atlasfl.strategies.groups import Groups, head_key
 from atlasfl.strategies.state import ServerModel, ServerState
@@ -155,7 +155,7 @@ def plan_cut(dims: ModelDims, device: DeviceProfile, cfg: ExperimentConfig,
     """A split client's cut, and every option considered.
 
     ``split.cut``, or among the cuts from ``split.min_cut`` the fitting one of least estimated
-    time (``atlasfl.phases.split``).
+    time (``atlasfl.phases.cuts``).
 
     ``memory_of((cut, tail))`` is the client part's training peak at its smallest adapter.
     """

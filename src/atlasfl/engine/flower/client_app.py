@@ -11,7 +11,7 @@ message (deployment) or serve several nodes (simulation): each message restores 
 ``context.state`` before it acts, so neither case leaks state between clients.
 
 A split plan (``Train.split``/``Evaluate.split``) takes several messages: the node answers the
-plan with the first window of its split messages (``atlasfl.client.split``), each
+plan with the first window of its split messages (``atlasfl.client.split_training``), each
 ``train.split``/``evaluate.split`` message (the server's answers) with the next window, and the
 last with the plan's reply. Between them ``context.state`` holds the plan's settings and where
 the session stands (its ``export``), so any process can take the next message; nothing else
@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from atlasfl.client import ClientState
-from atlasfl.client.split import SplitMessage, SplitScoring, SplitTraining
+from atlasfl.client.split_training import SplitMessage, SplitScoring, SplitTraining
 from atlasfl.config import from_dict
 from atlasfl.engine.flower.records import (
     ARRAYS,

@@ -14,7 +14,7 @@ A plan or reply (``atlasfl.messages``) becomes a ``RecordDict`` of two records:
 The receiver rebuilds the message without tensors from the config and puts the payload back
 with the message's own ``with_payload``: the message types define their payloads once.
 
-A window of split messages (``atlasfl.client.split``: activations, gradients or logits of K
+A window of split messages (``atlasfl.client.split_training``: activations, gradients or logits of K
 batches) travels as one message: message ``i``'s kinds become ``<i>.<kind>``, and
 ``window.count`` and ``window.<i>.type`` (``Activations``...) say what to rebuild. Such a window
 is what a split client answers a ``train``/``evaluate`` plan with until its last, and what

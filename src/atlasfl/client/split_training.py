@@ -48,7 +48,7 @@ from atlasfl.data.batching import TokenizedSet
 from atlasfl.errors import AtlasError
 from atlasfl.messages import Activations, Gradients, Logits, SplitMessage, SplitPlan
 from atlasfl.models.lora import AdapterBinder
-from atlasfl.models.split import run_blocks, split_tensors
+from atlasfl.models.blocks import run_blocks, split_tensors
 
 Link = Callable[[SplitMessage], SplitMessage]  # to the server and back
 Batch = dict[str, Tensor]

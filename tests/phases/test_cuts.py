@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 from atlasfl.errors import AtlasError
 from atlasfl.phases.memory import ModelDims, estimate_memory
-from atlasfl.phases.split import (
+from atlasfl.phases.cuts import (
     REFERENCE_FLOPS,
     CutOption,
     block_flops,
