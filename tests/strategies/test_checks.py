@@ -149,3 +149,15 @@ def test_a_refused_update_never_changes_the_aggregate(case):
         assert torch.equal(with_bad.adapters["all"][key], value)
     for key, value in without.heads.items():
         assert all(torch.equal(with_bad.heads[key][k], v) for k, v in value.items())
+
+
+def test_a_rank_plan_without_a_memory_model_is_refused_when_the_strategy_is_built(tiny_cfg):
+    from atlasfl.errors import AtlasError
+    from atlasfl.strategies import ClientInfo, ModelInfo, Strategy, get_method
+
+    infos = [ClientInfo(0, "t", 10, (2, 8))]
+    no_dims = ModelInfo(None, dict(SHAPES), {2: 18})
+    for method in ("homolora", "hetlora", "atlas", "mira"):
+        with pytest.raises(AtlasError, match=f"method {method} needs a memory model"):
+            Strategy(get_method(method), infos, tiny_cfg(method=method), no_dims)
+    Strategy(get_method("fedavg"), infos, tiny_cfg(), no_dims)  # FedAvg plans no ranks

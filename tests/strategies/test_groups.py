@@ -144,7 +144,8 @@ def test_cluster_groups_names_clusters_and_returns_the_clustering_geometry(tiny_
     infos = {i: ClientInfo(i, "sst2" if i < 3 else "rte", 10, (2, 8)) for i in range(6)}
     cfg = tiny_cfg(**{"clustering.k": 0})
     shuffled = {i: (x[i].astype(np.float32), 0.0) for i in (4, 0, 5, 2, 1, 3)}
-    members, similarity, metrics = cluster_groups(shuffled, infos, cfg)
+    members, similarity, metrics, labels = cluster_groups(shuffled, infos, cfg)
+    assert {f"cluster={labels[i]}" for i in range(6)} == set(members.values())
     assert sorted(members) == [str(i) for i in range(6)]
     assert all(m.startswith("cluster=") for m in members.values())
     assert members["0"] == members["1"] == members["2"] != members["3"] == members["4"]
@@ -159,10 +160,10 @@ def test_cluster_groups_passes_k_and_the_noise_variances_as_configured(tiny_cfg)
     infos = {i: ClientInfo(i, "t", 10, (2, 8)) for i in range(6)}
     noisy = {i: (x[i], float(i) * 0.02 * (x[i] ** 2).sum()) for i in range(6)}
     assert cluster_groups(noisy, infos, tiny_cfg())[2]["k"] == 3.0  # chosen
-    members, _, metrics = cluster_groups(noisy, infos, tiny_cfg(**{"clustering.k": 2}))
+    members, _, metrics, _ = cluster_groups(noisy, infos, tiny_cfg(**{"clustering.k": 2}))
     assert metrics["k"] == 2.0 and len(set(members.values())) == 2
-    _, debiased, _ = cluster_groups(noisy, infos, tiny_cfg())
-    _, raw, _ = cluster_groups(noisy, infos, tiny_cfg(**{"clustering.debias": False}))
+    debiased = cluster_groups(noisy, infos, tiny_cfg()).similarity
+    raw = cluster_groups(noisy, infos, tiny_cfg(**{"clustering.debias": False})).similarity
     noise = np.array([noisy[i][1] for i in range(6)])
     np.testing.assert_allclose(debiased.numpy(),
                                cluster_fingerprints(x, noise_var=noise).similarity)

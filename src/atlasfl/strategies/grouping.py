@@ -55,8 +55,9 @@ class GroupBy:
                         if r.fingerprint is not None}
         if not fingerprints:
             return state, {}, {}
-        members, similarity, metrics = cluster_groups(fingerprints, ctx.clients, ctx.cfg)
-        document = _clusters_document(ctx, fingerprints, members, metrics, round_idx)
+        found = cluster_groups(fingerprints, ctx.clients, ctx.cfg)
+        members, similarity, metrics = found.members, found.similarity, found.metrics
+        document = _clusters_document(ctx, fingerprints, found.labels, metrics, round_idx)
         if self.resolve(ctx) != "cluster":
             members = state.groups.members
         groups = state.groups.regroup(members, similarity)
@@ -64,13 +65,13 @@ class GroupBy:
 
 
 def _clusters_document(ctx: Context, fingerprints: Mapping[ClientId, tuple[Any, float]],
-                       members: dict[str, str], metrics: dict[str, float], round_idx: int
+                       labels: dict[ClientId, int], metrics: dict[str, float], round_idx: int
                        ) -> dict[str, Any]:
     """The clustering as the server saw it, for the report's fingerprint map."""
     ids = sorted(fingerprints)
     return {"round": round_idx, "clients": ids,
             "tasks": [ctx.clients[i].task for i in ids],  # only to score and draw
-            "labels": [int(members[str(i)].removeprefix("cluster=")) for i in ids],
+            "labels": [labels[i] for i in ids],
             "k": metrics["k"], "quality": {k: v for k, v in metrics.items() if k != "k"},
             "fingerprints": [np.asarray(fingerprints[i][0], dtype=np.float64).round(7).tolist()
                              for i in ids]}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -163,14 +163,19 @@ def recluster_due(cfg: ExperimentConfig, round_idx: int) -> bool:
     return round_idx == 1 or bool(every and (round_idx - 1) % every == 0)
 
 
+class Clustering(NamedTuple):
+    """Phase 1's server step as the grouping part uses it."""
+
+    members: dict[str, str]  # client id (str) -> its group's name ("cluster=<label>")
+    similarity: Tensor  # (N, N) in the geometry the clients were clustered in, id order
+    metrics: dict[str, float]  # k, and ARI/NMI/purity against the true tasks (scoring only)
+    labels: dict[ClientId, int]  # client -> its cluster's label (never parsed from a name)
+
+
 def cluster_groups(fingerprints: Mapping[ClientId, tuple[np.ndarray, float]],
                    clients: Mapping[ClientId, ClientInfo], cfg: ExperimentConfig
-                   ) -> tuple[dict[str, str], Tensor, dict[str, float]]:
-    """Phase 1's server step: groups from fingerprints (and their noise variances).
-
-    Returns each client's group, the clients' similarity matrix (id order) and the metrics
-    (k, and ARI/NMI/purity against the true tasks, which are read only to score).
-    """
+                   ) -> Clustering:
+    """Phase 1's server step: groups from fingerprints (and their noise variances)."""
     c = cfg.clustering
     ids = sorted(fingerprints)
     result = cluster_fingerprints(
@@ -179,6 +184,7 @@ def cluster_groups(fingerprints: Mapping[ClientId, tuple[np.ndarray, float]],
         true_labels=[clients[i].task for i in ids], center=c.center,
         noise_var=np.array([fingerprints[i][1] for i in ids]) if c.debias else None,
         criteria=tuple(c.criteria), min_signal=c.min_signal)
-    members = {str(i): f"cluster={int(label)}" for i, label in zip(ids, result.labels,
-                                                                      strict=True)}
-    return members, torch.from_numpy(result.similarity), {"k": float(result.k), **result.quality}
+    labels = {i: int(label) for i, label in zip(ids, result.labels, strict=True)}
+    return Clustering({str(i): f"cluster={label}" for i, label in labels.items()},
+                      torch.from_numpy(result.similarity),
+                      {"k": float(result.k), **result.quality}, labels)
