@@ -237,3 +237,16 @@ def test_a_recipe_that_splits_without_a_rank_plan_is_refused():
 
     with pytest.raises(ValueError, match="split learning needs a rank plan"):
         dataclasses.replace(METHODS["fedavg"], split=Splitting("always"))
+
+
+def test_the_parts_that_plan_or_serve_nothing_refuse_to_be_asked():
+    from atlasfl.strategies.aggregators import Mean
+    from atlasfl.strategies.rank_plan import NoPlan
+
+    class Ctx:
+        method = "fedavg"
+
+    with pytest.raises(RuntimeError, match="plans no ranks"):
+        NoPlan().plan(Ctx(), 0, None)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="serves no split server model"):
+        Mean().server_share(Ctx(), {}, None)  # type: ignore[arg-type]

@@ -45,8 +45,9 @@ class NoAggregation:
     def server_share(self, ctx: Context, aggregate: AdapterState,
                      reference: AdapterState | None) -> AdapterState:
         """A group's aggregate as a split server model holds it (only ``mixed`` serves one)."""
-        raise NotImplementedError(f"method {ctx.method}: aggregation {self.name} serves no "
-                                  f"split server model")
+        # internal: ``Recipe`` refuses split learning without mixed-rank aggregation
+        raise RuntimeError(f"method {ctx.method}: aggregation {self.name} serves no split "
+                           f"server model")
 
 
 @dataclass(frozen=True)

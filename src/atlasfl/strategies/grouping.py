@@ -30,6 +30,10 @@ class GroupBy:
 
     kind: GroupingChoice
 
+    @property
+    def name(self) -> str:  # noqa: D102
+        return self.kind
+
     def resolve(self, ctx: Context) -> Grouping:
         """The grouping this run uses."""
         return ctx.cfg.ranks.grouping if self.kind == "config" else self.kind

@@ -80,7 +80,8 @@ class NoPlan:
     def plan(self, ctx: Context, client_id: ClientId, importance: Importance | None,
              cut: tuple[int, int] | None = None) -> RankPlan:
         """This client's ranks (None importance: before any probe)."""
-        raise NotImplementedError(f"method {ctx.method} plans no ranks")
+        # internal: the strategy calls ``plan_clients`` only for a part whose ``plans`` is True
+        raise RuntimeError(f"method {ctx.method} plans no ranks")
 
     def smallest_ranks(self, ctx: Context) -> dict[str, int]:
         """The least adapter a client may get (what decides whether a cut fits)."""

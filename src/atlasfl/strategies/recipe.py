@@ -8,7 +8,7 @@ The registry of every method is ``atlasfl.strategies.methods``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from atlasfl.strategies.aggregators import MixedRank, NoAggregation
@@ -49,8 +49,7 @@ class Recipe:
 
     def parts(self) -> dict[str, str]:
         """Part kind -> the name of this recipe's part."""
-        return {kind: getattr(self, kind).name if kind != "grouping" else self.grouping.kind
-                for kind in PARTS}
+        return {kind: getattr(self, kind).name for kind in PARTS}
 
 
 
@@ -64,5 +63,4 @@ def variant(of: Recipe, name: str, summary: str, paper: str = "", **part: Any) -
 
 def differing_parts(a: Recipe, b: Recipe) -> list[str]:
     """The part kinds in which two recipes differ."""
-    return [f.name for f in fields(Recipe) if f.name in PARTS
-            and getattr(a, f.name) != getattr(b, f.name)]
+    return [kind for kind in PARTS if getattr(a, kind) != getattr(b, kind)]
