@@ -1,4 +1,4 @@
-"""Bit-identity of two versions of atlasfl over 32 tiny runs: every method and its options.
+"""Bit-identity of two versions of atlasfl over 36 tiny runs: every method and its options.
 
 Each run (tiny-bert/gpt2/llama, 2-3 tasks x 2 clients, 3-4 rounds, partial participation and
 evaluation every 2 rounds included) leaves its round rows (timings dropped), its summary and
@@ -91,6 +91,14 @@ RUNS = {
     "hetlora-hybrid-zeropad": {**HET, **WEAK, "ranks.aggregation": "zero-pad",
                                "split.enabled": "auto", "federation.fraction": 0.5,
                                "federation.rounds": 4},
+    # the schedules and simulated failures around the transport
+    "faults-splitlora": {"method": "splitlora", "split.cut": "1", "faults.drop_before": 0.2,
+                         "faults.drop_during": 0.4, "federation.rounds": 4},
+    "faults-deadline": {"method": "fedavg-task", "faults.deadline_seconds": 2.0,
+                        "faults.drop_during": 0.2, "federation.rounds": 4},
+    "faults-workers": {"method": "fedavg-task", "train.workers": 2, "faults.drop_before": 0.25,
+                       "faults.drop_during": 0.25, "federation.rounds": 4},
+    "batched": {"method": "fedavg-task", "train.batch_clients": 2},
 }
 MACHINE = {"wall_seconds", "process_seconds", "cpu_utilisation", "peak_rss_mb", "peak_cuda_mb"}
 BYTES = ("bytes_up", "bytes_down")

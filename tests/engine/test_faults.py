@@ -10,7 +10,16 @@ import torch
 from atlasfl.config import FaultsConfig
 from atlasfl.devices import BUILTIN_PROFILES
 from atlasfl.engine import RunDir, build_experiment, load_checkpoint, run_experiment
-from atlasfl.engine.faults import draw_fault, simulated_seconds
+from atlasfl.engine.faults import ClientVanished, FaultyChannel, draw_fault, simulated_seconds
+from atlasfl.messages import (
+    Activations,
+    Evaluate,
+    EvaluateReply,
+    SplitPlan,
+    Train,
+    TrainReply,
+    Update,
+)
 
 
 def test_faults_are_drawn_per_round_and_client_at_their_rates():
@@ -86,3 +95,85 @@ def test_updates_after_the_deadline_are_discarded_slow_devices_first(tiny_cfg, t
     assert late == phones  # 3 steps x 0.5 s / 0.1 = 15 s > 5 s; on the GPU 0.075 s
     assert set(seen[0]) == set(exp.clients) - phones
     assert all(row["late"].startswith("simulated 15.") for row in history[0] if "late" in row)
+
+
+class _Counting:
+    """A channel that records what it carried."""
+
+    def __init__(self):
+        self.carried = []
+
+    def send(self, round_idx, client_id, direction, message):
+        self.carried.append((client_id, direction, type(message).__name__))
+        return message
+
+
+def _faulty(cfg, messages=4, devices=None):
+    inner = _Counting()
+    return inner, FaultyChannel(inner, cfg, seed=3, devices=devices or {},
+                                messages=lambda plan: messages)
+
+
+SPLIT = SplitPlan(cut=1, tail=0, activation_dtype="float32", server_model="all", outputs=2)
+
+
+def _activations(cid, evaluating=False):
+    return Activations(cid, torch.zeros(1, 2, 3), evaluating=evaluating)
+
+
+def test_a_plan_that_never_arrives_is_not_carried():
+    inner, channel = _faulty(FaultsConfig(drop_before=1.0))
+    with pytest.raises(ClientVanished, match="vanished before training"):
+        channel.send(1, 0, "down", Train(0))
+    assert inner.carried == []
+    channel.send(1, 0, "down", Evaluate(0))  # only Train plans fail
+    assert inner.carried == [(0, "down", "Evaluate")]
+
+
+def test_a_client_vanishing_after_training_never_uploads_and_its_next_plan_is_clean():
+    inner, channel = _faulty(FaultsConfig(drop_during=1.0))
+    channel.send(1, 0, "down", Train(0))
+    reply = TrainReply(0, Update(0, {"a": torch.ones(2)}, {}, 5))
+    with pytest.raises(ClientVanished, match="after training, before its upload"):
+        channel.send(1, 0, "up", reply)
+    channel.send(1, 0, "down", Evaluate(0))
+    channel.send(1, 0, "up", EvaluateReply(0, {}))
+    assert inner.carried == [(0, "down", "Train"), (0, "down", "Evaluate"),
+                             (0, "up", "EvaluateReply")]
+
+
+def test_a_split_client_vanishes_at_its_drawn_message_and_evaluates_afterwards():
+    cfg = FaultsConfig(drop_during=1.0)
+    fault = draw_fault(cfg, seed=3, round_idx=1, client_id=0)
+    assert fault is not None and fault.kind == "during"
+    fail_at = min(int(fault.fraction * 8), 7)  # of 8 link calls, at least one short
+    inner, channel = _faulty(cfg, messages=8)
+    channel.send(1, 0, "down", Train(0, split=SPLIT))
+    for _ in range(fail_at):
+        channel.send(1, 0, "up", _activations(0))
+    with pytest.raises(ClientVanished, match=f"after {fail_at} of 8 split messages"):
+        channel.send(1, 0, "up", _activations(0))
+    assert [c for c in inner.carried if c[2] == "Activations"] == [(0, "up", "Activations")] \
+        * fail_at
+    channel.send(1, 0, "down", Evaluate(0, split=SPLIT))  # its evaluation is not the training
+    for _ in range(10):
+        channel.send(1, 0, "up", _activations(0, evaluating=True))
+    other = _faulty(FaultsConfig(), messages=8)[1]  # no faults: every message passes
+    other.send(1, 0, "down", Train(0, split=SPLIT))
+    for _ in range(10):
+        other.send(1, 0, "up", _activations(0))
+
+
+def test_a_late_update_is_carried_then_taken_out_of_its_reply():
+    phone, gpu = BUILTIN_PROFILES["cpu-2gb"], BUILTIN_PROFILES["gpu-16gb"]
+    cfg = FaultsConfig(deadline_seconds=5.0, jitter=0.0)
+    inner, channel = _faulty(cfg, devices={0: phone, 1: gpu})
+    for cid in (0, 1):
+        channel.send(1, cid, "down", Train(cid))
+    late = channel.send(1, 0, "up", TrainReply(0, Update(0, {"a": torch.ones(2)}, {}, 5),
+                                               {"steps": 12}))
+    on_time = channel.send(1, 1, "up", TrainReply(1, Update(1, {"a": torch.ones(2)}, {}, 5),
+                                                  {"steps": 12}))
+    assert late.update is None and late.record["late"].startswith("simulated 60.0 s > ")
+    assert on_time.update is not None and "late" not in on_time.record
+    assert inner.carried[-2:] == [(0, "up", "TrainReply"), (1, "up", "TrainReply")]  # both sent

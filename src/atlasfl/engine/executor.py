@@ -8,15 +8,16 @@ arrives. A split client talks to the server's half of split learning during its 
 counted by kind. With ``train.batch_clients`` > 0 it hands the client side groups of Train
 plans that can share one batched step (``atlasfl.client.batched``); with ``train.workers`` > 1 it
 hands plans that need no server during their work to worker processes (``atlasfl.engine.pool``).
-Only the schedule changes, not the replies or the bytes counted. It runs no algorithm of its own.
+Only the schedule changes, not the replies or the bytes counted. It runs no algorithm of its own,
+and draws no failure: simulated faults wrap its channel (``atlasfl.engine.faults``) and a client
+that vanishes is recorded where the channel says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from atlasfl.client import ClientRuntime
@@ -24,11 +25,11 @@ from atlasfl.client.batched import group_by_key, step_sizes, supports_batching
 from atlasfl.client.runtime import client_seed
 from atlasfl.client.split_training import Link
 from atlasfl.client.store import ClientStore
-from atlasfl.config import FaultsConfig
-from atlasfl.devices import DeviceProfile, known_profiles
-from atlasfl.engine.channel import InProcessChannel
-from atlasfl.engine.faults import ClientVanished, Fault, draw_fault, simulated_seconds
-from atlasfl.engine.ledger import CommLedger, state_bytes
+from atlasfl.devices import known_profiles
+from atlasfl.engine.channel import Channel, InProcessChannel
+from atlasfl.engine.faults import ClientVanished, FaultyChannel
+from atlasfl.engine.faults import active as faults_active
+from atlasfl.engine.ledger import CommLedger
 from atlasfl.engine.pool import ClientPool, Payload
 from atlasfl.engine.setup import resolve_threads, resolve_workers
 from atlasfl.engine.split_server import ServerModel, SplitServer
@@ -72,31 +73,18 @@ class Executor(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Faults:
-    """Simulated failures (``faults.*``) and what they are drawn from."""
-
-    cfg: FaultsConfig
-    seed: int
-    devices: Mapping[ClientId, DeviceProfile]
-    batch_size: int
-
-    @property
-    def active(self) -> bool:
-        """Whether any failure can happen."""
-        c = self.cfg
-        return c.drop_before > 0 or c.drop_during > 0 or c.deadline_seconds > 0
-
-
 class InProcessExecutor:
     """All clients in this process, sharing one frozen backbone (or in its worker processes)."""
 
-    def __init__(self, runtime: ClientRuntime, clients: ClientStore,
-                 channel: InProcessChannel, faults: Faults | None = None,
-                 pool: ClientPool | None = None):
+    def __init__(self, runtime: ClientRuntime, clients: ClientStore, channel: Channel, *,
+                 batch_clients: int = 0, pool: ClientPool | None = None):
+        """Deliver through ``channel`` (counting; simulated failures wrap it).
+
+        The schedule: ``batch_clients`` >= 2 trains groups of at most that many Train plans
+        together (``_groups``); ``pool`` runs plans that need no server in worker processes.
+        """
         self.runtime, self.clients, self.channel = runtime, clients, channel
-        self.faults = faults if faults is not None and faults.active else None
-        self.pool = pool
+        self.batch_clients, self.pool = batch_clients, pool
 
     def run(self, round_idx: int, plans: Sequence[Plan], server: SplitServer | None = None
             ) -> Iterator[Reply]:
@@ -113,7 +101,7 @@ class InProcessExecutor:
         pooled = iter([] if self.pool is None else
                       [i for i, p in enumerate(plans)
                        if i not in groups and getattr(p, "split", None) is None])
-        queued: dict[int, tuple[Future[Payload] | Reply, Fault | None]] = {}
+        queued: dict[int, Future[Payload] | Reply] = {}
         for i, plan in enumerate(plans):
             if self.pool is not None:  # keep the workers busy: queue plans ahead of this one
                 while len(queued) < 2 * self.pool.workers:
@@ -122,31 +110,24 @@ class InProcessExecutor:
                         break
                     queued[j] = self._submit(round_idx, plans[j], self.pool)
             if i in queued:
-                yield self._collect(round_idx, plan, *queued.pop(i))
+                yield self._collect(round_idx, plan, queued.pop(i))
                 continue
             if i not in groups:
                 yield self._deliver(round_idx, plan, server)
                 continue
             if i not in trained:
                 trained.update(self._train_group(round_idx, plans, groups[i]))
-            arrived = self.channel.send(round_idx, plan.client_id, "up", trained.pop(i))
-            yield self._on_time(round_idx, arrived)
+            yield self.channel.send(round_idx, plan.client_id, "up", trained.pop(i))
 
     def _groups(self, round_idx: int, plans: Sequence[Plan]) -> dict[int, list[int]]:
-        """Plan index -> the indices of its batched group (``train.batch_clients``).
+        """Plan index -> the indices of its batched group (at most ``batch_clients`` each).
 
-        Whole-model Train plans whose batches have the same sizes step for step, at most
-        ``train.batch_clients`` (and ``federation.resident_clients``: a group is live at once)
-        per group. None when simulated faults are on (they act on one client's plan).
+        Whole-model Train plans whose batches have the same sizes step for step.
         """
-        rt = self.runtime
-        size = rt.train.batch_clients
-        if self.clients.resident > 0:
-            size = min(size, self.clients.resident)
-        if size < 2 or self.faults is not None or not supports_batching(rt.binder):
+        if self.batch_clients < 2:
             return {}
         keys = [self._batch_key(round_idx, p) for p in plans]
-        return {i: group for group in group_by_key(keys, size) for i in group}
+        return {i: group for group in group_by_key(keys, self.batch_clients) for i in group}
 
     def _batch_key(self, round_idx: int, plan: Plan) -> tuple[int, ...] | None:
         """A whole-model Train plan's batch sizes, step by step; None: it trains on its own."""
@@ -169,43 +150,34 @@ class InProcessExecutor:
         replies = self.runtime.train_group(clients, received, round_idx)
         return dict(zip(group, replies, strict=True))
 
-    def _fault(self, round_idx: int, plan: Plan) -> Fault | None:
-        """The simulated failure of a Train plan's client in this round, if any."""
-        if self.faults is None or not isinstance(plan, Train):
-            return None
-        return draw_fault(self.faults.cfg, seed=self.faults.seed, round_idx=round_idx,
-                          client_id=plan.client_id)
-
-    def _submit(self, round_idx: int, plan: Plan, pool: ClientPool
-                ) -> tuple[Future[Payload] | Reply, Fault | None]:
+    def _submit(self, round_idx: int, plan: Plan, pool: ClientPool) -> Future[Payload] | Reply:
         """Deliver a plan (counted) to a worker, with its client's state.
 
         A client that vanishes before its plan arrives gets its reply here instead.
         """
-        fault = self._fault(round_idx, plan)
-        if fault is not None and fault.kind == "before":
-            return _never_arrived(plan.client_id), fault
-        received = self.channel.send(round_idx, plan.client_id, "down", plan)
-        return pool.submit(received, round_idx, self.clients.checkpoint(plan.client_id)), fault
+        try:
+            received = self.channel.send(round_idx, plan.client_id, "down", plan)
+        except ClientVanished as exc:
+            return _never_arrived(plan.client_id, exc)
+        return pool.submit(received, round_idx, self.clients.checkpoint(plan.client_id))
 
-    def _collect(self, round_idx: int, plan: Plan, queued: Future[Payload] | Reply,
-                 fault: Fault | None) -> Reply:
+    def _collect(self, round_idx: int, plan: Plan, queued: Future[Payload] | Reply) -> Reply:
         """A worker's reply, its client's new state written into the store."""
         if not isinstance(queued, Future):
             return queued
         assert self.pool is not None
         reply, state = self.pool.answer(queued)
         self.clients.restore(plan.client_id, *state)
-        return self._returned(round_idx, reply, fault)
+        return self._returned(round_idx, reply)
 
     def _deliver(self, round_idx: int, plan: Plan, server: SplitServer | None
                  ) -> Reply:
         """Deliver one plan and bring its client's reply back."""
         cid = plan.client_id
-        fault = self._fault(round_idx, plan)
-        if fault is not None and fault.kind == "before":  # the plan never arrives
-            return _never_arrived(cid)
-        received = self.channel.send(round_idx, cid, "down", plan)
+        try:
+            received = self.channel.send(round_idx, cid, "down", plan)
+        except ClientVanished as exc:  # the plan never arrives
+            return _never_arrived(cid, exc)
         link = None
         split = getattr(plan, "split", None)
         if split is not None:
@@ -213,48 +185,22 @@ class InProcessExecutor:
                 raise RuntimeError(f"client {cid} was planned split but no server runs")
             server.open(cid, split, client_seed(self.runtime.seed, round_idx, cid))
             link = self._link(round_idx, cid, server)
-            if fault is not None:
-                link = _vanishing(link, fault.fraction, self._messages(plan, split.u_shape))
         try:
             reply = self.runtime.handle(self.clients[cid], received, round_idx, link)
         except ClientVanished as exc:
             assert server is not None
             server.abandon(cid)  # the unfinished batch never reaches the server model
             return TrainReply(cid, None, {"trained": True, "dropped": str(exc)})
-        return self._returned(round_idx, reply, fault)
+        return self._returned(round_idx, reply)
 
-    def _returned(self, round_idx: int, reply: Reply, fault: Fault | None) -> Reply:
+    def _returned(self, round_idx: int, reply: Reply) -> Reply:
         """A client's answer on its way back (counted), unless its client vanished first."""
-        if fault is not None:  # it trained, then vanished before uploading
+        try:
+            return self.channel.send(round_idx, reply.client_id, "up", reply)
+        except ClientVanished as exc:  # it trained, then vanished before uploading
             assert isinstance(reply, TrainReply)
-            return dataclasses.replace(reply, update=None, record={
-                **reply.record, "dropped": "vanished after training, before its upload"})
-        arrived = self.channel.send(round_idx, reply.client_id, "up", reply)
-        return self._on_time(round_idx, arrived)
-
-    def _messages(self, plan: Plan, u_shape: bool) -> int:
-        """How many link calls a split client's training makes (one or two per batch)."""
-        assert isinstance(plan, Train) and self.faults is not None
-        rows = self.clients.num_examples(plan.client_id)
-        batches = plan.steps or plan.epochs * -(-rows // self.faults.batch_size)
-        return batches * (2 if u_shape else 1)
-
-    def _on_time(self, round_idx: int, reply: Reply) -> Reply:
-        """The reply, or without its update when it came after ``faults.deadline_seconds``."""
-        faults = self.faults
-        if (faults is None or faults.cfg.deadline_seconds <= 0
-                or not isinstance(reply, TrainReply) or reply.update is None):
-            return reply
-        cid = reply.client_id
-        seconds = simulated_seconds(
-            faults.cfg, faults.devices[cid], steps=int(reply.record.get("steps", 0)),
-            bytes_up=sum(state_bytes(t) for t in reply.payload().values()), seed=faults.seed,
-            round_idx=round_idx, client_id=cid)
-        if seconds <= faults.cfg.deadline_seconds:
-            return reply
-        return dataclasses.replace(reply, update=None, record={
-            **reply.record, "late": f"simulated {seconds:.1f} s > faults.deadline_seconds = "
-                                    f"{faults.cfg.deadline_seconds:g}"})
+            return dataclasses.replace(reply, update=None,
+                                       record={**reply.record, "dropped": str(exc)})
 
     def _link(self, round_idx: int, client_id: ClientId, server: SplitServer) -> Link:
         def link(message: SplitMessage) -> SplitMessage:
@@ -285,35 +231,42 @@ class InProcessExecutor:
                            device=rt.device, models=models)
 
 
-def _never_arrived(client_id: ClientId) -> TrainReply:
+def _never_arrived(client_id: ClientId, why: ClientVanished) -> TrainReply:
     """The reply of a client that vanished before its plan arrived."""
-    return TrainReply(client_id, None, {"trained": False, "dropped": "vanished before training"},
-                      delivered=False)
+    return TrainReply(client_id, None, {"trained": False, "dropped": str(why)}, delivered=False)
 
 
-def _vanishing(link: Link, fraction: float, total: int) -> Link:
-    """``link``, failing at its call number ``fraction`` x ``total`` (at least one call short)."""
-    fail_at = min(int(fraction * total), max(total - 1, 0))
-    calls = 0
-
-    def wrapped(message: SplitMessage) -> SplitMessage:
-        nonlocal calls
-        if calls >= fail_at:
-            raise ClientVanished(f"vanished during training, after {calls} of {total} split "
-                                 f"messages")
-        calls += 1
-        return link(message)
-    return wrapped
+def split_messages(clients: ClientStore, batch_size: int) -> Callable[[Train], int]:
+    """How many link calls a split client's training on a plan makes (one or two per batch)."""
+    def count(plan: Train) -> int:
+        rows = clients.num_examples(plan.client_id)
+        batches = plan.steps or plan.epochs * -(-rows // batch_size)
+        return batches * (2 if plan.split is not None and plan.split.u_shape else 1)
+    return count
 
 
 def make_executor(exp: Experiment, ledger: CommLedger) -> InProcessExecutor:
-    """The in-process executor of an experiment, counting transfers in ``ledger``."""
+    """The in-process executor of an experiment, counting transfers in ``ledger``.
+
+    Its schedule is decided here: clients train in batched groups (``train.batch_clients``, at
+    most ``federation.resident_clients`` live at once) unless simulated failures are on (they act
+    on one client's plan) or the adapters cannot be batched; in ``train.workers`` processes when
+    more than one.
+    """
     cfg = exp.cfg
-    profiles = known_profiles(cfg.devices)
-    devices = {cid: profiles[info.device] for cid, info in
-               ((i.client_id, i) for i in exp.strategy.clients.values())}
-    faults = Faults(cfg.faults, cfg.seed, devices, cfg.train.batch_size)
+    channel: Channel = InProcessChannel(ledger)
+    batch = cfg.train.batch_clients
+    if exp.clients.resident > 0:
+        batch = min(batch, exp.clients.resident)
+    if faults_active(cfg.faults):
+        profiles = known_profiles(cfg.devices)
+        devices = {cid: profiles[info.device] for cid, info in exp.strategy.clients.items()}
+        channel = FaultyChannel(channel, cfg.faults, seed=cfg.seed, devices=devices,
+                                messages=split_messages(exp.clients, cfg.train.batch_size))
+        batch = 0
+    if not supports_batching(exp.runtime.binder):
+        batch = 0
     workers = resolve_workers(cfg.train.workers, cfg.train.threads, exp.device)
     pool = (ClientPool(cfg, workers, resolve_threads(cfg.train.threads)) if workers > 1
             else None)
-    return InProcessExecutor(exp.runtime, exp.clients, InProcessChannel(ledger), faults, pool)
+    return InProcessExecutor(exp.runtime, exp.clients, channel, batch_clients=batch, pool=pool)
