@@ -24,7 +24,9 @@ from atlasfl.engine import (  # noqa: E402
     run_experiment,
 )
 from atlasfl.engine.flower.client_app import app as client_app  # noqa: E402
-from atlasfl.engine.flower.executor import FlowerExecutor  # noqa: E402
+from atlasfl.engine.flower.executor import FlowerExecutor, discover  # noqa: E402
+from atlasfl.engine.ledger import CommLedger  # noqa: E402
+from atlasfl.engine.setup import num_clients  # noqa: E402
 from atlasfl.errors import AtlasError  # noqa: E402
 
 pytestmark = pytest.mark.flower
@@ -195,10 +197,17 @@ def test_device_profiles_nodes_report_plan_the_ranks_as_the_same_assignment_in_p
                                         "federation.rounds": 2})
     local = build_experiment(cfg.replace(**{"devices.assignment": devices}))
     run_experiment(local)
-    exp = build_experiment(cfg)  # its seeded draw differs from the nodes' profiles
-    assert [exp.strategy.clients[c].device for c in range(4)] != devices
+    seeded = build_experiment(cfg)  # its seeded draw differs from the nodes' profiles
+    assert [seeded.strategy.clients[c].device for c in range(4)] != devices
     grid = LocalGrid([0, 1, 2, 3], node_configs=[{"device-profile": d} for d in devices])
-    run_experiment(exp, executor_of=lambda e, ledger: FlowerExecutor.connect(grid, e, ledger))
+    with pytest.raises(AtlasError, match="client 0: its node reports device-profile 'cpu-2gb' "
+                                         "but the experiment was built with"):
+        FlowerExecutor.connect(grid, seeded, CommLedger(), wait=1.0)
+    nodes = discover(grid, cfg, num_clients(cfg), wait=1.0)
+    assert nodes.profiles == dict(enumerate(devices))
+    exp = build_experiment(cfg, devices=nodes.profiles)  # resolved once, into the clients' info
+    run_experiment(exp, executor_of=lambda e, ledger: FlowerExecutor.connect(grid, e, ledger,
+                                                                             nodes=nodes))
     assert [exp.strategy.clients[c].device for c in range(4)] == devices
     assert _bits(exp) == _bits(local)
     assert {k: v.shape for k, v in exp.clients[0].adapter_state().items()} != \
@@ -211,6 +220,17 @@ def test_an_unknown_device_profile_is_refused_naming_the_setting(tiny_cfg):
     with pytest.raises(AtlasError, match="client 1: node_config device-profile = 'toaster' is "
                                          "unknown; allowed: .*gpu-16gb"):
         FlowerExecutor.connect(grid, exp, None, wait=1.0)
+    with pytest.raises(AtlasError, match="unknown device profile 'toaster'"):
+        build_experiment(exp.cfg, devices={1: "toaster"})
+    with pytest.raises(AtlasError, match="reported for client 2; allowed: client ids 0..1"):
+        build_experiment(exp.cfg, devices={2: "gpu-16gb"})
+
+
+def test_num_clients_is_what_build_experiment_creates(tiny_cfg):
+    for method in ("fedavg-task", "centralized"):
+        cfg = tiny_cfg(method=method, **{"data.clients_per_task": 3})
+        assert num_clients(cfg) == len(build_experiment(cfg).clients) == (6 if method ==
+                                                                          "fedavg-task" else 2)
 
 
 class CountingGrid(LocalGrid):

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import os
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,15 +25,16 @@ from atlasfl.data.glue import Examples, load_task, resolve_data_root
 from atlasfl.data.metrics import reference_scores
 from atlasfl.data.partition import ClientSplit, drop_test_overlap, partition
 from atlasfl.data.tasks import TaskSpec, resolve_tasks
-from atlasfl.devices import assign_devices
+from atlasfl.devices import assign_devices, known_profiles
 from atlasfl.engine.allocator import set_mmap_threshold, set_onednn_cache, trim
 from atlasfl.engine.host import usable_cores
-from atlasfl.errors import AtlasError
+from atlasfl.errors import AtlasError, unknown_name
 from atlasfl.models.head import ClassificationHead, init_head
 from atlasfl.models.lora import AdapterBinder, inject_lora
 from atlasfl.models.registry import Backbone, check_model, load_backbone
 from atlasfl.phases.memory import model_dims
 from atlasfl.strategies import ClientInfo, ModelInfo, Recipe, Strategy, get_method
+from atlasfl.types import ClientId
 
 
 @dataclass
@@ -201,8 +203,22 @@ def preflight(cfg: ExperimentConfig, cache: Loaded | None = None) -> None:
         _client_splits(cfg, spec, *loaded[spec.name])
 
 
-def build_experiment(cfg: ExperimentConfig) -> Experiment:
-    """Load data and model and create every client from the shared seeded initialisation."""
+def num_clients(cfg: ExperimentConfig) -> int:
+    """How many clients ``build_experiment(cfg)`` creates, without loading anything.
+
+    ``data.clients_per_task`` per task, or one per task for a method that pools each task's data.
+    """
+    recipe, specs = _resolve_names(cfg)
+    return len(specs) * (1 if recipe.pools_data else cfg.data.clients_per_task)
+
+
+def build_experiment(cfg: ExperimentConfig, devices: Mapping[ClientId, str] | None = None
+                     ) -> Experiment:
+    """Load data and model and create every client from the shared seeded initialisation.
+
+    ``devices``: device profiles the clients reported themselves (client id -> a
+    ``devices.profiles`` name, e.g. from their Flower nodes); the others keep ``devices.*``.
+    """
     recipe, specs = _resolve_names(cfg)
     torch.set_num_threads(resolve_threads(cfg.train.threads))
     set_mmap_threshold(cfg.train.mmap_threshold_kb)
@@ -268,8 +284,17 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     clients = ClientStore(build, {c: r.spec for c, r in recipes.items()},
                           {c: len(r.train_set) for c, r in recipes.items()},
                           resident=cfg.federation.resident_clients, release=trim)
-    devices = assign_devices([i.client_id for i in infos], cfg.devices, seed=cfg.seed)
-    infos = [dataclasses.replace(i, device=devices[i.client_id].name) for i in infos]
+    seeded = assign_devices([i.client_id for i in infos], cfg.devices, seed=cfg.seed)
+    known = known_profiles(cfg.devices)
+    reported = dict(devices or {})
+    for cid, name in sorted(reported.items()):
+        if cid not in recipes:
+            raise AtlasError(f"a device profile was reported for client {cid}; allowed: client "
+                             f"ids 0..{len(recipes) - 1}")
+        if name not in known:
+            raise unknown_name("device profile", name, known)
+    infos = [dataclasses.replace(i, device=reported.get(i.client_id, seeded[i.client_id].name))
+             for i in infos]
     shapes = binder.shapes()
     try:
         dims = model_dims(backbone.model.config)

@@ -71,10 +71,6 @@ class Strategy:
         if self.ranks.plans:
             _ = self.ctx.dims  # a rank plan needs the memory model: refuse the method now
 
-    def with_clients(self, clients: Sequence[ClientInfo]) -> Strategy:
-        """The same method over new client facts (devices reported by Flower nodes)."""
-        return Strategy(self.recipe, clients, self.cfg, self.model)
-
     def scaling(self, rank: int) -> float:
         """The LoRA scaling every client applies at ``rank``."""
         return self.ctx.scaling(rank)

@@ -26,7 +26,9 @@ marked undelivered (``failed``, no scores), so the strategy sends that client it
 Which node serves which client is settled once, by a ``query.setup`` message that carries the
 experiment's resolved config to every node; a node answers with the client it serves (its
 ``node_config`` ``partition-id``) and, if its ``node_config`` names one, its device profile
-(``device-profile``), which replaces the seeded one in the strategy's plans. Clients keep
+(``device-profile``), which replaces the seeded one: ``discover`` learns both before the
+experiment is built, so the clients' facts are resolved once (``build_experiment(cfg,
+devices=...)``) and no executor rebuilds a strategy. Clients keep
 their state on their node (``context.state``); the executor fetches it (``query.state``) for
 checkpoints and at the end of a session, and puts a checkpoint's client states back after a
 resume (``query.restore``). That traffic is not the protocol's and is not counted.
@@ -39,6 +41,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -69,10 +72,10 @@ from atlasfl.types import ClientId
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
+    from atlasfl.config import ExperimentConfig
     from atlasfl.engine.setup import Experiment
     from atlasfl.engine.split_server import ServerModel
     from atlasfl.messages import Plan, Reply
-    from atlasfl.strategies.strategy import Strategy
 
 SETUP, STATE, RESTORE = "query.setup", "query.state", "query.restore"
 
@@ -94,50 +97,28 @@ class FlowerExecutor:
 
     @classmethod
     def connect(cls, grid: Grid, exp: Experiment, ledger: CommLedger, *,
-                timeout: float | None = None, wait: float = 120.0) -> FlowerExecutor:
-        """Wait for one node per client, send each the config and learn which client it serves.
+                timeout: float | None = None, wait: float = 120.0,
+                nodes: Nodes | None = None) -> FlowerExecutor:
+        """The executor over the nodes serving ``exp``'s clients (``discover`` them if None).
 
-        ``wait``: seconds to wait for the nodes to connect (deployment: SuperNodes start late).
+        ``exp`` must have been built with the device profiles the nodes report
+        (``build_experiment(cfg, devices=nodes.profiles)``): Phase 2 plans with them.
         """
         faults = exp.cfg.faults
         if faults.drop_before > 0 or faults.drop_during > 0 or faults.deadline_seconds > 0:
             raise AtlasError("faults.* simulates failures in process; on Flower clients fail for "
                              "real: set faults.drop_before, faults.drop_during and "
                              "faults.deadline_seconds to 0 (use timeout for a deadline)")
-        need = sorted(exp.clients)
-        deadline = time.monotonic() + wait
-        nodes = sorted(grid.get_node_ids())
-        while len(nodes) < len(need) and time.monotonic() < deadline:
-            time.sleep(0.5)
-            nodes = sorted(grid.get_node_ids())
-        if len(nodes) < len(need):
-            raise AtlasError(f"{len(nodes)} Flower nodes connected within {wait:g} s but the "
-                             f"experiment has {len(need)} clients (data.tasks x "
-                             f"data.clients_per_task): start one SuperNode per client")
-        experiment = json.dumps(exp.cfg.to_dict())
-        messages = [Message(RecordDict({CONFIG: ConfigRecord({"experiment": experiment})}),
-                            node, SETUP) for node in nodes]
-        served: dict[ClientId, int] = {}
-        profiles: dict[ClientId, str] = {}
-        for reply in grid.send_and_receive(messages, timeout=wait):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                raise AtlasError(f"Flower node {node} failed to set up its client: "
-                                 f"{reply.error.reason}")
-            cid = int(reply.content[CONFIG]["client_id"])  # type: ignore[arg-type]
-            if cid in served:
-                raise AtlasError(f"Flower nodes {served[cid]} and {node} both serve client {cid} "
-                                 f"(node_config partition-id must differ)")
-            served[cid] = node
-            if "device_profile" in reply.content[CONFIG]:
-                profiles[cid] = str(reply.content[CONFIG]["device_profile"])
-        missing = sorted(set(need) - set(served))
-        if missing:
-            raise AtlasError(f"no Flower node serves clients {missing} (node_config "
-                             f"partition-id); allowed partition-ids: 0..{len(need) - 1}")
-        if profiles:
-            exp.strategy = with_devices(exp, profiles)
-        return cls(grid, served, exp.clients, InProcessChannel(ledger), timeout=timeout,
+        if nodes is None:
+            nodes = discover(grid, exp.cfg, len(exp.clients), wait=wait)
+        for cid, name in sorted(nodes.profiles.items()):
+            built = exp.strategy.clients[cid].device
+            if name != built:
+                raise AtlasError(f"client {cid}: its node reports device-profile {name!r} but the "
+                                 f"experiment was built with {built!r}; build it with the "
+                                 f"profiles the nodes report: build_experiment(cfg, "
+                                 f"devices=discover(...).profiles)")
+        return cls(grid, nodes.served, exp.clients, InProcessChannel(ledger), timeout=timeout,
                    runtime=exp.runtime)
 
     # -- the Executor protocol ------------------------------------------------------------------
@@ -264,20 +245,57 @@ class FlowerExecutor:
         """Nothing to release: Flower owns the nodes."""
 
 
-def with_devices(exp: Experiment, profiles: dict[ClientId, str]) -> Strategy:
-    """The experiment's strategy rebuilt with the device profiles nodes reported.
+@dataclass(frozen=True)
+class Nodes:
+    """Which Flower node serves each client, and the device profiles the nodes reported."""
 
-    Clients whose node reported none keep their seeded profile (``devices.*``).
+    served: dict[ClientId, int]  # client id -> node id
+    profiles: dict[ClientId, str]  # client id -> its node's device-profile (when it names one)
+
+
+def discover(grid: Grid, cfg: ExperimentConfig, clients: int, *, wait: float = 120.0) -> Nodes:
+    """Wait for one node per client, send each the config and learn which client it serves.
+
+    ``clients``: how many the experiment has (``atlasfl.engine.setup.num_clients``); ``wait``:
+    seconds to wait for the nodes to connect (deployment: SuperNodes start late). A node's
+    ``device-profile`` must be a ``devices.profiles`` name.
     """
-    known = known_profiles(exp.cfg.devices)
+    deadline = time.monotonic() + wait
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < clients and time.monotonic() < deadline:
+        time.sleep(0.5)
+        nodes = sorted(grid.get_node_ids())
+    if len(nodes) < clients:
+        raise AtlasError(f"{len(nodes)} Flower nodes connected within {wait:g} s but the "
+                         f"experiment has {clients} clients (data.tasks x "
+                         f"data.clients_per_task): start one SuperNode per client")
+    experiment = json.dumps(cfg.to_dict())
+    messages = [Message(RecordDict({CONFIG: ConfigRecord({"experiment": experiment})}),
+                        node, SETUP) for node in nodes]
+    served: dict[ClientId, int] = {}
+    profiles: dict[ClientId, str] = {}
+    for reply in grid.send_and_receive(messages, timeout=wait):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise AtlasError(f"Flower node {node} failed to set up its client: "
+                             f"{reply.error.reason}")
+        cid = int(reply.content[CONFIG]["client_id"])  # type: ignore[arg-type]
+        if cid in served:
+            raise AtlasError(f"Flower nodes {served[cid]} and {node} both serve client {cid} "
+                             f"(node_config partition-id must differ)")
+        served[cid] = node
+        if "device_profile" in reply.content[CONFIG]:
+            profiles[cid] = str(reply.content[CONFIG]["device_profile"])
+    missing = sorted(set(range(clients)) - set(served))
+    if missing:
+        raise AtlasError(f"no Flower node serves clients {missing} (node_config "
+                         f"partition-id); allowed partition-ids: 0..{clients - 1}")
+    known = known_profiles(cfg.devices)
     for cid, name in sorted(profiles.items()):
         if name not in known:
             raise AtlasError(f"client {cid}: node_config device-profile = {name!r} is unknown; "
                              f"allowed: {', '.join(sorted(known))} (devices.profiles)")
-    old = exp.strategy
-    infos = [dataclasses.replace(info, device=profiles.get(cid, info.device))
-             for cid, info in sorted(old.clients.items())]
-    return old.with_clients(infos)
+    return Nodes(served, profiles)
 
 
 def failed_reply(plan: Plan, reason: str) -> Reply:

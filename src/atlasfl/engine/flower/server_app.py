@@ -32,10 +32,10 @@ from atlasfl.config import (
     parse_overrides,
 )
 from atlasfl.engine.checkpoint import find_run, load_checkpoint, resolve_checkpoint
-from atlasfl.engine.flower.executor import FlowerExecutor
+from atlasfl.engine.flower.executor import FlowerExecutor, Nodes, discover
 from atlasfl.engine.ledger import CommLedger
 from atlasfl.engine.rundir import RunDir
-from atlasfl.engine.setup import Experiment, build_experiment
+from atlasfl.engine.setup import Experiment, build_experiment, num_clients
 from atlasfl.engine.simulation import RunOutcome, StopFlag, run_experiment
 from atlasfl.errors import AtlasError
 
@@ -44,11 +44,12 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
-def flower_executor(grid: Grid, *, timeout: float | None = None, wait: float = 120.0
+def flower_executor(grid: Grid, *, timeout: float | None = None, wait: float = 120.0,
+                    nodes: Nodes | None = None
                     ) -> Callable[[Experiment, CommLedger], FlowerExecutor]:
-    """``run_experiment``'s ``executor_of``: the Flower executor on ``grid``."""
+    """``run_experiment``'s ``executor_of``: the Flower executor on ``grid`` (over ``nodes``)."""
     def build(exp: Experiment, ledger: CommLedger) -> FlowerExecutor:
-        return FlowerExecutor.connect(grid, exp, ledger, timeout=timeout, wait=wait)
+        return FlowerExecutor.connect(grid, exp, ledger, timeout=timeout, wait=wait, nodes=nodes)
     return build
 
 
@@ -129,10 +130,12 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_of(rc, None if snapshot is None else snapshot.config)
     if snapshot is not None:
         check_same_experiment(snapshot.config, cfg)
-    exp = build_experiment(cfg)
+    wait = float(rc.get("wait", 120))
+    nodes = discover(grid, cfg, num_clients(cfg), wait=wait)  # and the profiles they report
+    exp = build_experiment(cfg, devices=nodes.profiles)
     if run_dir is None:
         run_dir = RunDir.create(cfg)
     timeout = float(rc.get("timeout", 0)) or None
     outcome = run_experiment(exp, run_dir, resume=snapshot, executor_of=flower_executor(
-        grid, timeout=timeout, wait=float(rc.get("wait", 120))))
+        grid, timeout=timeout, wait=wait, nodes=nodes))
     print(f"atlasfl: {outcome.completed_rounds} rounds done; run folder {run_dir.path}")
