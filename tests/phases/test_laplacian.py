@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 
 from atlasfl.errors import AtlasError
-from atlasfl.phases.laplacian import client_graph, laplacian_step
+from atlasfl.phases.aggregation import linear_combination, mix
+from atlasfl.phases.laplacian import client_graph, laplacian_rows, laplacian_step
 
 
 def _similarity(vectors: np.ndarray) -> np.ndarray:
@@ -112,6 +113,22 @@ def test_product_space_passes_mixed_ranks_and_reaches_the_mean_product():
         torch.testing.assert_close(product(after), best, rtol=1e-5, atol=1e-6)
     with pytest.raises(AtlasError, match="different shapes; use laplacian.space=product"):
         laplacian_step(states, adj, eta=0.25, lam=2.0)
+
+
+def test_the_step_is_mixing_by_the_rows_of_i_minus_eta_lam_l():
+    a = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 2.0], [0.0, 2.0, 0.0]])  # a path 0 - 1 - 2
+    rows = laplacian_rows(a, eta=0.5, lam=0.2)  # eta lam = 0.1; degrees 1, 3, 2
+    assert rows == {0: pytest.approx({0: 0.9, 1: 0.1}), 1: pytest.approx({0: 0.1, 1: 0.7, 2: 0.2}),
+                    2: pytest.approx({1: 0.2, 2: 0.8})}  # no entry for a non-neighbour
+    assert laplacian_rows(a, eta=1.0, lam=1.0, rows=[1]) == {1: {0: 1.0, 1: -2.0, 2: 2.0}}
+    states = [{"w": torch.tensor([v])} for v in (1.0, 2.0, 4.0)]
+    stepped = laplacian_step(states, a, eta=0.5, lam=0.2, rows=[1])
+    assert stepped[1]["w"].item() == pytest.approx(0.1 * 1 + 0.7 * 2 + 0.2 * 4)  # 2.3
+    assert [s["w"].item() for s in (stepped[0], stepped[2])] == [1.0, 4.0]  # not in rows
+    mixed = mix(laplacian_rows(a, eta=0.5, lam=0.2), dict(enumerate(states)),
+                lambda k, sts, ws: linear_combination(sts, ws))
+    assert [mixed[k]["w"].item() for k in range(3)] == pytest.approx(
+        [s["w"].item() for s in laplacian_step(states, a, eta=0.5, lam=0.2)])
 
 
 def test_bad_inputs_name_what_is_allowed():

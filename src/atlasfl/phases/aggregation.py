@@ -1,18 +1,56 @@
-"""Aggregation of client states: FedAvg, and LoRA factors of mixed ranks.
+"""Aggregation of client states: mixing by rows of weights, FedAvg, and mixed-rank LoRA factors.
 
-``weighted_average`` is FedAvg's server step (McMahan et al., "Communication-Efficient Learning of
-Deep Networks from Decentralized Data", arXiv:1602.05629): the example-weighted mean of every
-tensor, for clients that hold tensors of equal shapes.
+**Every aggregation is mixing** (``mix``): target t receives ``combine([u_i for i in row t],
+[w_ti])``. FedAvg within groups is one row per group of the members' example counts, combined by
+``weighted_average`` (McMahan et al., "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", arXiv:1602.05629: the example-weighted mean of every tensor, for clients
+that hold tensors of equal shapes); mixed-rank aggregation changes the combiner
+(``aggregate_mixed``), not the rows; Phase 4's Laplacian step is one row per client, row k of
+``I - eta lam L`` (``atlasfl.phases.laplacian``), combined as it is (``linear_combination``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 
 from atlasfl.errors import AtlasError, check_choice
-from atlasfl.types import AdapterState, MixedMethod
+from atlasfl.types import AdapterState, ClientId, MixedMethod
+
+K = TypeVar("K")
+Rows = dict[K, dict[ClientId, float]]  # target -> client -> weight (in the order to sum)
+Combine = Callable[[K, list[AdapterState], list[float]], AdapterState]
+
+
+def mix(rows: Rows[K], tensors: Mapping[ClientId, AdapterState],
+        combine: Combine[K] | None = None) -> dict[K, AdapterState]:
+    """Each target's mixture of the clients' tensors (default: FedAvg's weighted mean).
+
+    ``combine(target, states, weights)`` aggregates one row; states and weights follow the row's
+    order (the order updates arrived in), which fixes the floating-point sum.
+    """
+    out: dict[K, AdapterState] = {}
+    for target, row in rows.items():
+        states, weights = [tensors[c] for c in row], list(row.values())
+        out[target] = (combine(target, states, weights) if combine
+                       else weighted_average(states, weights))
+    return out
+
+
+def linear_combination(states: Sequence[AdapterState], weights: Sequence[float],
+                       keys: Sequence[str] | None = None) -> AdapterState:
+    """``sum_i w_i state_i`` of every tensor (or of ``keys``), in float64, as the weights stand.
+
+    No normalisation and any sign: a Laplacian row (weights summing to one, the own weight
+    possibly negative). The caller casts the result.
+    """
+    if not states or len(states) != len(weights):
+        raise ValueError(f"need one weight per state, got {len(states)} states, {len(weights)}")
+    w = torch.tensor(list(weights), dtype=torch.float64)
+    return {key: torch.tensordot(w, torch.stack([s[key].double() for s in states]), dims=1)
+            for key in (states[0] if keys is None else keys)}
 
 
 def weighted_average(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from atlasfl.errors import AtlasError, check_choice
-from atlasfl.phases.aggregation import redistribute
+from atlasfl.phases.aggregation import Rows, linear_combination, mix, redistribute
 from atlasfl.types import AdapterState, GraphKind, LaplacianSpace
 
 
@@ -109,11 +109,30 @@ def _knn(weights: np.ndarray, k: int) -> np.ndarray:
     return np.maximum(keep, keep.T)
 
 
+def laplacian_rows(adjacency: np.ndarray, *, eta: float, lam: float,
+                   rows: Sequence[int] | None = None) -> Rows[int]:
+    """The mixing rows of one MIRA step: row k of ``I - eta lam L`` for each target k.
+
+    Each row holds client k and its neighbours (the entries that are not zero), in index order;
+    its weights sum to one (L's rows sum to zero): ``1 - eta lam d_k`` for k itself, which may be
+    negative, and ``eta lam a_kl`` for a neighbour l. ``rows``: the targets (default all).
+    """
+    a = np.asarray(adjacency, dtype=np.float64)
+    n = len(a)
+    step = np.eye(n) - eta * lam * (np.diag(a.sum(1)) - a)
+    targets = sorted(set(range(n) if rows is None else rows))
+    return {k: {j: float(step[k, j]) for j in range(n) if step[k, j] != 0} for k in targets}
+
+
 def laplacian_step(states: Sequence[AdapterState], adjacency: np.ndarray, *, eta: float,
                    lam: float, space: LaplacianSpace = "factors",
                    scaling: Callable[[int], float] | None = None,
                    rows: Sequence[int] | None = None) -> list[AdapterState]:
     """One MIRA step on the clients' own models: W_k - eta lam sum_l a_kl (W_k - W_l).
+
+    The step is a mixing (``atlasfl.phases.aggregation.mix``) by ``laplacian_rows``: in
+    ``factors`` space each tensor is the row's linear combination; in ``product`` space each
+    module's ``s B A`` is, cut back to the target's rank.
 
     Args:
         states: each client's tensors (adapter factors ``<module>.lora_A/B.weight``, and any
@@ -143,51 +162,46 @@ def laplacian_step(states: Sequence[AdapterState], adjacency: np.ndarray, *, eta
     out: list[AdapterState] = [{key: t.clone() for key, t in s.items()} for s in states]
     if lam == 0 or not targets:
         return out
-    # (T, N): the targets' rows of I - eta lam L
-    mix = torch.from_numpy(np.eye(n) - eta * lam * (np.diag(a.sum(1)) - a))[targets]
     modules = sorted({key.removesuffix(".lora_A.weight") for key in states[0]
                       if key.endswith(".lora_A.weight")}) if space == "product" else []
     factored = {f"{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
-    for key in states[0]:
-        if key in factored:
-            continue
+    plain = [key for key in states[0] if key not in factored]
+    for key in plain:
         if any(s[key].shape != states[0][key].shape for s in states):
             raise AtlasError(f"client models hold {key!r} in different shapes; use "
                              "laplacian.space=product for mixed ranks")
-        stacked = torch.stack([s[key].double() for s in states])  # (N, ...)
-        moved = torch.tensordot(mix, stacked, dims=1)
-        for row, i in enumerate(targets):
-            out[i][key] = moved[row].to(states[i][key].dtype)
-    if modules:
-        if scaling is None:
-            raise AtlasError("laplacian.space=product needs the LoRA scaling of a rank")
-        _product_step(states, mix, targets, modules, scaling, out)
+    if modules and scaling is None:
+        raise AtlasError("laplacian.space=product needs the LoRA scaling of a rank")
+
+    def combine(k: int, neighbours: list[AdapterState], weights: list[float]) -> AdapterState:
+        moved = linear_combination(neighbours, weights, plain)
+        for m in modules:
+            assert scaling is not None
+            moved.update(_product(states[k], neighbours, weights, m, scaling))
+        return {key: moved[key].to(states[k][key].dtype) for key in states[k]}
+
+    for k, state in mix(laplacian_rows(a, eta=eta, lam=lam, rows=targets),
+                        dict(enumerate(states)), combine).items():
+        out[k] = state
     return out
 
 
-def _product_step(states: Sequence[AdapterState], mix: torch.Tensor, targets: list[int],
-                  modules: list[str], scaling: Callable[[int], float],
-                  out: list[AdapterState]) -> None:
-    """Each target's sum_l mix_kl s_l B_l A_l, cut to the target's rank.
+def _product(own: AdapterState, states: Sequence[AdapterState], weights: Sequence[float],
+             module: str, scaling: Callable[[int], float]) -> AdapterState:
+    """A module's ``sum_l w_l s_l B_l A_l``, cut to ``own``'s rank.
 
     The sum is factored exactly by QR of the stacked factors (rank <= the neighbours' ranks
     summed), then cut by the SVD of its small core.
     """
-    for m in modules:
-        a_key, b_key = f"{m}.lora_A.weight", f"{m}.lora_B.weight"
-        for row, i in enumerate(targets):
-            s = states[i]
-            mine_w = [(j, float(w)) for j, w in enumerate(mix[row]) if w != 0]
-            b_cat = torch.cat([w * scaling(states[j][a_key].shape[0])
-                               * states[j][b_key].double() for j, w in mine_w], dim=1)
-            a_cat = torch.cat([states[j][a_key].double() for j, _ in mine_w], dim=0)
-            q_b, r_b = torch.linalg.qr(b_cat)  # (out, R), (R, R)
-            q_a, r_a = torch.linalg.qr(a_cat.T)  # (in, R), (R, R)
-            core_u, sv, core_vh = torch.linalg.svd(r_b @ r_a.T)
-            u, vh = q_b @ core_u, core_vh @ q_a.T  # the SVD of the moved product
-            rank = s[a_key].shape[0]
-            factors = {a_key: vh[:rank], b_key: u[:, :rank] * sv[:rank]}  # B @ A = the update
-            mine = redistribute(factors, {m: rank}, method="svd", scaling=scaling,
-                                reference={a_key: s[a_key]})
-            out[i][a_key] = mine[a_key].to(s[a_key].dtype)
-            out[i][b_key] = mine[b_key].to(s[b_key].dtype)
+    a_key, b_key = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+    b_cat = torch.cat([w * scaling(s[a_key].shape[0]) * s[b_key].double()
+                       for s, w in zip(states, weights, strict=True)], dim=1)
+    a_cat = torch.cat([s[a_key].double() for s in states], dim=0)
+    q_b, r_b = torch.linalg.qr(b_cat)  # (out, R), (R, R)
+    q_a, r_a = torch.linalg.qr(a_cat.T)  # (in, R), (R, R)
+    core_u, sv, core_vh = torch.linalg.svd(r_b @ r_a.T)
+    u, vh = q_b @ core_u, core_vh @ q_a.T  # the SVD of the moved product
+    rank = own[a_key].shape[0]
+    factors = {a_key: vh[:rank], b_key: u[:, :rank] * sv[:rank]}  # B @ A = the update
+    return redistribute(factors, {module: rank}, method="svd", scaling=scaling,
+                        reference={a_key: own[a_key]})

@@ -11,7 +11,8 @@ aggregate each client holds.
 groups (McMahan et al., arXiv:1602.05629) is one row per group whose weights are the members'
 example counts (``fedavg_rows``); mixed-rank aggregation changes the combiner, not the rows
 (``atlasfl.phases.aggregation.aggregate_mixed``); Phase 4's Laplacian step is one row per client
-over its neighbours. ``mix`` applies any such rows.
+over its neighbours (``atlasfl.phases.laplacian.laplacian_rows``). ``mix``
+(``atlasfl.phases.aggregation``) applies any such rows.
 
 **Delivery.** A group's new aggregate is not pushed to its members: a client receives it with the
 next plan that reaches it (``stale``), and holds it once it has replied to that plan
@@ -24,14 +25,14 @@ only clients that trained in their group's latest aggregation.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
-from atlasfl.phases.aggregation import weighted_average
+from atlasfl.phases.aggregation import K, Combine, Rows, mix
 from atlasfl.phases.clustering import cluster_fingerprints
 from atlasfl.types import AdapterState, ClientId, Grouping
 
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
     from atlasfl.strategies.info import ClientInfo
 
 GLOBAL = "all"
-K = TypeVar("K")
-Rows = dict[K, dict[ClientId, float]]  # target -> client -> weight (normalised by the combiner)
-Combine = Callable[[K, list[AdapterState], list[float]], AdapterState]
 
 
 def initial_members(kind: Grouping, clients: Mapping[ClientId, ClientInfo]) -> dict[str, str]:
@@ -70,21 +68,6 @@ def fedavg_rows(targets: Mapping[ClientId, K], updates: Sequence[Update]) -> Row
     for u in updates:
         rows.setdefault(targets[u.client_id], {})[u.client_id] = u.num_examples
     return rows
-
-
-def mix(rows: Rows[K], tensors: Mapping[ClientId, AdapterState],
-        combine: Combine[K] | None = None) -> dict[K, AdapterState]:
-    """Each target's mixture of the clients' tensors (default: FedAvg's weighted mean).
-
-    ``combine(target, states, weights)`` aggregates one row; states and weights follow the row's
-    order (the order updates arrived in), which fixes the floating-point sum.
-    """
-    out: dict[K, AdapterState] = {}
-    for target, row in rows.items():
-        states, weights = [tensors[c] for c in row], list(row.values())
-        out[target] = (combine(target, states, weights) if combine
-                       else weighted_average(states, weights))
-    return out
 
 
 @dataclass(frozen=True)
