@@ -18,6 +18,11 @@ AdapterState: TypeAlias = "dict[str, Tensor]"  # tensor name -> tensor (adapter 
 Metrics: TypeAlias = dict[str, float]
 
 # -- data and training ---------------------------------------------------------------------
+# every method of the registry (``atlasfl.strategies.methods``, tested to hold exactly these)
+MethodName = Literal["local", "centralized", "fedavg", "fedavg-task", "fedavg-cluster", "fedprox",
+                     "fedsa", "homolora", "hetlora", "splitlora", "mira", "atlas",
+                     "atlas-no-laplacian", "atlas-no-split", "atlas-homo-rank",
+                     "atlas-oracle-clusters"]
 Partition = Literal["iid", "dirichlet"]
 FileFormat = Literal["tsv", "csv", "jsonl"]
 MetricName = Literal["accuracy", "f1", "mcc", "pearson", "spearman"]

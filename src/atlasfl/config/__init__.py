@@ -1,8 +1,9 @@
 """Experiment configuration: frozen dataclasses mirrored by YAML, with dotted overrides.
 
-``schema`` holds the dataclasses, ``load`` reads YAML and ``--set key=value`` overrides into a
-checked config (choices from their ``Literal`` types, unknown keys refused with close matches),
-``validate`` checks ranges. The resolved config is written into the run folder, so a run can be
+``sections`` holds a dataclass per concern and ``schema`` the experiment's over them with its
+range checks (``validate``); ``parse`` builds them from nested dicts (choices from their
+``Literal`` types, unknown keys refused with close matches), ``load`` reads YAML and
+``--set key=value`` overrides. The resolved config is written into the run folder, so a run can be
 reproduced from it.
 """
 
@@ -21,13 +22,13 @@ from atlasfl.config.load import (
     precision_ran,
     set_dotted,
 )
-from atlasfl.config.schema import (
+from atlasfl.config.schema import ExperimentConfig, validate
+from atlasfl.config.sections import (
     ClusteringConfig,
     CustomTaskConfig,
     DataConfig,
     DeviceProfileConfig,
     DevicesConfig,
-    ExperimentConfig,
     FaultsConfig,
     FederationConfig,
     LaplacianConfig,
@@ -38,7 +39,6 @@ from atlasfl.config.schema import (
     SplitConfig,
     TrainConfig,
 )
-from atlasfl.config.validate import validate
 
 __all__ = ["EARLIER_DEFAULTS", "METHOD_SETTINGS", "RESUMABLE_KEYS", "ClusteringConfig",
            "CustomTaskConfig", "DataConfig",

@@ -2,26 +2,22 @@
 
 The loader checks every value against its field's type as it reads it: a choice is a ``Literal``
 from ``atlasfl.types`` (declared once, also what the phases check), so a wrong choice is refused
-naming the key, the value and the allowed values; ``validate`` then checks ranges. Unknown keys
-are errors that list close matches.
+naming the key, the value and the allowed values (``atlasfl.config.parse``); ``validate`` then
+checks ranges. Unknown keys are errors that list close matches.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import math
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from atlasfl.config.schema import ExperimentConfig
-from atlasfl.config.validate import validate
-from atlasfl.errors import AtlasError
+from atlasfl.config.parse import build, known_key, set_dotted, unknown_key
+from atlasfl.config.schema import ExperimentConfig, validate
+from atlasfl.errors import AtlasError, choices
+from atlasfl.types import MethodName
 
 # Keys that may differ between the sessions of one run: where output goes, how it is shown, and
 # how the session runs. Everything else changes the experiment and is refused on resume.
@@ -101,110 +97,12 @@ def check_same_experiment(saved: dict[str, Any], cfg: ExperimentConfig) -> None:
                          f"experiment: {lines}")
 
 
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _all_dotted_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        keys.append(key)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(_all_dotted_keys(hints[f.name], key + "."))
-    return keys
-
-
 def _known_key(key: str) -> bool:
-    """A dotted key of the config, or one entry of a mapping field (``data.task_samples.cola``)."""
-    return key in _all_dotted_keys(ExperimentConfig) or _mapping_entry(key)
-
-
-def _mapping_entry(key: str) -> bool:
-    parent, _, _ = key.rpartition(".")
-    node: Any = ExperimentConfig
-    for part in parent.split(".") if parent else []:
-        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
-        if part not in hints:
-            return False
-        node = hints[part]
-    return typing.get_origin(node) is dict
+    return known_key(ExperimentConfig, key)
 
 
 def _unknown_key(path: str) -> AtlasError:
-    close = difflib.get_close_matches(path, _all_dotted_keys(ExperimentConfig), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return AtlasError(f"unknown config key {path!r}{hint}")
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        allowed = typing.get_args(tp)
-        if isinstance(value, bool) or value not in allowed:
-            raise AtlasError(f"config key {path!r} = {value!r} is invalid; allowed: "
-                             f"{', '.join(map(str, allowed))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise AtlasError(f"config key {path!r} must be a mapping, got {value!r}")
-        return _build(tp, value, path + ".")
-    if origin is dict:
-        (key_tp, item_tp) = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise AtlasError(f"config key {path!r} must be a mapping, got {value!r}")
-        return {_coerce(k, key_tp, path): _coerce(v, item_tp, f"{path}.{k}")
-                for k, v in value.items()}
-    if origin is tuple:
-        (item_tp, _) = typing.get_args(tp)
-        if isinstance(value, (str, dict)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise AtlasError(f"config key {path!r} must be a list, got {value!r}")
-        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise AtlasError(f"config key {path!r} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise AtlasError(f"config key {path!r} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise AtlasError(f"config key {path!r} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise AtlasError(f"config key {path!r} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise AtlasError(f"config key {path!r} must be a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"unsupported config type {tp} at {path}")  # internal: a field type we forgot
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    names = _field_names(cls)
-    for key in raw:
-        if key not in names:
-            raise _unknown_key(prefix + str(key))
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in raw:
-            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], prefix + f.name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise AtlasError(f"config key {prefix + f.name!r} is required")
-    return cls(**kwargs)
+    return unknown_key(ExperimentConfig, path)
 
 
 def from_dict(raw: dict[str, Any] | None) -> ExperimentConfig:
@@ -215,7 +113,7 @@ def from_dict(raw: dict[str, Any] | None) -> ExperimentConfig:
     raw = raw or {}
     if METHOD_SETTINGS in raw:
         raw = layered(raw)
-    cfg = _build(ExperimentConfig, raw)
+    cfg: ExperimentConfig = build(ExperimentConfig, ExperimentConfig, raw)
     validate(cfg)
     return cfg
 
@@ -241,13 +139,10 @@ def layered(raw: dict[str, Any], *layers: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
         raise AtlasError(f"config key {METHOD_SETTINGS!r} must map each method to a mapping of "
                          f"dotted keys, e.g. {{local: {{train.lr: 0.004}}}}; got {settings!r}")
-    if settings:
-        from atlasfl.strategies import METHODS  # only then: it imports torch
-
-        unknown = sorted(set(settings) - set(METHODS))
-        if unknown:
-            raise AtlasError(f"{METHOD_SETTINGS}: unknown method(s) {', '.join(unknown)}; "
-                             f"allowed: {', '.join(METHODS)}")
+    unknown = sorted(set(settings) - set(choices(MethodName)))
+    if unknown:
+        raise AtlasError(f"{METHOD_SETTINGS}: unknown method(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(choices(MethodName))}")
     for method, keys in settings.items():  # every method's, not only the one that runs
         for key in keys:
             if not _known_key(key):
@@ -291,18 +186,6 @@ def from_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise AtlasError(f"config file {path} must hold a mapping at the top level")
     return raw
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set a dotted key (``train.lr``) in a nested dict, creating sections as needed."""
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise _unknown_key(key)
-        node = child
-    node[parts[-1]] = value
 
 
 def _parsed(item: str) -> tuple[str, Any]:

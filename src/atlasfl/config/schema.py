@@ -1,4 +1,10 @@
-"""The experiment's configuration: frozen dataclasses, one per concern, mirrored by YAML."""
+"""The experiment's configuration: ``ExperimentConfig`` over its sections, and its range checks.
+
+The sections (one frozen dataclass per concern) are in ``atlasfl.config.sections``; building one
+from a nested dict is ``atlasfl.config.parse``'s. Choices are checked as they are read, from
+their ``Literal`` types; ``validate`` checks ranges, and the method's name against the registry's
+names (``atlasfl.types.MethodName``).
+"""
 
 from __future__ import annotations
 
@@ -6,272 +12,22 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from atlasfl.types import (
-    ActivationDtype,
-    ClusterMethod,
-    Criterion,
-    FileFormat,
-    FingerprintParams,
-    FingerprintStatistic,
-    GraphKind,
-    Grouping,
-    LaplacianSpaceChoice,
-    MetricName,
-    MixedMethod,
-    OnInfeasible,
-    Partition,
-    Pooling,
-    Precision,
-    RankBudget,
-    RankUpdate,
-    RankUtility,
-    SplitMode,
-    SplitWhen,
+from atlasfl.config.parse import build, set_dotted
+from atlasfl.config.sections import (
+    ClusteringConfig,
+    DataConfig,
+    DevicesConfig,
+    FaultsConfig,
+    FederationConfig,
+    LaplacianConfig,
+    ModelConfig,
+    RanksConfig,
+    SessionConfig,
+    SplitConfig,
+    TrainConfig,
 )
-
-
-@dataclass(frozen=True)
-class CustomTaskConfig:
-    """A user-defined task read from local files (TSV, CSV or JSONL)."""
-
-    name: str
-    train: str
-    test: str
-    format: FileFormat = "tsv"
-    text_fields: tuple[str, ...] = ("sentence",)
-    label_field: str = "label"
-    num_labels: int = 2  # 1 = regression
-    label_names: tuple[str, ...] = ()  # raw label values in class order; default "0".."n-1"
-    metric: MetricName = "accuracy"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which tasks, where their files are and how they are split over clients."""
-
-    tasks: tuple[str, ...] = ("sst2", "mrpc", "cola", "qnli")
-    data_dir: str | None = None
-    clients_per_task: int = 3
-    samples: int = 200  # examples per client, its local test and validation rows included
-    # per task, a different number of examples per client ({cola: 2000}); others get samples
-    task_samples: dict[str, int] = field(default_factory=dict)
-    eval_samples: int = 500  # shared test examples per task (GLUE dev split); 0 = all
-    val_fraction: float = 0.1  # of each client's examples, held out for validation (choices)
-    # of each client's examples, held out as its local test (drawn like its own rows, stratified
-    # by class): the personalised score, never trained on and never used to choose anything
-    test_fraction: float = 0.2
-    partition: Partition = "iid"
-    alpha: float = 0.5  # Dirichlet concentration (partition: dirichlet)
-    max_length: int = 128
-    custom_tasks: tuple[CustomTaskConfig, ...] = ()
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA adapter settings (applied through peft)."""
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()  # empty: the architecture family's default
-    rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Backbone, pooling and adapter."""
-
-    name: str = "minilm"
-    pooling: Pooling = "auto"
-    head_dropout: float = 0.1
-    lora: LoraSettings = field(default_factory=LoraSettings)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Local training on each client."""
-
-    local_epochs: int = 1
-    local_steps: int = 0  # > 0: this many optimizer steps per round instead of epochs
-    batch_size: int = 16
-    lr: float = 5e-4  # adapter learning rate
-    head_lr: float | None = None  # classification head learning rate; None: same as lr
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    # FedProx's mu (method fedprox): each batch's loss adds mu/2 ||w - w_received||^2 over the
-    # adapter and head; Li et al. (arXiv:1812.06127) tried 0.001 to 1
-    prox_mu: float = 0.01
-    eval_batch_size: int = 64
-    precision: Precision = "auto"  # auto: bf16 autocast where it is fast (CUDA, bf16 CPUs)
-    # speed and memory, measured on quick.yaml (README "Speed and memory"): rows sorted by length
-    # within seeded chunks of this many batches (0: off), and padded lengths rounded up to a
-    # multiple of pad_multiple, so activations come in few shapes and memory stays flat
-    length_bucket: int = 8
-    pad_multiple: int = 16
-    threads: int = 0  # torch intra-op threads; 0 = the cores this process may use
-    # processes answering clients' plans on a CPU, each with threads // workers torch threads and
-    # its own copy of the model: 1 = this process; 0 (auto) = one per core (train.threads) on a
-    # CPU, 1 on a GPU. Off by default: on 2 cores it barely helped (README "Speed and memory")
-    workers: int = 1
-    mmap_threshold_kb: int = 0  # > 0: glibc serves allocations above it by mmap (flat memory)
-    # oneDNN primitives kept per process (ONEDNN_PRIMITIVE_CACHE_CAPACITY and PyTorch's
-    # LRU_CACHE_CAPACITY, unless set in the environment): bf16 on CPU builds one per shape, and
-    # the libraries' 1024 held ~0.7-1 GB on the main job; 64 measured as fast as 1024 there, 8
-    # slower (per-module ranks bring many shapes). 0: theirs (1024)
-    onednn_cache: int = 64
-    # > 0: clients of one exchange whose whole-model Train plans give the same batch sizes
-    # train together, at most this many per group, as one forward/backward over their stacked
-    # adapters (atlasfl.client.batched; for GPUs). Exact with dropout off; with dropout on the
-    # masks come from the group's seed, not each client's. 0: each client on its own
-    batch_clients: int = 0
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    """The round loop."""
-
-    rounds: int = 5
-    fraction: float = 1.0  # share of clients sampled to train each round
-    eval_every: int = 1  # evaluate every N rounds (and always after the last)
-    # > 0: early stopping on validation, client by client. The run ends once no client's
-    # validation metric has improved for this many evaluations, and the summary reports each
-    # client's evaluation best on its validation rows (``rounds`` is then the most it trains);
-    # 0: the last round is reported
-    patience: int = 0
-    resident_clients: int = 0  # > 0: at most this many clients' state in memory, others on disk
-
-
-@dataclass(frozen=True)
-class ClusteringConfig:
-    """Phase 1: gradient fingerprints and task clustering (``fedavg-cluster``, ``atlas``)."""
-
-    samples: int = 128  # examples per client in its fingerprint
-    batch_size: int = 16
-    layers: int = 3  # the last L transformer blocks
-    params: FingerprintParams = "lora"  # LoRA B factors | the frozen target weights
-    statistic: FingerprintStatistic = "fisher"  # squared per-example gradients | the mean
-    dim: int = 256  # projected dimension (the upload is dim x 4 bytes)
-    center: bool = True  # subtract the mean fingerprint before the cosine geometry
-    debias: bool = True  # subtract each fingerprint's uploaded noise variance from its norm
-    criteria: tuple[Criterion, ...] = ("silhouette",)  # which criteria vote on k (mean rank);
-    # all four are recorded for every k
-    min_signal: float = 0.7  # k is chosen among clients whose fingerprint is >= 70% signal
-    method: ClusterMethod = "kmeans"
-    k: int = 0  # 0: choose k; > 0: fixed
-    k_min: int = 2
-    k_max: int = 10
-    recluster_every: int = 0  # re-cluster from fresh fingerprints every R rounds (0: never)
-    epsilon: float = 0.0  # example-level DP budget of each fingerprint; 0: no noise
-    delta: float = 1e-5
-    clip: float = 1.0  # per-example norm bound (with epsilon)
-
-
-@dataclass(frozen=True)
-class DeviceProfileConfig:
-    """A user-defined device profile (``devices.custom``)."""
-
-    name: str
-    memory_gb: float  # memory a training process may use, GiB
-    compute: float = 1.0  # training throughput relative to laptop-8gb
-    uplink_mbps: float = 10.0
-    downlink_mbps: float = 50.0
-
-
-@dataclass(frozen=True)
-class DevicesConfig:
-    """Which device each client runs on (Phase 2). Drawn at random, seeded, never by index."""
-
-    profiles: tuple[str, ...] = ("cpu-2gb", "tablet-4gb", "laptop-8gb", "gpu-16gb")
-    assignment: tuple[str, ...] = ()  # explicit profile per client id; empty: draw from profiles
-    custom: tuple[DeviceProfileConfig, ...] = ()
-
-
-@dataclass(frozen=True)
-class RanksConfig:
-    """Phase 2: per-module LoRA ranks under each client's memory; mixed-rank aggregation."""
-
-    aggregation: MixedMethod = "stack"
-    # average: the mean of what the clients hold | delta: previous aggregate + the clients'
-    # weighted change (the server keeps what a client's ranks cut off)
-    update: RankUpdate = "average"
-    grouping: Grouping = "task"
-    r_min: int = 1
-    r_max: int = 16
-    # linear: sum importance x rank | log: sum importance x log(rank) | spectrum: the gradient
-    # energy each module's ranks can follow (clients upload their top r_max singular values)
-    # (spectrum, with the device budget, is the pair that met Phase 2's targets: the default)
-    utility: RankUtility = "spectrum"
-    # parity: <= homolora's LoRA parameters at model.lora.r | device: the federation's total of
-    # those, shared in proportion to device memory | memory: the memory budget only
-    budget: RankBudget = "device"
-    on_infeasible: OnInfeasible = "error"  # exclude: the client trains nothing
-    samples: int = 64  # importance examples per client when Phase 1 does not run
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """Phase 3: split learning (``splitlora``; ``homolora``/``hetlora`` with ``enabled``)."""
-
-    # never | always: every client | auto: only clients whose device cannot hold the model
-    enabled: SplitWhen = "auto"
-    mode: SplitMode = "vanilla"  # u-shape: the last ``tail`` blocks, head, loss stay on the client
-    cut: str = "auto"  # blocks the client keeps first: an integer, or auto (fits, least time)
-    tail: int = 1  # u-shape: blocks at the end the client keeps
-    min_cut: int = 1  # privacy floor: shallow activations are easier to invert
-    activation_dtype: ActivationDtype = "fp32"  # what crosses the network each batch
-    # batches whose activations (and gradients) travel in one message: 1 = sequential split
-    # learning; K > 1: K-fold fewer round trips, the client's forwards up to K-1 steps stale
-    window: int = 1
-    server_compute: float = 20.0  # the server's throughput relative to laptop-8gb (auto cut)
-
-    @property
-    def fixed_cut(self) -> int | None:
-        """The configured cut, or None for auto."""
-        return None if self.cut == "auto" else int(self.cut)
-
-
-@dataclass(frozen=True)
-class LaplacianConfig:
-    """Phase 4: the client graph and MIRA's Laplacian step (``atlas``, ``mira``)."""
-
-    graph: GraphKind = "rbf"  # rbf: median-distance bandwidth | knn: the k most similar
-    k: int = 3  # neighbours per client (knn, and the edges across clusters)
-    cross_weight: float = 0.0  # weight factor of kNN edges across clusters (0: none)
-    # step size of the server's Laplacian step: a number, or auto = 1 / the largest eigenvalue
-    # of L, so that lam is in graph-free units: the step is stable for lam < 2, and lam = 1 on
-    # a complete graph of unit weights gives every client the mean (FedAvg within the cluster)
-    eta: str = "auto"
-    lam: float = 1.0  # strength of the graph penalty (0: every client keeps its model: local)
-    # factors: A, B and head as they are (equal ranks) | product: s B A, re-factorised to each
-    # client's ranks (mixed ranks) | auto: factors when every client has the same ranks
-    space: LaplacianSpaceChoice = "auto"
-
-    @property
-    def fixed_eta(self) -> float | None:
-        """The configured step size, or None for auto."""
-        return None if self.eta == "auto" else float(self.eta)
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """How this session runs and saves; may change between sessions of one run."""
-
-    max_rounds: int = 0  # stop after this many rounds in this session (0: run to the end)
-    save_every: int = 1  # checkpoint every N rounds (0: only when stopping or finishing)
-    keep_checkpoints: int = 2  # how many of the latest checkpoints to keep
-
-
-@dataclass(frozen=True)
-class FaultsConfig:
-    """What the server refuses: every update is checked before any aggregation."""
-
-    max_update_norm: float = 0.0  # > 0: refuse an update whose L2 norm (all tensors) exceeds it
-    # simulated failures of sampled clients, drawn per (seed, round, client)
-    drop_before: float = 0.0  # probability it vanishes before training (the plan never arrives)
-    drop_during: float = 0.0  # probability it vanishes while training (nothing is uploaded)
-    deadline_seconds: float = 0.0  # > 0: an update later than this (simulated) is discarded
-    step_seconds: float = 0.5  # simulated seconds per optimizer step of a laptop-8gb
-    jitter: float = 0.3  # lognormal sigma of a client's simulated time
+from atlasfl.errors import AtlasError, choices, unknown_name
+from atlasfl.types import MethodName
 
 
 @dataclass(frozen=True)
@@ -302,12 +58,12 @@ class ExperimentConfig:
 
     def replace(self, **dotted: Any) -> ExperimentConfig:
         """Return a copy with dotted keys replaced, e.g. ``replace(**{"data.samples": 10})``."""
-        from atlasfl.config.load import from_dict, set_dotted
-
         raw = self.to_dict()
         for key, value in dotted.items():
             set_dotted(raw, key, value)
-        return from_dict(raw)
+        cfg: ExperimentConfig = build(ExperimentConfig, ExperimentConfig, raw)
+        validate(cfg)
+        return cfg
 
 
 def _to_plain(obj: Any) -> Any:
@@ -316,3 +72,127 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_to_plain(v) for v in obj]
     return obj
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise AtlasError(f"config key {key!r} = {value!r} is invalid; allowed: {allowed}")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Check ranges and the method's name; tasks and models are checked by their registries."""
+    if cfg.method not in choices(MethodName):
+        raise unknown_name("method", cfg.method, choices(MethodName))
+    d, t, f, m = cfg.data, cfg.train, cfg.federation, cfg.model
+    _check(len(d.tasks) >= 1, "data.tasks", list(d.tasks), "at least one task")
+    _check(len(set(d.tasks)) == len(d.tasks), "data.tasks", list(d.tasks), "no duplicates")
+    _check(d.clients_per_task >= 1, "data.clients_per_task", d.clients_per_task, "an integer >= 1")
+    _check(d.samples >= 1, "data.samples", d.samples, "an integer >= 1")
+    for task, n in d.task_samples.items():
+        _check(n >= 1, f"data.task_samples.{task}", n, "an integer >= 1")
+    _check(d.eval_samples >= 0, "data.eval_samples", d.eval_samples, "0 (all) or more")
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 <= x < 1")
+    _check(0.0 <= d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "0 <= x < 1")
+    _check(d.val_fraction + d.test_fraction < 1.0, "data.test_fraction", d.test_fraction,
+           f"0 <= x < 1 - data.val_fraction ({1 - d.val_fraction:g}): rows must be left to train")
+    _check(d.alpha > 0, "data.alpha", d.alpha, "a number > 0")
+    _check(d.max_length >= 8, "data.max_length", d.max_length, "an integer >= 8")
+    for i, ct in enumerate(d.custom_tasks):
+        key = f"data.custom_tasks[{i}]"
+        _check(ct.num_labels >= 1, key + ".num_labels", ct.num_labels, "1 (regression) or more")
+        _check(len(ct.text_fields) in (1, 2), key + ".text_fields", ct.text_fields, "1 or 2 names")
+    _check(0.0 <= m.head_dropout < 1.0, "model.head_dropout", m.head_dropout, "0 <= x < 1")
+    _check(m.lora.r >= 1, "model.lora.r", m.lora.r, "an integer >= 1")
+    _check(m.lora.alpha > 0, "model.lora.alpha", m.lora.alpha, "a number > 0")
+    _check(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", m.lora.dropout, "0 <= x < 1")
+    _check(t.local_epochs >= 1, "train.local_epochs", t.local_epochs, "an integer >= 1")
+    _check(t.local_steps >= 0, "train.local_steps", t.local_steps, "0 (use epochs) or more")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _check(t.head_lr is None or t.head_lr > 0, "train.head_lr", t.head_lr, "null or a number > 0")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
+    _check(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "0 (off) or more")
+    _check(t.prox_mu >= 0, "train.prox_mu", t.prox_mu, "0 or more")
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "an integer >= 1")
+    _check(t.length_bucket >= 0, "train.length_bucket", t.length_bucket, "0 (off) or more")
+    _check(t.pad_multiple >= 1, "train.pad_multiple", t.pad_multiple, "an integer >= 1")
+    _check(t.threads >= 0, "train.threads", t.threads, "0 (auto) or more")
+    _check(t.workers >= 0, "train.workers", t.workers, "0 (auto: one per core on a CPU) or more")
+    _check(t.batch_clients >= 0, "train.batch_clients", t.batch_clients,
+           "0 (off) or an integer >= 1 (clients per batched group)")
+    _check(f.resident_clients >= 0, "federation.resident_clients", f.resident_clients,
+           "0 (all in memory) or more")
+    _check(t.mmap_threshold_kb >= 0, "train.mmap_threshold_kb", t.mmap_threshold_kb,
+           "0 (glibc's default) or a size in KiB")
+    _check(t.onednn_cache >= 0, "train.onednn_cache", t.onednn_cache,
+           "0 (the libraries' default, 1024) or a number of primitives")
+    fl = cfg.faults
+    _check(fl.max_update_norm >= 0, "faults.max_update_norm", fl.max_update_norm,
+           "0 (off) or a number > 0")
+    for key in ("drop_before", "drop_during"):
+        _check(0.0 <= getattr(fl, key) <= 1.0, f"faults.{key}", getattr(fl, key), "0 <= p <= 1")
+    _check(fl.drop_before + fl.drop_during <= 1.0, "faults.drop_before + faults.drop_during",
+           fl.drop_before + fl.drop_during, "at most 1")
+    _check(fl.deadline_seconds >= 0, "faults.deadline_seconds", fl.deadline_seconds,
+           "0 (off) or a number > 0")
+    _check(fl.step_seconds > 0, "faults.step_seconds", fl.step_seconds, "a number > 0")
+    _check(fl.jitter >= 0, "faults.jitter", fl.jitter, "a number >= 0")
+    _check(f.rounds >= 1, "federation.rounds", f.rounds, "an integer >= 1")
+    _check(0.0 < f.fraction <= 1.0, "federation.fraction", f.fraction, "0 < x <= 1")
+    _check(f.eval_every >= 1, "federation.eval_every", f.eval_every, "an integer >= 1")
+    _check(f.patience >= 0, "federation.patience", f.patience, "0 (off) or an integer >= 1")
+    c = cfg.clustering
+    _check(c.samples >= 1, "clustering.samples", c.samples, "an integer >= 1")
+    _check(c.batch_size >= 1, "clustering.batch_size", c.batch_size, "an integer >= 1")
+    _check(c.layers >= 1, "clustering.layers", c.layers, "an integer >= 1")
+    _check(c.dim >= 2, "clustering.dim", c.dim, "an integer >= 2")
+    _check(c.k >= 0, "clustering.k", c.k, "0 (choose) or more")
+    _check(2 <= c.k_min <= c.k_max, "clustering.k_min", (c.k_min, c.k_max),
+           "2 <= k_min <= k_max")
+    _check(c.recluster_every >= 0, "clustering.recluster_every", c.recluster_every,
+           "0 (never) or more")
+    _check(bool(c.criteria), "clustering.criteria", list(c.criteria), "a non-empty list")
+    _check(c.epsilon >= 0, "clustering.epsilon", c.epsilon, "0 (no noise) or > 0")
+    _check(0 < c.delta < 1, "clustering.delta", c.delta, "0 < delta < 1")
+    _check(c.clip > 0, "clustering.clip", c.clip, "a number > 0")
+    _check(0 <= c.min_signal < 1, "clustering.min_signal", c.min_signal, "0 <= min_signal < 1")
+    r = cfg.ranks
+    _check(1 <= r.r_min <= r.r_max <= 256, "ranks.r_min", (r.r_min, r.r_max),
+           "1 <= r_min <= r_max <= 256")
+    _check(r.samples >= 1, "ranks.samples", r.samples, "an integer >= 1")
+    sp = cfg.split
+    _check(sp.cut == "auto" or (sp.cut.isdigit() and int(sp.cut) >= 0), "split.cut", sp.cut,
+           "auto or an integer >= 0 (blocks the client keeps)")
+    _check(sp.tail >= 1, "split.tail", sp.tail, "an integer >= 1")
+    _check(sp.min_cut >= 0, "split.min_cut", sp.min_cut, "an integer >= 0")
+    _check(sp.window >= 1, "split.window", sp.window, "an integer >= 1")
+    _check(sp.fixed_cut is None or sp.fixed_cut >= sp.min_cut, "split.cut", sp.cut,
+           f"auto or an integer >= split.min_cut = {sp.min_cut}")
+    _check(sp.server_compute > 0, "split.server_compute", sp.server_compute, "a number > 0")
+    lp = cfg.laplacian
+    _check(lp.k >= 1, "laplacian.k", lp.k, "an integer >= 1")
+    _check(lp.cross_weight >= 0, "laplacian.cross_weight", lp.cross_weight, "a number >= 0")
+    _check(lp.eta == "auto" or (_number(lp.eta) or 0) > 0, "laplacian.eta", lp.eta,
+           "auto (1 / the largest eigenvalue of the graph's Laplacian) or a number > 0")
+    _check(lp.lam >= 0, "laplacian.lam", lp.lam, "a number >= 0 (0: local training)")
+    for i, prof in enumerate(cfg.devices.custom):
+        key = f"devices.custom[{i}]"
+        _check(prof.memory_gb > 0, key + ".memory_gb", prof.memory_gb, "a number > 0")
+        _check(prof.compute > 0, key + ".compute", prof.compute, "a number > 0")
+        _check(prof.uplink_mbps > 0 and prof.downlink_mbps > 0, key + ".uplink_mbps",
+               (prof.uplink_mbps, prof.downlink_mbps), "numbers > 0")
+    _check(cfg.session.max_rounds >= 0, "session.max_rounds", cfg.session.max_rounds,
+           "0 (no cap) or more")
+    _check(cfg.session.save_every >= 0, "session.save_every", cfg.session.save_every,
+           "0 (only at the end of a session) or more")
+    _check(cfg.session.keep_checkpoints >= 1, "session.keep_checkpoints",
+           cfg.session.keep_checkpoints, "an integer >= 1")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+           "device", cfg.device, "auto, cpu, cuda, cuda:N")
