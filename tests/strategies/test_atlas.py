@@ -221,24 +221,6 @@ def test_every_method_is_listed_with_its_parts_and_each_ablation_swaps_one(capsy
         assert len(differing_parts(recipe, METHODS["atlas"])) == 1, name
 
 
-def test_a_variant_swaps_exactly_one_part():
-    from atlasfl.strategies.methods import EQUAL, NEVER, variant
-
-    with pytest.raises(ValueError, match="exactly one"):
-        variant(METHODS["atlas"], "two", "two parts", ranks=EQUAL, split=NEVER)
-    with pytest.raises(ValueError, match="exactly one"):
-        variant(METHODS["atlas"], "none", "no part")
-
-
-def test_a_recipe_that_splits_without_a_rank_plan_is_refused():
-    import dataclasses
-
-    from atlasfl.strategies.split_learning import Splitting
-
-    with pytest.raises(ValueError, match="split learning needs a rank plan"):
-        dataclasses.replace(METHODS["fedavg"], split=Splitting("always"))
-
-
 def test_the_parts_that_plan_or_serve_nothing_refuse_to_be_asked():
     from atlasfl.strategies.aggregators import Mean
     from atlasfl.strategies.rank_plan import NoPlan
