@@ -16,6 +16,7 @@ from atlasfl.strategies.groups import (
     mix,
     recluster_due,
 )
+from atlasfl.strategies.holdings import Holdings
 
 CLIENTS = {0: ClientInfo(0, "sst2", 10, (2, 8)), 1: ClientInfo(1, "sst2", 30, (2, 8)),
            2: ClientInfo(2, "stsb", 20, (1, 8)), 3: ClientInfo(3, "rte", 40, (2, 8))}
@@ -67,16 +68,29 @@ def test_aggregate_averages_adapters_per_group_and_heads_per_group_and_shape():
     assert groups.adapters == {}  # frozen: the old state is untouched
 
 
-def test_a_client_is_stale_until_it_acknowledges_the_latest_aggregate():
+def test_a_client_lacks_its_group_model_until_it_has_received_the_latest_aggregate():
     groups = Groups({"0": "task=sst2", "1": "task=sst2", "3": "task=rte"})
-    assert not groups.stale(0)  # no aggregate yet: nothing to send
+    held = Holdings()
+    assert not held.lacks_group(groups, 0)  # no aggregate yet: nothing to send
     groups = groups.aggregate([_update(0, 1)], CLIENTS, round_idx=1)
-    assert groups.stale(0) and groups.stale(1) and not groups.stale(3)
-    groups = groups.acknowledge([0])
-    assert not groups.stale(0) and groups.stale(1)
-    assert groups.held == {"0": "task=sst2@1"}
+    assert held.lacks_group(groups, 0) and held.lacks_group(groups, 1)
+    assert not held.lacks_group(groups, 3)
+    held = held.received([0, 3], groups, stepped={})
+    assert not held.lacks_group(groups, 0) and held.lacks_group(groups, 1)
+    assert held.group == {"0": "task=sst2@1"} and held.own == {}  # rte has no aggregate yet
     groups = groups.aggregate([_update(1, 2)], CLIENTS, round_idx=2)
-    assert groups.stale(0) and groups.tag(0) == "task=sst2@2"
+    assert held.lacks_group(groups, 0) and groups.tag(0) == "task=sst2@2"
+
+
+def test_own_models_and_ranks_received_and_a_refused_client_forgotten():
+    groups = Groups({"0": "all", "1": "all"}).aggregate([_update(0, 1)], CLIENTS, round_idx=2)
+    held = Holdings().received([0, 1], groups, stepped={"1": 2})
+    assert held.group == {"0": "all@2", "1": "all@2"} and held.own == {"1": 2}
+    held = held.with_ranks([1]).with_ranks([0, 1])
+    assert held.ranks == (0, 1)
+    forgot = held.forget([1])
+    assert forgot.group == {"0": "all@2"} and forgot.own == {} and forgot.ranks == (0, 1)
+    assert forgot.lacks_group(groups, 1) and not forgot.lacks_group(groups, 0)
 
 
 def test_outbox_shares_are_dropped_when_the_group_aggregates_again_or_on_delivery():
@@ -85,8 +99,8 @@ def test_outbox_shares_are_dropped_when_the_group_aggregates_again_or_on_deliver
     assert groups.outbox == {}  # superseded by the new aggregate
     groups = Groups({"0": "all", "1": "all"}).aggregate([_update(1, 1)], CLIENTS, round_idx=4)
     groups = Groups(**{**vars(groups), "outbox": {"1": {"w": torch.ones(1)}}})
-    assert set(groups.acknowledge([1]).outbox) == set()
-    assert set(groups.acknowledge([0]).outbox) == {"1"}
+    assert set(groups.delivered([1]).outbox) == set()
+    assert set(groups.delivered([0]).outbox) == {"1"}
 
 
 def test_regroup_keeps_models_only_when_nobody_moved():
@@ -96,7 +110,8 @@ def test_regroup_keeps_models_only_when_nobody_moved():
     same = groups.regroup({"0": "cluster=0", "1": "cluster=1"}, sim)
     assert same.adapters.keys() == {"cluster=0", "cluster=1"} and same.similarity is sim
     moved = groups.regroup({"0": "cluster=0", "1": "cluster=0"}, sim)
-    assert moved.adapters == {} and moved.versions == {} and not moved.stale(0)
+    assert moved.adapters == {} and moved.versions == {}
+    assert not Holdings().lacks_group(moved, 0)  # nothing to send before its first aggregate
 
 
 @pytest.mark.parametrize("every, due", [(0, [1]), (1, [1, 2, 3, 4, 5]), (2, [1, 3, 5]),

@@ -38,9 +38,9 @@ from atlasfl.errors import AtlasError
 
 CHECKPOINTS = "checkpoints"
 TENSORS, META, MANIFEST = "state.safetensors", "state.json", "manifest.json"
-# 2: the server state is one ``strategies.state.ServerState`` for every method (1: a dataclass per
-# strategy class, before methods were recipes of parts)
-FORMAT = 2
+# 3: what each client holds is one store (``strategies.holdings``); 2: the server state is one
+# ``strategies.state.ServerState`` for every method; 1: a dataclass per strategy class
+FORMAT = 3
 
 
 @dataclass

@@ -2,9 +2,8 @@
 
 **Groups.** The server groups its clients globally (one group), by true task (an oracle) or by the
 clusters Phase 1 finds from their fingerprints (``cluster_groups``). ``Groups`` holds all of it in
-one place: each client's group, the clustering's similarity matrix, each group's latest aggregate
-adapter and heads (per head shape: only heads of one label space can be averaged), and which
-aggregate each client holds.
+one place: each client's group, the clustering's similarity matrix, and each group's latest
+aggregate adapter and heads (per head shape: only heads of one label space can be averaged).
 
 **Mixing.** An aggregation mixes the clients' updates by rows of weights: target t receives
 ``combine([u_i for i in row t], [w_ti])``, the combiner normalising the weights. FedAvg within
@@ -15,11 +14,12 @@ over its neighbours (``atlasfl.phases.laplacian.laplacian_rows``). ``mix``
 (``atlasfl.phases.aggregation``) applies any such rows.
 
 **Delivery.** A group's new aggregate is not pushed to its members: a client receives it with the
-next plan that reaches it (``stale``), and holds it once it has replied to that plan
-(``acknowledge``). A client that is not addressed costs nothing, and a client that never answers
-is sent the model again. ``outbox`` keeps, until delivered, the share of an aggregate computed for
-a client from its own upload (mixed ranks keep a trained client's factor coordinates); it holds
-only clients that trained in their group's latest aggregation.
+next plan that reaches it, and holds it once it has replied to that plan (what each client holds
+is recorded in one place, ``atlasfl.strategies.holdings``). A client that is not addressed costs
+nothing, and a client that never answers is sent the model again. ``outbox`` keeps, until
+delivered, the share of an aggregate computed for a client from its own upload (mixed ranks keep a
+trained client's factor coordinates); it holds only clients that trained in their group's latest
+aggregation.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def fedavg_rows(targets: Mapping[ClientId, K], updates: Sequence[Update]) -> Row
 
 @dataclass(frozen=True)
 class Groups:
-    """The server's groups, their latest models and what each client holds (checkpointed)."""
+    """The server's groups and their latest models (checkpointed)."""
 
     members: dict[str, str] = field(default_factory=dict)  # client id (str) -> group
     # (num_clients, num_clients) cosine similarity of the clients' fingerprints in the geometry
@@ -81,7 +81,6 @@ class Groups:
     adapters: dict[str, AdapterState] = field(default_factory=dict)  # group -> aggregate
     heads: dict[str, AdapterState] = field(default_factory=dict)  # head_key -> aggregate
     versions: dict[str, int] = field(default_factory=dict)  # group -> round of its aggregate
-    held: dict[str, str] = field(default_factory=dict)  # client -> tag of what it holds
     outbox: dict[str, AdapterState] = field(default_factory=dict)  # client -> its share
 
     def group(self, client_id: ClientId) -> str:
@@ -95,35 +94,17 @@ class Groups:
             return None
         return f"{group}@{self.versions[group]}"
 
-    def stale(self, client_id: ClientId) -> bool:
-        """Whether a client's group has an aggregate the client does not hold yet."""
-        tag = self.tag(client_id)
-        return tag is not None and self.held.get(str(client_id)) != tag
-
     def regroup(self, members: dict[str, str], similarity: Tensor | None) -> Groups:
         """A new grouping; the models start over unless every client kept its group."""
         if members == self.members:
             return dataclasses.replace(self, similarity=similarity)
         return Groups(members, similarity)
 
-    def acknowledge(self, client_ids: Iterable[ClientId]) -> Groups:
-        """These clients replied to a plan: they hold their group's latest aggregate now."""
-        held, outbox = dict(self.held), dict(self.outbox)
-        for cid in client_ids:
-            tag = self.tag(cid)
-            if tag is not None:
-                held[str(cid)] = tag
-                outbox.pop(str(cid), None)
-        return dataclasses.replace(self, held=held, outbox=outbox)
-
-    def forget(self, client_ids: Iterable[ClientId]) -> Groups:
-        """These clients' models are unknown (an update was refused): send them the group's.
-
-        Before their group's first aggregate there is nothing to send; they keep what they have.
-        """
-        drop = {str(c) for c in client_ids}
-        return dataclasses.replace(self, held={c: t for c, t in self.held.items()
-                                               if c not in drop})
+    def delivered(self, client_ids: Iterable[ClientId]) -> Groups:
+        """These clients replied to a plan: the shares computed for them are delivered."""
+        done = {str(c) for c in client_ids if self.tag(c) is not None}
+        return dataclasses.replace(self, outbox={c: a for c, a in self.outbox.items()
+                                                 if c not in done})
 
     def aggregate(self, updates: Sequence[Update], clients: Mapping[ClientId, ClientInfo],
                   round_idx: int, combine: Combine[str] | None = None) -> Groups:

@@ -28,7 +28,7 @@ within groups.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from atlasfl.errors import AtlasError
-from atlasfl.messages import Model, ProbeReply, Shares, TrainReply, Update
+from atlasfl.messages import Model, ProbeReply, Shares, Update
 from atlasfl.phases.laplacian import client_graph, laplacian_step
 from atlasfl.runfiles import GRAPH_FILE
 from atlasfl.strategies.context import Context
@@ -63,18 +63,10 @@ class NoPersonalisation:
         """The client graph from a probe's fingerprints (state, metrics, files)."""
         return state, {}, {}
 
-    def before_train(self, state: ServerState, replies: Sequence[TrainReply]) -> ServerState:
-        """What the train replies say of the models clients hold, before any aggregation."""
-        return state
-
     def after_train(self, ctx: Context, state: ServerState, round_idx: int,
                     updates: Sequence[Update]) -> tuple[ServerState, dict[str, float]]:
         """The personal step over the (completed) uploads, after the group aggregation."""
         return state, {}
-
-    def acknowledge(self, state: ServerState, client_ids: Iterable[ClientId]) -> ServerState:
-        """These clients replied to a plan: they hold what it carried."""
-        return state
 
 
 @dataclass(frozen=True)
@@ -104,7 +96,7 @@ class LaplacianStep(NoPersonalisation):
         key, own = str(client_id), state.personal
         if key not in own.models:
             return group_model()
-        if own.holds.get(key) == own.stepped[key]:
+        if state.held.own.get(key) == own.stepped[key]:
             return Model()
         return Model(adapter=own.models[key], head=own.heads[key])
 
@@ -143,21 +135,6 @@ class LaplacianStep(NoPersonalisation):
         personal = dataclasses.replace(state.personal, adjacency=torch.from_numpy(adj), eta=eta)
         return dataclasses.replace(state, personal=personal), metrics, {GRAPH_FILE: document}
 
-    def acknowledge(self, state: ServerState, client_ids: Iterable[ClientId]) -> ServerState:
-        """These clients replied to a plan: they hold their latest own model now."""
-        own = state.personal
-        holds = dict(own.holds)
-        holds.update({str(c): own.stepped[str(c)] for c in client_ids if str(c) in own.stepped})
-        return dataclasses.replace(state, personal=dataclasses.replace(own, holds=holds))
-
-    def before_train(self, state: ServerState, replies: Sequence[TrainReply]) -> ServerState:
-        """Uploaders hold their own model; a refused one is forgotten (it is sent again)."""
-        state = self.acknowledge(state, [r.client_id for r in replies if r.update is not None])
-        refused = {str(r.client_id) for r in replies if r.update is None}
-        own = state.personal
-        return dataclasses.replace(state, personal=dataclasses.replace(
-            own, holds={c: v for c, v in own.holds.items() if c not in refused}))
-
     def after_train(self, ctx: Context, state: ServerState, round_idx: int,
                     updates: Sequence[Update]) -> tuple[ServerState, dict[str, float]]:
         """The step of the trained clients; each receives its own new model next."""
@@ -171,7 +148,7 @@ class LaplacianStep(NoPersonalisation):
         trained = {str(u.client_id) for u in updates}
         stepped_models, stepped_heads = _step(ctx, own.adjacency.cpu().numpy(), own.eta, models,
                                               heads, trained)
-        stepped, holds = dict(own.stepped), dict(own.holds)
+        stepped, holds = dict(own.stepped), dict(state.held.own)
         change = []
         for c in sorted(trained, key=int):
             stepped[c] = round_idx
@@ -181,9 +158,9 @@ class LaplacianStep(NoPersonalisation):
                 holds[c] = round_idx  # unchanged: the client holds it already
             change.append(_relative_change(before, after))
         personal = dataclasses.replace(own, models={**models, **stepped_models},
-                                       heads={**heads, **stepped_heads}, stepped=stepped,
-                                       holds=holds)
-        return (dataclasses.replace(state, personal=personal),
+                                       heads={**heads, **stepped_heads}, stepped=stepped)
+        return (dataclasses.replace(state, personal=personal,
+                                    held=dataclasses.replace(state.held, own=holds)),
                 {"laplacian_change": float(np.mean(change))})
 
 

@@ -220,13 +220,10 @@ def plan_clients(ctx: Context, ranks: NoPlan, split: Splitting, state: ServerSta
         split=dataclasses.replace(state.split, cuts=cuts))
 
 
-def acknowledge_ranks(state: ServerState, replies: Sequence[Reply]) -> ServerState:
-    """Clients that answered a plan hold their rank map (excluded ones never get one)."""
-    plan = state.plan
-    done = {r.client_id for r in replies if r.client_id not in plan.excluded
-            and getattr(r, "delivered", True)}
-    return dataclasses.replace(state, plan=dataclasses.replace(
-        plan, configured=tuple(sorted({*plan.configured, *done}))))
+def received_ranks(state: ServerState, replies: Sequence[Reply]) -> list[ClientId]:
+    """Clients that answered a plan, and so hold their rank map (excluded ones never get one)."""
+    return [r.client_id for r in replies if r.client_id not in state.plan.excluded
+            and getattr(r, "delivered", True)]
 
 
 def infeasible_notices(state: ServerState) -> tuple[str, ...]:

@@ -8,7 +8,9 @@ generically), so everything a part remembers lives here and nowhere else:
 - ``plan`` (rank planning, ``atlasfl.strategies.rank_plan``): each client's ranks and record;
 - ``split`` (split learning, ``atlasfl.strategies.split_learning``): cuts and server models;
 - ``personal`` (personalisation, ``atlasfl.strategies.personal``): each client's own model and
-  the client graph.
+  the client graph;
+- ``held``: what each client holds of all that (``atlasfl.strategies.holdings``), the one record
+  of what reached whom, which the strategy keeps from the replies.
 
 A part that a method does not use leaves its field empty.
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from atlasfl.strategies.groups import Groups
+from atlasfl.strategies.holdings import Holdings
 from atlasfl.types import AdapterState
 
 if TYPE_CHECKING:
@@ -32,7 +35,6 @@ class PlanState:
     ranks: dict[str, dict[str, int]] = field(default_factory=dict)  # client -> module -> rank
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # client -> configuration
     excluded: tuple[int, ...] = ()  # clients whose device cannot hold the minimum adapter
-    configured: tuple[int, ...] = ()  # clients that acknowledged their rank map
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,6 @@ class PersonalState:
     models: dict[str, AdapterState] = field(default_factory=dict)  # client -> own adapter
     heads: dict[str, AdapterState] = field(default_factory=dict)  # client -> own head
     stepped: dict[str, int] = field(default_factory=dict)  # client -> round its model was set
-    holds: dict[str, int] = field(default_factory=dict)  # client -> round of the model it holds
     adjacency: Tensor | None = None  # (N, N) client graph, clients in id order
     eta: float = 0.0  # the step size (laplacian.eta, or 1 / the graph's largest eigenvalue)
 
@@ -72,3 +73,4 @@ class ServerState:
     plan: PlanState = field(default_factory=PlanState)
     split: SplitState = field(default_factory=SplitState)
     personal: PersonalState = field(default_factory=PersonalState)
+    held: Holdings = field(default_factory=Holdings)

@@ -49,7 +49,7 @@ from atlasfl.strategies.checks import check_update
 from atlasfl.strategies.context import Context
 from atlasfl.strategies.groups import head_key, recluster_due
 from atlasfl.strategies.info import ClientInfo, ModelInfo
-from atlasfl.strategies.rank_plan import acknowledge_ranks, infeasible_notices, plan_clients
+from atlasfl.strategies.rank_plan import infeasible_notices, plan_clients, received_ranks
 from atlasfl.strategies.split_learning import served_models
 from atlasfl.strategies.state import ServerModel, ServerState
 from atlasfl.strategies.recipe import Recipe
@@ -150,7 +150,7 @@ class Strategy:
         if client_id in state.plan.excluded:
             return Model()
         planned = state.plan.ranks.get(str(client_id))
-        holds = client_id in state.plan.configured or planned == self.ctx.initial_ranks
+        holds = client_id in state.held.ranks or planned == self.ctx.initial_ranks
         model = self.personal.next_model(self.ctx, state, client_id,
                                          lambda: self.group_model(state, client_id))
         model = dataclasses.replace(model, ranks=None if planned is None or holds else planned)
@@ -159,7 +159,7 @@ class Strategy:
     def group_model(self, state: ServerState, client_id: ClientId) -> Model:
         """The group's latest adapter (its share) and head of the client's shape, if lacking."""
         groups = state.groups
-        if not groups.stale(client_id):
+        if not state.held.lacks_group(groups, client_id):
             return Model()
         group = groups.group(client_id)
         adapter = groups.outbox.get(str(client_id))
@@ -216,16 +216,15 @@ class Strategy:
         """
         if not self.aggregation.uploads:
             return RoundOutcome(state)
-        state = self.personal.before_train(state, replies)
-        if self.ranks.plans:
-            state = acknowledge_ranks(state, replies)
+        state = self.received(state, [r.client_id for r in replies if r.update is not None],
+                              replies)
+        state = dataclasses.replace(state, held=state.held.forget(
+            r.client_id for r in replies if r.update is None))
         trained = served_models(state, served)
         completed = self.split.complete(self.ctx, state, trained, replies)
         updates = [r.update for r in completed if r.update is not None]
-        groups = state.groups.acknowledge(r.client_id for r in replies if r.update is not None)
-        groups = groups.forget(r.client_id for r in replies if r.update is None)
-        groups = groups.aggregate(updates, self.clients, rnd.round_idx,
-                                  self.aggregation.combine(self.ctx, state, groups))
+        groups = state.groups.aggregate(updates, self.clients, rnd.round_idx,
+                                  self.aggregation.combine(self.ctx, state, state.groups))
         if self.aggregation.personal_shares and not self.personal.own_models:
             share = {str(u.client_id): self.aggregation.deliver(
                 self.ctx, state, u.client_id, groups.adapters[groups.group(u.client_id)],
@@ -252,8 +251,13 @@ class Strategy:
         """The evaluated clients hold what their plans carried (a failed one may not)."""
         if not self.aggregation.uploads:
             return RoundOutcome(state)
+        return RoundOutcome(self.received(state, [r.client_id for r in replies if r.delivered],
+                                          replies))
+
+    def received(self, state: ServerState, client_ids: Sequence[ClientId],
+                 replies: Sequence[Reply]) -> ServerState:
+        """These clients hold what their plans carried (``state.held``), ranks included."""
+        held = state.held.received(client_ids, state.groups, state.personal.stepped)
         if self.ranks.plans:
-            state = acknowledge_ranks(state, replies)
-        delivered = [r.client_id for r in replies if r.delivered]
-        state = dataclasses.replace(state, groups=state.groups.acknowledge(delivered))
-        return RoundOutcome(self.personal.acknowledge(state, delivered))
+            held = held.with_ranks(received_ranks(state, replies))
+        return dataclasses.replace(state, held=held, groups=state.groups.delivered(client_ids))
