@@ -180,7 +180,7 @@ def test_state_classes_outside_atlasfl_are_refused():
 def test_a_checkpoint_of_another_format_is_refused_with_what_to_do(tiny_cfg, tmp_path, capsys):
     run = _finished_run(tiny_cfg, tmp_path)
     manifest = latest_checkpoint(run) / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"format": 2', '"format": 1'))
+    manifest.write_text(manifest.read_text().replace('"format": 3', '"format": 1'))
     before = _snapshot_files(run)
     assert main(["resume", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err
