@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from atlasfl.config import FaultsConfig
 from atlasfl.devices import BUILTIN_PROFILES
 from atlasfl.engine.faults import (
     ClientVanished,
+    Fault,
     FaultyChannel,
     active,
     draw_fault,
@@ -62,14 +65,18 @@ class _Counting:
         self.carried = []
 
     def send(self, round_idx, client_id, direction, message):
+        assert round_idx == 1  # every message is carried in its own round
         self.carried.append((client_id, direction, type(message).__name__))
         return message
 
 
 def _faulty(cfg, messages=4, devices=None):
     inner = _Counting()
-    return inner, FaultyChannel(inner, cfg, seed=3, devices=devices or {},
-                                messages=lambda plan: messages)
+
+    def count(plan):  # only a split plan's training sends split messages
+        assert plan.split is not None, plan
+        return messages
+    return inner, FaultyChannel(inner, cfg, seed=3, devices=devices or {}, messages=count)
 
 
 SPLIT = SplitPlan(cut=1, tail=0, activation_dtype="float32", server_model="all", outputs=2)
@@ -81,7 +88,7 @@ def _activations(cid, evaluating=False):
 
 def test_a_plan_that_never_arrives_is_not_carried():
     inner, channel = _faulty(FaultsConfig(drop_before=1.0))
-    with pytest.raises(ClientVanished, match="vanished before training"):
+    with pytest.raises(ClientVanished, match="^vanished before training$"):
         channel.send(1, 0, "down", Train(0))
     assert inner.carried == []
     channel.send(1, 0, "down", Evaluate(0))  # only Train plans fail
@@ -92,7 +99,7 @@ def test_a_client_vanishing_after_training_never_uploads_and_its_next_plan_is_cl
     inner, channel = _faulty(FaultsConfig(drop_during=1.0))
     channel.send(1, 0, "down", Train(0))
     reply = TrainReply(0, Update(0, {"a": torch.ones(2)}, {}, 5))
-    with pytest.raises(ClientVanished, match="after training, before its upload"):
+    with pytest.raises(ClientVanished, match="^vanished after training, before its upload$"):
         channel.send(1, 0, "up", reply)
     channel.send(1, 0, "down", Evaluate(0))
     channel.send(1, 0, "up", EvaluateReply(0, {}))
@@ -135,3 +142,72 @@ def test_a_late_update_is_carried_then_taken_out_of_its_reply():
     assert late.update is None and late.record["late"].startswith("simulated 60.0 s > ")
     assert on_time.update is not None and "late" not in on_time.record
     assert inner.carried[-2:] == [(0, "up", "TrainReply"), (1, "up", "TrainReply")]  # both sent
+
+
+def _uniforms_and_normal(seed, round_idx, client_id):
+    """The documented stream: (seed, round, client, crc32("faults")), two uniforms, a normal."""
+    rng = np.random.default_rng([seed, round_idx, client_id, zlib.crc32(b"faults")])
+    return rng.random(), rng.random(), rng.standard_normal()
+
+
+def test_a_fault_is_drawn_from_the_seeded_stream_by_hand():
+    cfg = FaultsConfig(drop_before=0.3, drop_during=0.4)
+    kinds = set()
+    for cid in range(40):
+        u, fraction, _ = _uniforms_and_normal(5, 2, cid)
+        want = (Fault("before", 0.0) if u < 0.3 else Fault("during", fraction) if u < 0.7
+                else None)
+        assert draw_fault(cfg, seed=5, round_idx=2, client_id=cid) == want
+        kinds.add(None if want is None else want.kind)
+    assert kinds == {None, "before", "during"}
+
+
+def test_simulated_seconds_with_jitter_by_hand():
+    cfg = FaultsConfig(step_seconds=0.5, jitter=0.3)
+    phone = BUILTIN_PROFILES["cpu-2gb"]  # compute 0.1, uplink 5 Mbit/s
+    _, _, z = _uniforms_and_normal(2, 3, 4)
+    seconds = simulated_seconds(cfg, phone, steps=7, bytes_up=10**9, seed=2, round_idx=3,
+                                client_id=4)
+    assert seconds == pytest.approx(7 * 0.5 / 0.1 * math.exp(0.3 * z) + 8e9 / 5e6, rel=1e-12)
+
+
+def _reply(cid, steps=None, update=True):
+    record = {} if steps is None else {"steps": steps}
+    return TrainReply(cid, Update(cid, {"a": torch.ones(2)}, {}, 5) if update else None, record)
+
+
+def test_the_deadline_by_hand_at_its_edge_and_what_it_leaves_alone():
+    phone = BUILTIN_PROFILES["cpu-2gb"]
+    exact = simulated_seconds(FaultsConfig(jitter=0.0), phone, steps=12, bytes_up=8, seed=3,
+                              round_idx=1, client_id=0)
+    _, at_edge = _faulty(FaultsConfig(deadline_seconds=exact, jitter=0.0), devices={0: phone})
+    at_edge.send(1, 0, "down", Train(0))
+    assert at_edge.send(1, 0, "up", _reply(0, steps=12)).update is not None  # on time: <=
+    _, half = _faulty(FaultsConfig(deadline_seconds=0.5, jitter=0.0), devices={0: phone})
+    half.send(1, 0, "down", Train(0))
+    assert half.send(1, 0, "up", _reply(0, steps=1)).update is None  # 5 s > 0.5 s
+    half.send(1, 0, "down", Train(0))
+    assert half.send(1, 0, "up", _reply(0)).update is not None  # no steps recorded: upload only
+    half.send(1, 0, "down", Train(0))
+    refused = half.send(1, 0, "up", _reply(0, steps=100, update=False))
+    assert refused.update is None and "late" not in refused.record  # nothing to be late
+    half.send(1, 0, "down", Evaluate(0))
+    assert half.send(1, 0, "up", EvaluateReply(0, {"x": 1.0})).record == {"x": 1.0}
+    _, off = _faulty(FaultsConfig(deadline_seconds=0.0, drop_before=0.5, jitter=0.0),
+                     devices={3: phone})
+    fate = draw_fault(FaultsConfig(drop_before=0.5), seed=3, round_idx=1, client_id=3)
+    assert fate is None  # client 3 trains in round 1
+    off.send(1, 3, "down", Train(3))
+    assert off.send(1, 3, "up", _reply(3, steps=100)).update is not None  # no deadline
+
+
+def test_a_split_client_late_in_its_training_fails_at_its_last_message():
+    cfg = FaultsConfig(drop_during=1.0)
+    cid = next(c for c in range(100) if draw_fault(cfg, seed=3, round_idx=1, client_id=c)
+               .fraction >= 0.5)  # int(2 fraction) = 1: one of its 2 messages goes out
+    inner, channel = _faulty(cfg, messages=2)
+    channel.send(1, cid, "down", Train(cid, split=SPLIT))
+    channel.send(1, cid, "up", _activations(cid))
+    with pytest.raises(ClientVanished, match="^vanished during training, after 1 of 2 split "
+                                            "messages$"):
+        channel.send(1, cid, "up", _activations(cid))

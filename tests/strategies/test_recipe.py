@@ -21,7 +21,9 @@ def test_a_variant_swaps_exactly_one_part_and_names_what_it_ablates():
                                                                    "atlas")
     assert homo.ranks == EQUAL and differing_parts(homo, atlas) == ["ranks"]
     assert homo.parts() == {**atlas.parts(), "ranks": "equal"}
-    with pytest.raises(ValueError, match="exactly one"):
+    assert variant(atlas, "p", "no paper", ranks=EQUAL).paper == ""
+    with pytest.raises(ValueError, match="^two: a variant swaps exactly one of grouping, ranks, "
+                                         "split, aggregation, personal, objective$"):
         variant(atlas, "two", "two parts", ranks=EQUAL, split=NEVER)
     with pytest.raises(ValueError, match="exactly one"):
         variant(atlas, "none", "no part")
@@ -48,6 +50,7 @@ def test_invalid_combinations_are_refused_naming_why():
     with pytest.raises(ValueError, match="split learning needs a rank plan"):
         dataclasses.replace(atlas, aggregation=Mean())
     dataclasses.replace(atlas, split=NEVER, aggregation=Mean())  # no split: any aggregation
+    dataclasses.replace(METHODS["local"], summary="valid")  # no uploads, nothing personal
     with pytest.raises(ValueError, match="personalisation needs uploads"):
         dataclasses.replace(METHODS["local"], personal=LaplacianStep())
     with pytest.raises(ValueError, match="proximal term across a cut"):

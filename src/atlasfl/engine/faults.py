@@ -114,8 +114,8 @@ class FaultyChannel:
                 raise ClientVanished("vanished before training")
             if fault is not None:
                 total = self.messages(message) if message.split is not None else 0
-                self._fates[client_id] = _Fate(min(int(fault.fraction * total),
-                                                   max(total - 1, 0)), total)
+                # fraction < 1: it sends at least one message fewer than its training makes
+                self._fates[client_id] = _Fate(int(fault.fraction * total), total)
         elif isinstance(message, (Activations, Gradients, Logits)) and direction == "up":
             fate = self._fates.get(client_id)
             if fate is not None:
