@@ -6,7 +6,7 @@ one place: each client's group, the clustering's similarity matrix, and each gro
 aggregate adapter and heads (per head shape: only heads of one label space can be averaged).
 
 **Mixing.** An aggregation mixes the clients' updates by rows of weights: target t receives
-``combine([u_i for i in row t], [w_ti])``, the combiner normalising the weights. FedAvg within
+``combine([u_i for i in row t], [w_ti])`` (FedAvg's combiner normalises the weights). FedAvg within
 groups (McMahan et al., arXiv:1602.05629) is one row per group whose weights are the members'
 example counts (``fedavg_rows``); mixed-rank aggregation changes the combiner, not the rows
 (``atlasfl.phases.aggregation.aggregate_mixed``); Phase 4's Laplacian step is one row per client
