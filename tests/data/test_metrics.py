@@ -81,3 +81,18 @@ def test_references_of_a_correlation_task_are_zero_and_a_client_without_rows_is_
     assert refs["own_majority"]["local_metric"] == 0.0
     assert refs["own_majority"]["local_accuracy"] == 0.5
     assert refs["majority"]["global_accuracy"] == 0.5
+
+
+def test_references_without_any_local_rows_have_only_global_scores():
+    from atlasfl.data.metrics import reference_scores
+    refs = reference_scores(GLUE_TASKS["sst2"], [np.array([1, 1, 0]), np.array([0, 0])],
+                            [np.array([], dtype=np.int64)] * 2, np.array([0, 1, 1, 1]))
+    # pooled majority 0 (3 of 5): 1/4 on the shared rows; client 1's own majority is 0 too
+    assert refs["majority"] == {"global_metric": 0.25, "global_accuracy": 0.25}
+    # client 0 predicts 1 (3/4), client 1 predicts 0 (1/4)
+    assert refs["own_majority"] == {"global_metric": 0.5, "global_accuracy": 0.5}
+
+
+def test_mcc_of_a_constant_prediction_is_zero():
+    m = compute_metrics(GLUE_TASKS["cola"], np.array([1, 1, 1, 1]), np.array([1, 0, 1, 0]))
+    assert m["mcc"] == 0.0 and m["metric"] == 0.0 and m["accuracy"] == 0.5

@@ -70,6 +70,23 @@ def test_stratified_take_by_hand():
     assert len(none) == 0 and everything.tolist() == rows.tolist()
 
 
+
+def test_stratified_take_breaks_ties_to_the_lower_class_id_with_many_classes():
+    # 40 classes of 5, 2, 5, 2, ... rows (140): a take of 14 has quotas 0.5 and 0.2, every floor
+    # is 0 and 14 rows are owed. Twenty classes tie at 0.5; the 14 lowest ids of them get a row.
+    # (numpy's default argsort is not stable at this length: it would pick others.)
+    sizes = [5, 2] * 20
+    classes = np.repeat(np.arange(40), sizes)
+    rows = np.arange(len(classes))
+    taken, _ = stratified_take(rows, classes, 14, np.random.default_rng(0))
+    assert sorted(classes[taken].tolist()) == list(range(0, 28, 2))
+
+
+def test_stratified_take_from_no_rows_takes_nothing():
+    empty = np.arange(0)
+    taken, rest = stratified_take(empty, empty, 3, np.random.default_rng(0))
+    assert len(taken) == 0 and len(rest) == 0
+
 @pytest.mark.parametrize("rows, val, test, sizes", [
     (10, 0.1, 0.2, (7, 1, 2)),
     (10, 0.0, 0.2, (8, 0, 2)),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -24,21 +22,18 @@ def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray
     Classification: ``predictions`` are class ids. Regression: predicted scores.
     """
     out: dict[str, float] = {}
+    if not spec.is_regression:  # every classification task reports accuracy
+        out["accuracy"] = float(accuracy_score(labels, predictions))
     for name in spec.metrics:
-        if name == "accuracy":
-            out[name] = float(accuracy_score(labels, predictions))
-        elif name == "f1":
+        if name == "f1":
             out[name] = float(f1_score(labels, predictions, zero_division=0.0))
         elif name == "mcc":
-            mcc = float(matthews_corrcoef(labels, predictions))
-            # undefined (a constant prediction or label) is 0, as scikit-learn says
-            out[name] = mcc if math.isfinite(mcc) else 0.0
+            # undefined (a constant prediction or label) is 0.0, as scikit-learn returns it
+            out[name] = float(matthews_corrcoef(labels, predictions))
         elif name == "pearson":
             out[name] = _safe_corr(stats.pearsonr, predictions, labels)
         elif name == "spearman":
             out[name] = _safe_corr(stats.spearmanr, predictions, labels)
-    if not spec.is_regression and "accuracy" not in out:
-        out["accuracy"] = float(accuracy_score(labels, predictions))
     out["metric"] = out[spec.primary_metric]
     return out
 
