@@ -87,9 +87,10 @@ def test_references_without_any_local_rows_have_only_global_scores():
     from atlasfl.data.metrics import reference_scores
     refs = reference_scores(GLUE_TASKS["sst2"], [np.array([1, 1, 0]), np.array([0, 0])],
                             [np.array([], dtype=np.int64)] * 2, np.array([0, 1, 1, 1]))
-    # pooled majority 0 (3 of 5): 1/4 on the shared rows; client 1's own majority is 0 too
+    # pooled training labels 1, 1, 0, 0, 0: class 0, right on 1 of the 4 shared rows; no local
+    # keys, as no client has local rows
     assert refs["majority"] == {"global_metric": 0.25, "global_accuracy": 0.25}
-    # client 0 predicts 1 (3/4), client 1 predicts 0 (1/4)
+    # each client's own: client 0 predicts 1 (3 of 4 right), client 1 predicts 0 (1 of 4)
     assert refs["own_majority"] == {"global_metric": 0.5, "global_accuracy": 0.5}
 
 

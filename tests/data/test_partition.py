@@ -70,7 +70,6 @@ def test_stratified_take_by_hand():
     assert len(none) == 0 and everything.tolist() == rows.tolist()
 
 
-
 def test_stratified_take_breaks_ties_to_the_lower_class_id_with_many_classes():
     # 40 classes of 5, 2, 5, 2, ... rows (140): a take of 14 has quotas 0.5 and 0.2, every floor
     # is 0 and 14 rows are owed. Twenty classes tie at 0.5; the 14 lowest ids of them get a row.
@@ -86,6 +85,7 @@ def test_stratified_take_from_no_rows_takes_nothing():
     empty = np.arange(0)
     taken, rest = stratified_take(empty, empty, 3, np.random.default_rng(0))
     assert len(taken) == 0 and len(rest) == 0
+
 
 @pytest.mark.parametrize("rows, val, test, sizes", [
     (10, 0.1, 0.2, (7, 1, 2)),
