@@ -38,38 +38,93 @@ def cluster():
     c.shutdown()
 
 
-def test_a_grid_on_a_cluster_survives_a_lost_node(tiny_cfg, tmp_path, capsys, cluster):
-    c, nodes = cluster
+def _grid(tiny_cfg, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_cfg(**{"federation.rounds": 4, "train.threads": 1,
                                                  "method": "mira"}).to_dict()))
-    grid = ["--config", str(config), "--set", "seed=0,1"]
-    out = tmp_path / "ray"
+    return ["--config", str(config), "--set", "seed=0,1"]
 
+
+def _run_losing_a_node(argv, out, c, node):
+    """Run ``argv`` while a thread removes ``node`` once a checkpoint is in ``out``; returns
+    the points that had not finished then."""
     lost_mid_run = []
 
-    def lose_a_node():  # once a point has saved a round, a node goes away
+    def lose_a_node():
         deadline = time.time() + 600
         while time.time() < deadline:
-            saved = [p for p in out.glob("seed=*") if latest_checkpoint(p) is not None]
-            if saved:
+            if any(latest_checkpoint(p) is not None for p in out.glob("seed=*")):
                 lost_mid_run.extend(p.name for p in out.glob("seed=*")
                                     if not (p / "summary.json").exists())
-                c.remove_node(nodes[0])
+                c.remove_node(node)
                 return
             time.sleep(0.05)
 
     killer = threading.Thread(target=lose_a_node)
     killer.start()
-    assert main(["sweep", *grid, "--out", str(out), "--ray", c.address]) == 0
+    assert main(argv) == 0
     killer.join()
-    assert len(c.list_all_nodes()) == 2  # the head and one worker node were left
-    assert lost_mid_run  # a node went away while points were running
-    err = capsys.readouterr().err
-    assert "[2/2] seed=1: submitted (running) (done 0, submitted 2, left 0)" in err
+    return lost_mid_run
+
+
+def _assert_a_sequential_grids_folders(grid, out, tmp_path):
     seq = tmp_path / "seq"
     assert main(["sweep", *grid, "--out", str(seq)]) == 0
     for name in ("seed=0", "seed=1"):
         assert _rows(out / name) == _rows(seq / name), name
         a, b = _weights(out / name), _weights(seq / name)
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
+
+
+def test_a_grid_on_a_cluster_survives_a_lost_node(tiny_cfg, tmp_path, capsys, cluster):
+    c, nodes = cluster
+    grid, out = _grid(tiny_cfg, tmp_path), tmp_path / "ray"
+    lost = _run_losing_a_node(["sweep", *grid, "--out", str(out), "--ray", c.address], out, c,
+                              nodes[0])
+    assert len(c.list_all_nodes()) == 2  # the head and one worker node were left
+    assert lost  # a node went away while points were running
+    err = capsys.readouterr().err
+    assert "[2/2] seed=1: submitted (running) (done 0, submitted 2, left 0)" in err
+    _assert_a_sequential_grids_folders(grid, out, tmp_path)
+
+
+@pytest.fixture
+def cluster_without_shared_files(tmp_path):
+    """Two worker nodes, each with its own scratch folder (as if on its own disk)."""
+    c = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    scratch = [tmp_path / f"node-{i}" for i in range(2)]
+    for folder in scratch:
+        folder.mkdir()
+    nodes = [c.add_node(num_cpus=1, env_vars={"ATLASFL_SCRATCH": str(folder)})
+             for folder in scratch]
+    c.wait_for_nodes()
+    yield c, nodes, scratch
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_gather_copies_run_folders_to_the_driver_and_resumes_a_lost_point(
+        tiny_cfg, tmp_path, cluster_without_shared_files):
+    c, nodes, scratch = cluster_without_shared_files
+    grid, out = _grid(tiny_cfg, tmp_path), tmp_path / "ray"
+    # node 0 goes once a checkpoint has been copied to the driver's --out
+    lost = _run_losing_a_node(["sweep", *grid, "--out", str(out), "--ray", c.address,
+                               "--gather"], out, c, nodes[0])
+    assert lost
+    # the lost node's process never cleaned up: its point ran in that node's scratch folder
+    assert list(scratch[0].glob("atlasfl-*/seed=*/config.yaml"))
+    assert not list(scratch[1].glob("atlasfl-*"))  # the node that finished cleaned up
+    _assert_a_sequential_grids_folders(grid, out, tmp_path)
+    for name in ("seed=0", "seed=1"):
+        saved = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert saved["out"] == str(out)  # the driver's --out, not the node's scratch folder
+        assert (out / name / "summary.json").is_file()
+    assert not list(out.glob(".*"))  # no half-copied folder left beside the runs
+
+
+def test_gather_needs_ray(tmp_path, capsys):
+    assert main(["sweep", "--config", "configs/quick.yaml", "--set", "seed=0,1",
+                 "--out", str(tmp_path / "x"), "--gather"]) == 2
+    assert "--gather copies run folders from the nodes of a Ray cluster; it needs --ray" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -24,7 +24,20 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                         "process); every point is checked before the first starts")
     parser.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                         help="run the points as tasks on a running Ray cluster (ray start "
-                        "--head; default address auto); --out must be a path every node sees")
+                        "--head; default address auto); --out must be a path every node sees, "
+                        "unless --gather")
+    parser.add_argument("--gather", action="store_true",
+                        help="with --ray, for nodes that share no file system: each point runs "
+                        "in a folder on its node ($ATLASFL_SCRATCH, default the temp folder) "
+                        "and its checkpoints and finished folder are copied to --out here, so "
+                        "a point lost with its node resumes elsewhere from its last checkpoint")
+
+
+def _ray(args: argparse.Namespace) -> str | None:
+    if args.gather and args.ray is None:
+        raise AtlasError("--gather copies run folders from the nodes of a Ray cluster; it needs "
+                         "--ray")
+    return args.ray  # type: ignore[no-any-return]
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -107,7 +120,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out)
     stop = install_stop_handlers()
     results = run_grid(raw, points, out, fixed=fixed, stop=stop, jobs=_jobs(args),
-                       ray=args.ray)
+                       ray=_ray(args), gather=args.gather)
     markdown, table = grid_table(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.md").write_text(markdown + "\n")
@@ -127,8 +140,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     points = [{"method": m, "seed": s} for m in methods for s in seeds]
     out = Path(args.out)
     stop = install_stop_handlers()
-    run_grid(raw, points, out, fixed=fixed, stop=stop, jobs=_jobs(args), ray=args.ray,
-             name="compare")
+    run_grid(raw, points, out, fixed=fixed, stop=stop, jobs=_jobs(args), ray=_ray(args),
+             gather=args.gather, name="compare")
     if stop.requested:
         return 130
     report_dir = out / "report"
@@ -155,7 +168,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     stop = install_stop_handlers()
     result = run_tune(raw, settings, _seeds(args.seeds), out, first=args.first_rung,
-                      eta=args.eta, fixed=fixed, stop=stop, jobs=_jobs(args), ray=args.ray)
+                      eta=args.eta, fixed=fixed, stop=stop, jobs=_jobs(args), ray=_ray(args),
+                      gather=args.gather)
     if result is None:
         print(f"atlasfl: stopped; continue with the same command (trials resume from {out})")
         return 130

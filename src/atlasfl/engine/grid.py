@@ -103,7 +103,7 @@ def plan_grid(raw: dict[str, Any], points: Sequence[Point], out: Path, *,
 
 def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path, *,
              fixed: Point | None = None, stop: StopFlag | None = None, jobs: int = 1,
-             ray: str | None = None, name: str = "sweep"
+             ray: str | None = None, gather: bool = False, name: str = "sweep"
              ) -> list[tuple[Point, Path, dict[str, Any] | None]]:
     """Run (or skip, or resume) every point; returns (point, run folder, summary or None).
 
@@ -112,7 +112,8 @@ def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path, *,
     point is checked first (``plan_grid``). ``jobs`` > 1 runs that many points at once, each in
     its own process with its share of the cores (``atlasfl.engine.jobs``); results are those
     of a sequential run at the same torch threads per client. ``ray`` (an address, or "auto")
-    runs the points as tasks on a Ray cluster (``atlasfl.engine.raygrid``).
+    runs the points as tasks on a Ray cluster (``atlasfl.engine.raygrid``); ``gather``: its
+    nodes share no file system, so the run folders are copied to ``out`` here.
     """
     planned = plan_grid(raw, points, out, fixed=fixed)
     progress = GridProgress(planned, jobs, name)
@@ -121,13 +122,13 @@ def run_grid(raw: dict[str, Any], points: Sequence[Point], out: Path, *,
             progress.say(job, "finished, skipped")
     summaries = {job.index: job.summary for job in planned}
     todo = [job for job in planned if job.state != "finished"]
-    summaries.update(run_jobs(todo, progress, jobs=jobs, ray=ray, stop=stop))
+    summaries.update(run_jobs(todo, progress, jobs=jobs, ray=ray, gather=gather, stop=stop))
     return [(job.point, job.path, summaries.get(job.index)) for job in planned]
 
 
 def run_jobs(todo: Sequence[GridJob], progress: GridProgress, *, jobs: int = 1,
-             ray: str | None = None, stop: StopFlag | None = None, halt_on_pause: bool = True
-             ) -> dict[int, dict[str, Any] | None]:
+             ray: str | None = None, gather: bool = False, stop: StopFlag | None = None,
+             halt_on_pause: bool = True) -> dict[int, dict[str, Any] | None]:
     """Run checked points here, ``jobs`` at once, or on Ray; point index -> summary or None.
 
     A point that pauses before its end (``session.max_rounds``) starts no new one here or with
@@ -139,7 +140,7 @@ def run_jobs(todo: Sequence[GridJob], progress: GridProgress, *, jobs: int = 1,
     if ray is not None:
         from atlasfl.engine.raygrid import run_on_ray
 
-        return run_on_ray(list(todo), progress, ray, stop)
+        return run_on_ray(list(todo), progress, ray, stop, gather=gather)
     if jobs > 1:
         from atlasfl.engine.jobs import run_parallel
 

@@ -192,8 +192,8 @@ class TuneResult:
 
 def run_tune(raw: dict[str, Any], settings: Sequence[Point], seeds: Sequence[int], out: Path, *,
              first: int = 1, eta: int = 3, fixed: Point | None = None,
-             stop: StopFlag | None = None, jobs: int = 1, ray: str | None = None
-             ) -> TuneResult | None:
+             stop: StopFlag | None = None, jobs: int = 1, ray: str | None = None,
+             gather: bool = False) -> TuneResult | None:
     """Successive halving of ``settings`` over rounds; None when stopped before the end.
 
     Every candidate and seed is checked before anything runs (``plan_grid``). A call after an
@@ -216,7 +216,7 @@ def run_tune(raw: dict[str, Any], settings: Sequence[Point], seeds: Sequence[int
                 todo.append(dataclasses.replace(job, until=0 if rung == rungs[-1] else rung))
         print(f"atlasfl tune: rung {k + 1} of {len(rungs)}: {len(alive)} candidates x "
               f"{len(seeds)} seeds to round {rung}", file=sys.stderr)
-        if not _run(todo, jobs, ray, stop):
+        if not _run(todo, jobs, ray, gather, stop):
             return None
         for n, i in enumerate(alive):
             per_seed = [_seed_score(job.path, rung)
@@ -236,10 +236,11 @@ def run_tune(raw: dict[str, Any], settings: Sequence[Point], seeds: Sequence[int
                       base.federation.rounds * len(settings) * len(seeds), seconds)
 
 
-def _run(todo: list[GridJob], jobs: int, ray: str | None, stop: StopFlag | None) -> bool:
+def _run(todo: list[GridJob], jobs: int, ray: str | None, gather: bool,
+         stop: StopFlag | None) -> bool:
     """Run the jobs to their rung; False when a stop request ended them early."""
     progress = GridProgress(todo, jobs, "tune", paused="at its rung")
-    run_jobs(todo, progress, jobs=jobs, ray=ray, stop=stop, halt_on_pause=False)
+    run_jobs(todo, progress, jobs=jobs, ray=ray, gather=gather, stop=stop, halt_on_pause=False)
     return not (stop is not None and stop.requested)
 
 
