@@ -128,3 +128,19 @@ def test_gather_needs_ray(tmp_path, capsys):
     assert "--gather copies run folders from the nodes of a Ray cluster; it needs --ray" \
         in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_gather_names_a_missing_scratch_folder(tiny_cfg, tmp_path, capsys):
+    c = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    missing = tmp_path / "no-such-folder"
+    c.add_node(num_cpus=1, env_vars={"ATLASFL_SCRATCH": str(missing)})
+    c.wait_for_nodes()
+    try:
+        grid, out = _grid(tiny_cfg, tmp_path), tmp_path / "ray"
+        assert main(["sweep", *grid, "--out", str(out), "--ray", c.address, "--gather"]) == 2
+    finally:
+        ray.shutdown()
+        c.shutdown()
+    err = capsys.readouterr().err
+    assert f"$ATLASFL_SCRATCH = '{missing}' on node" in err and "is not a folder" in err
+    assert not missing.exists() and not list(out.glob("seed=*"))

@@ -157,7 +157,11 @@ def _run_gathered(config: dict[str, Any], threads: int, stop: StopFlag, store: A
     import ray
 
     head = config["path"]
-    scratch = Path(tempfile.mkdtemp(prefix="atlasfl-", dir=os.environ.get(SCRATCH_ENV) or None))
+    root = os.environ.get(SCRATCH_ENV) or None
+    if root is not None and not Path(root).is_dir():
+        raise AtlasError(f"${SCRATCH_ENV} = {root!r} on node {ray.util.get_node_ip_address()} is "
+                         f"not a folder; create it or unset it (then the temp folder is used)")
+    scratch = Path(tempfile.mkdtemp(prefix="atlasfl-", dir=root))
     try:
         local = scratch / Path(head).name
         _write(local, ray.get(store.pull.remote(head)))  # resume where the driver's copy is
