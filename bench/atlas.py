@@ -40,8 +40,10 @@ from atlasfl.report.tables import cell, arms, comparisons, reference_rows
 from atlasfl.runfiles import CONFIG_FILE, SUMMARY_FILE
 from atlasfl.strategies import METHODS
 
-# the methods of the README's tables: every method, each with the learning rate chosen on
-# validation rows (quick.yaml's method_settings); a method added later joins once it is tuned so
+# the methods of the README's tables: every method, each at the learning rate chosen on its
+# validation rows (quick.yaml's method_settings, from bench/results/tune_quick_iid.jsonl); a
+# method added to atlasfl methods needs its tuning rows and its entry there before it runs
+# (tests/test_bench_scripts.py checks both configs against the rows)
 STUDY = list(METHODS)
 
 ROOT = Path(__file__).resolve().parents[1]

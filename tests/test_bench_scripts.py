@@ -66,3 +66,19 @@ def test_rebuild_writes_only_the_seeds_asked_for_and_keeps_this_sessions_runs(tm
     assert atlas.rebuild(rows, into, missing_only=True) == 4
     assert (into / "method=local_seed=1" / "summary.json").read_text() == "{}"
     assert len(list(into.iterdir())) == 6
+
+
+def test_every_studied_method_runs_at_the_rate_its_committed_validation_rows_chose():
+    from atlasfl.engine.grid import choose_on_validation
+
+    atlas, root = _script("atlas"), BENCH.parent
+    rows = [json.loads(line) for line in
+            (root / "bench" / "results" / "tune_quick_iid.jsonl").read_text().splitlines()]
+    for config in ("quick.yaml", "quick-dirichlet.yaml"):
+        settings = yaml.safe_load((root / "configs" / config).read_text())["method_settings"]
+        for method in atlas.STUDY:  # a method added without its tuning run fails here
+            mine = [({"train.lr": r["point"]["train.lr"]}, r["val_metric"]) for r in rows
+                    if r["point"]["method"] == method]
+            assert len(mine) == 3, (config, method)  # the same grid for every method
+            chosen = choose_on_validation(mine)
+            assert settings[method]["train.lr"] == chosen["train.lr"], (config, method)
