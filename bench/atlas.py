@@ -6,13 +6,15 @@ shards (``--shard i/n``; give each process one thread: OMP_NUM_THREADS=1). Each 
 the config's ``method_settings`` (its learning rate chosen on validation rows, bench/tune.py).
 
     python bench/atlas.py run --partition iid --seeds 0 1 2 3 4 --shard 0/2
-    python bench/atlas.py export --partition iid      # rows -> bench/results/quick_iid.jsonl
+    python bench/atlas.py export --partition iid      # rows -> bench/results/quick_iid/
     python bench/atlas.py report --partition iid      # atlasfl report of the exported rows
     python bench/atlas.py headline --partition iid    # the README's table (--seeds: only those)
     python bench/atlas.py run --partition medium --seeds 0 --methods atlas   # medium.yaml
 
 ``export`` keeps, per finished run, its resolved config and its summary (clients' scores
-included), one JSON line each: the rows are committed, so ``report`` rebuilds the run folders
+included), one JSON line each, in one file per method (``bench/results/quick_iid/atlas.jsonl``:
+a method added later is a new file, and no file grows with the number of methods): the rows are
+committed, so ``report`` rebuilds the run folders
 from them in a temporary folder and writes the same report as ``atlasfl report`` (local and
 global test side by side, the references, paired differences against ``atlas``) without
 rerunning anything, and ``run`` in a later session rebuilds the finished ones first, so the
@@ -65,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     index, count = map(int, args.shard.split("/"))
     fixed = {**parse_overrides(args.set), "progress": False}
     rows = _rows(args)
-    if rows.is_file():  # runs of an earlier session: their folders, so the grid skips them
+    if rows.is_dir():  # runs of an earlier session: their folders, so the grid skips them
         restored = rebuild(rows, _out(args), missing_only=True)
         if restored:
             print(f"{restored} finished runs restored from {rows}", file=sys.stderr)
@@ -75,33 +77,47 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def _rows(args: argparse.Namespace) -> Path:
     stem = PARTITIONS[args.partition][1]
-    return Path(args.rows or ROOT / "bench" / "results" / f"{stem}.jsonl")
+    return Path(args.rows or ROOT / "bench" / "results" / stem)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """One JSON line per finished run: its config and its summary (clients' scores only)."""
-    lines = []
-    for summary_file in sorted(_out(args).glob(f"*/{SUMMARY_FILE}")):
+    rows = _rows(args)
+    count = export(_out(args), rows)
+    print(f"{count} runs -> {rows}/<method>.jsonl", file=sys.stderr)
+
+
+def export(runs: Path, rows: Path) -> int:
+    """Every finished run under ``runs`` as one JSON line, its config and its summary (clients'
+    scores only), in ``rows/<method>.jsonl``; the folder then holds these runs and no others.
+    Returns how many runs were written."""
+    by_method: dict[str, list[str]] = {}
+    for summary_file in sorted(runs.glob(f"*/{SUMMARY_FILE}")):
         summary = json.loads(summary_file.read_text())
         summary["clients"] = [{k: c[k] for k in CLIENT_KEYS if k in c}
                               for c in summary["clients"]]
         config = yaml.safe_load((summary_file.parent / CONFIG_FILE).read_text())
-        lines.append(json.dumps({"run": summary_file.parent.name, "config": config,
-                                 "summary": summary}))
-    rows = _rows(args)
-    rows.write_text("".join(line + "\n" for line in lines))
-    print(f"{len(lines)} runs -> {rows}", file=sys.stderr)
+        by_method.setdefault(config["method"], []).append(json.dumps(
+            {"run": summary_file.parent.name, "config": config, "summary": summary}))
+    rows.mkdir(parents=True, exist_ok=True)
+    for stale in rows.glob("*.jsonl"):
+        stale.unlink()
+    for method, lines in by_method.items():
+        (rows / f"{method}.jsonl").write_text("".join(line + "\n" for line in lines))
+    return sum(map(len, by_method.values()))
 
 
 def rebuild(rows: Path, into: Path, *, missing_only: bool = False,
             seeds: Sequence[int] | None = None) -> int:
-    """Run folders (config and summary) from exported rows; returns how many were written.
+    """Run folders (config and summary) from exported rows (``export``'s folder); returns how
+    many were written.
 
     ``missing_only``: leave a folder that exists (a run of this session) as it is. ``seeds``:
     only the runs of these seeds (all when None).
     """
     count = 0
-    for line in rows.read_text().splitlines():
+    lines = [line for path in sorted(rows.glob("*.jsonl")) for line in
+             path.read_text().splitlines()]
+    for line in lines:
         row: dict[str, Any] = json.loads(line)
         folder = into / row["run"]
         if (missing_only and folder.exists()) or (seeds and row["config"]["seed"] not in seeds):
@@ -168,8 +184,8 @@ def main() -> None:
         p = sub.add_parser(name)
         p.add_argument("--partition", choices=sorted(PARTITIONS), default="iid")
         p.add_argument("--out", default="runs/bench-atlas")
-        p.add_argument("--rows", help="the exported rows (default "
-                       "bench/results/quick_<partition>.jsonl, medium_iid.jsonl)")
+        p.add_argument("--rows", help="the folder of exported rows, a file per method "
+                       "(default bench/results/quick_<partition>/, medium_iid/)")
         if name == "run":
             p.add_argument("--methods", nargs="+", default=["all"])
             p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])

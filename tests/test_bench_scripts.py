@@ -52,9 +52,11 @@ def _run_row(method, seed, value):
 
 def test_rebuild_writes_only_the_seeds_asked_for_and_keeps_this_sessions_runs(tmp_path):
     atlas = _script("atlas")
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps(_run_row(m, s, 0.1 * s)) + "\n"
-                            for m in ("atlas", "local") for s in (0, 1, 2)))
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    for m in ("atlas", "local"):
+        (rows / f"{m}.jsonl").write_text("".join(json.dumps(_run_row(m, s, 0.1 * s)) + "\n"
+                                                 for s in (0, 1, 2)))
     into = tmp_path / "runs"
     assert atlas.rebuild(rows, into, seeds=[1]) == 2
     assert sorted(p.name for p in into.iterdir()) == ["method=atlas_seed=1", "method=local_seed=1"]
@@ -66,6 +68,28 @@ def test_rebuild_writes_only_the_seeds_asked_for_and_keeps_this_sessions_runs(tm
     assert atlas.rebuild(rows, into, missing_only=True) == 4
     assert (into / "method=local_seed=1" / "summary.json").read_text() == "{}"
     assert len(list(into.iterdir())) == 6
+
+
+def test_export_writes_a_file_per_method_that_rebuild_reads_back(tmp_path):
+    atlas = _script("atlas")
+    runs, rows = tmp_path / "runs", tmp_path / "rows"
+    for m, s in (("atlas", 0), ("atlas", 1), ("local", 0)):
+        run = runs / f"method={m}_seed={s}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"method": m, "seed": s}))
+        (run / "summary.json").write_text(json.dumps(
+            {"average": {"global_metric": s}, "clients": [{"client": 0, "kept": 1}]}))
+    (runs / "method=mira_seed=0").mkdir()  # unfinished: no summary, not exported
+    rows.mkdir()
+    (rows / "fedavg.jsonl").write_text("{}\n")  # rows of an earlier export are replaced
+    assert atlas.export(runs, rows) == 3
+    assert sorted(p.name for p in rows.iterdir()) == ["atlas.jsonl", "local.jsonl"]
+    assert [json.loads(line)["run"] for line in (rows / "atlas.jsonl").read_text().splitlines()
+            ] == ["method=atlas_seed=0", "method=atlas_seed=1"]
+    into = tmp_path / "into"
+    assert atlas.rebuild(rows, into) == 3
+    summary = json.loads((into / "method=atlas_seed=1" / "summary.json").read_text())
+    assert summary == {"average": {"global_metric": 1}, "clients": [{"client": 0}]}
 
 
 def test_every_studied_method_runs_at_the_rate_its_committed_validation_rows_chose():
