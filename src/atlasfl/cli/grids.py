@@ -37,7 +37,8 @@ def _ray(args: argparse.Namespace) -> str | None:
     if args.gather and args.ray is None:
         raise AtlasError("--gather copies run folders from the nodes of a Ray cluster; it needs "
                          "--ray")
-    return args.ray  # type: ignore[no-any-return]
+    address: str | None = args.ray
+    return address
 
 
 def _jobs(args: argparse.Namespace) -> int:
